@@ -1,0 +1,162 @@
+"""`saexport`: small subcommands over composable loaders (models, topology, export)."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import torch
+
+from saexport.errors import SaexportError
+from saexport.exporter.layout import parse_layout
+from saexport.exporter.video_shape import parse_video_shape
+from saexport.models.checkpoint import DTYPES, LoadedModel, load_model, parse_dtype
+from saexport.models.presets import PRESETS
+from saexport.topology.files import Budgets, Topology
+from saexport.topology.standin import standin_budgets, standin_topology
+
+DEFAULT_MODEL = "wan2.1-tiny"
+
+
+def _clear_errors(command: Callable) -> Callable:
+    """Bad input ends with `error: <what and how to fix it>` and exit status 2, not a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SaexportError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+class _Stage:
+    """Prints `name ...` then `done in N s`: every long step says what it is doing."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        click.echo(f"[saexport] {self.name} ...", err=True)
+        self.start = time.perf_counter()
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            click.echo(f"[saexport] {self.name}: done in {time.perf_counter() - self.start:.1f} s", err=True)
+
+
+def model_options(command: Callable) -> Callable:
+    command = click.option("--model", default=DEFAULT_MODEL, show_default=True,
+                           type=click.Choice(list(PRESETS)), help="Architecture preset.")(command)
+    command = click.option("--weights", type=click.Path(path_type=Path),
+                           help="Checkpoint folder (diffusers or original Wan layout).")(command)
+    command = click.option("--random-weights", is_flag=True,
+                           help="Random weights, for benchmarks only (marked in every artifact).")(command)
+    command = click.option("--seed", default=0, show_default=True, help="Seed of --random-weights.")(command)
+    return command
+
+
+def _load(model: str, weights: Path | None, random_weights: bool, seed: int, dtype: torch.dtype) -> LoadedModel:
+    with _Stage(f"loading {model}"):
+        loaded = load_model(model, weights, dtype=dtype, random_weights=random_weights, seed=seed)
+    if loaded.random_weights:
+        click.secho(f"WARNING: {model} has RANDOM WEIGHTS (seed {seed}): for speed measurements only; "
+                    "its outputs are noise.", fg="yellow", err=True)
+    return loaded
+
+
+@click.group()
+@click.version_option()
+def main() -> None:
+    """Export Wan2.1 with ScalingAttention block-sparse attention to ONNX, TensorRT and Triton."""
+
+
+@main.command()
+def models() -> None:
+    """List the architecture presets."""
+    for preset in PRESETS.values():
+        c = preset.config
+        click.echo(f"{preset.name:14s} {c['num_layers']:3d} layers {c['num_attention_heads']:3d} heads x "
+                   f"{c['attention_head_dim']}  ffn {c['ffn_dim']:6d}  {preset.description}")
+
+
+@main.command()
+@model_options
+@click.option("--resolution", default="480p", show_default=True, help="480p, 720p or WIDTHxHEIGHT.")
+@click.option("--frames", default=81, show_default=True, help="Video frames (4k+1).")
+@click.option("--dtype", "dtype_name", default="bf16", show_default=True, type=click.Choice(list(DTYPES)))
+@click.option("--batch", default=1, show_default=True, help="Batch of the static graph.")
+@click.option("--topology", "topology_path", type=click.Path(path_type=Path),
+              help="topology.safetensors (default: a stand-in, until calibration has run).")
+@click.option("--budgets", "budgets_path", type=click.Path(path_type=Path), help="budgets.safetensors.")
+@click.option("--block-size", default=128, show_default=True, help="Block size of a stand-in topology.")
+@click.option("--layout", default="tile3d", show_default=True, help="Token layout of a stand-in topology.")
+@click.option("--steps", default=50, show_default=True, help="Denoising steps of stand-in budgets.")
+@click.option("--density", default=0.3, show_default=True, help="Mean density of stand-in budgets.")
+@click.option("--verify", is_flag=True, help="Run the ONNX in ONNX Runtime and compare with PyTorch (fp32).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@_clear_errors
+def export(model, weights, random_weights, seed, resolution, frames, dtype_name, batch, topology_path,
+           budgets_path, block_size, layout, steps, density, verify, out_dir) -> None:
+    """Export the sparse DiT to OUT/model.onnx with one BlockSparseAttention node per layer."""
+    from saexport.exporter.onnx_export import export_onnx
+
+    video = parse_video_shape(resolution, frames)
+    dtype = parse_dtype(dtype_name)
+    if verify and dtype != torch.float32:
+        raise SaexportError("--verify runs ONNX Runtime on the CPU: export with --dtype fp32")
+    loaded = _load(model, weights, random_weights, seed, dtype)
+    topology, budgets = _topology_and_budgets(loaded, video, topology_path, budgets_path, block_size,
+                                              layout, steps, density, out_dir)
+    with _Stage(f"exporting ONNX ({video.describe()}, grid {video.token_grid(loaded.preset.patch_size)}, "
+                f"{dtype_name}, mean density {budgets.mean_density:.2f})"):
+        exported = export_onnx(loaded, topology, budgets, video, out_dir, dtype, batch)
+    click.echo(f"wrote {exported.path}")
+    if verify:
+        with _Stage("verifying in ONNX Runtime"):
+            errors = _verify(loaded, topology, budgets, video, exported.path, batch)
+        for step, err in errors.items():
+            click.echo(f"step {step}: relative error ONNX Runtime vs PyTorch {err:.2e}")
+
+
+def _topology_and_budgets(loaded, video, topology_path, budgets_path, block_size, layout, steps, density,
+                          out_dir) -> tuple[Topology, Budgets]:
+    if (topology_path is None) != (budgets_path is None):
+        raise SaexportError("give --topology and --budgets together")
+    if topology_path is not None:
+        return Topology.load(topology_path), Budgets.load(budgets_path)
+    click.secho("WARNING: no --topology given: using a STAND-IN topology and budgets (not calibrated; "
+                "they keep the graph's shape, not the model's quality).", fg="yellow", err=True)
+    grid = video.token_grid(loaded.preset.patch_size)
+    topology = standin_topology(loaded.preset.name, loaded.preset.config_hash(), loaded.weights_id,
+                                loaded.preset.num_layers, loaded.preset.num_heads, grid, block_size,
+                                parse_layout(layout))
+    budgets = standin_budgets(topology, steps, density)
+    topology.save(out_dir / "topology.safetensors")
+    budgets.save(out_dir / "budgets.safetensors")
+    return topology, budgets
+
+
+def _verify(loaded, topology, budgets, video, onnx_path, batch) -> dict[int, float]:
+    from saexport.engines.ort_session import ort_session, run_dit
+    from saexport.exporter.onnx_export import build_sparse_dit, example_inputs
+
+    session = ort_session(onnx_path)
+    module = build_sparse_dit(loaded, topology, budgets, video)
+    errors = {}
+    for step in sorted({0, budgets.steps - 1}):
+        inputs = list(example_inputs(loaded, video, torch.float32, batch))
+        inputs[3] = torch.tensor([step], dtype=torch.int32)
+        got = run_dit(session, inputs)
+        with torch.no_grad():
+            want = module(*inputs)
+        errors[step] = float((got - want).norm() / want.norm())
+    return errors
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Engine building, runtime back ends, sampler and Triton repository."""

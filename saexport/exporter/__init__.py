@@ -1,0 +1,1 @@
+"""Sparse attention processors, token layout and ONNX export."""

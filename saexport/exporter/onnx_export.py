@@ -1,0 +1,119 @@
+"""Export a `SparseWanDiT` to `model.onnx` (DESIGN.md, "The ONNX node" and the graph I/O)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+import saexport
+from saexport.errors import SaexportError
+from saexport.exporter.onnx_op import register_schema, translate_block_sparse_attention
+from saexport.exporter.sparse_dit import SparseWanDiT
+from saexport.exporter.video_shape import VideoShape
+from saexport.models.checkpoint import LoadedModel
+from saexport.topology.files import Budgets, Topology
+
+INPUT_NAMES = ["hidden_states", "timestep", "encoder_hidden_states", "step_index"]
+OUTPUT_NAMES = ["noise_pred"]
+ONNX_NAME = "model.onnx"
+EXTERNAL_DATA_LIMIT = 2 * 1024**3  # protobuf's limit for one file
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    path: Path
+    metadata: dict[str, str]
+
+
+def example_inputs(loaded: LoadedModel, video: VideoShape, dtype: torch.dtype, batch: int = 1) -> tuple:
+    """Inputs of the exported graph's shapes and dtypes (random values, never zeros)."""
+    config = loaded.transformer.config
+    return (
+        torch.randn(batch, *video.latent_shape(config.in_channels), dtype=dtype),
+        torch.full((batch,), 999.0, dtype=torch.float32),  # fp32 always: 999 is 1000 in bf16
+        torch.randn(batch, loaded.preset.text_len, config.text_dim, dtype=dtype),
+        torch.zeros(1, dtype=torch.int32),
+    )
+
+
+def build_sparse_dit(loaded: LoadedModel, topology: Topology, budgets: Budgets, video: VideoShape) -> SparseWanDiT:
+    """The sparse DiT for `video`, after checking that topology and budgets were made for it."""
+    grid = video.token_grid(loaded.preset.patch_size)
+    topology.check_matches(loaded.preset.name, loaded.preset.config_hash(), grid, topology.block_size)
+    budgets.check_matches(topology)
+    return SparseWanDiT(loaded.transformer, grid, topology.layout, topology.levels, budgets.levels,
+                        topology.block_size)
+
+
+def export_onnx(
+    loaded: LoadedModel,
+    topology: Topology,
+    budgets: Budgets,
+    video: VideoShape,
+    out_dir: str | Path,
+    dtype: torch.dtype,
+    batch: int = 1,
+    check: bool = True,
+) -> ExportedModel:
+    """Write `out_dir/model.onnx` (+ `model.onnx.data` past 2 GB) atomically, then run the checker."""
+    param_dtypes = {p.dtype for p in loaded.transformer.parameters()} - {torch.float32}
+    if param_dtypes and param_dtypes != {dtype}:
+        raise SaexportError(f"the model was loaded in {param_dtypes} but the export asks for {dtype}")
+    register_schema()
+    module = build_sparse_dit(loaded, topology, budgets, video).eval()
+    args = example_inputs(loaded, video, dtype, batch)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module, args, dynamo=True, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+            custom_translation_table={
+                torch.ops.saexport.block_sparse_attention.default: translate_block_sparse_attention
+            },
+            optimize=True,
+        )
+    metadata = {
+        "saexport_version": saexport.__version__,
+        "model": loaded.preset.name,
+        "config_hash": loaded.preset.config_hash(),
+        "weights_id": loaded.weights_id,
+        "random_weights": json.dumps(loaded.random_weights),
+        "video": video.describe(),
+        "grid": json.dumps(list(module.grid)),
+        "block_size": str(topology.block_size),
+        "layout": topology.layout.to_metadata(),
+        "topology_hash": topology.hash(),
+        "budgets_hash": budgets.hash(),
+        "fidelity": budgets.fidelity,
+        "mean_density": f"{budgets.mean_density:.4f}",
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch": str(batch),
+    }
+    program.model.metadata_props.update(metadata)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    external = weight_bytes > EXTERNAL_DATA_LIMIT * 0.9
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmp:
+        staged = Path(tmp) / ONNX_NAME
+        program.save(staged, external_data=external)
+        if check:
+            check_onnx(staged)
+        # The data file first, the graph last: a model.onnx on disk always has its data beside it.
+        for produced in sorted(Path(tmp).iterdir(), key=lambda p: p.name == ONNX_NAME):
+            shutil.move(produced, out_dir / produced.name)
+    return ExportedModel(out_dir / ONNX_NAME, metadata)
+
+
+def check_onnx(path: Path) -> None:
+    """`onnx.checker` with full type and shape inference; a path, so external data is allowed."""
+    register_schema()
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise SaexportError(f"the exported graph {path} fails onnx.checker: {e}") from None

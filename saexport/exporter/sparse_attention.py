@@ -1,0 +1,92 @@
+"""The `saexport::block_sparse_attention` torch op: the semantics of DESIGN.md's ONNX node.
+
+q, k, v are `[batch, L, heads, head_dim]`; `topology` is the layer's packed INT32 threshold map
+`[heads, n, ceil(n/4)]`; `budgets` is `[steps, heads]`; `step_index` is INT32 `[1]`. Query block u of
+head h attends to the key blocks v with `level(h, u, v) <= budgets[step, h]`; a query block with no
+kept key block outputs zeros.
+
+The reference implementation below runs on any device and works one query block at a time, so it
+never holds more than `block_size x L` scores per head. A fake implementation lets torch.export and
+the ONNX exporter trace the op without running it. The CUDA kernel library registers itself as the
+CUDA implementation when it is built (see `saexport.kernels`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saexport.topology.levels import kept_blocks, num_blocks, unpack_levels
+
+OP_NAME = "saexport::block_sparse_attention"
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    topology: torch.Tensor,
+    budgets: torch.Tensor,
+    step_index: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    return reference_block_sparse_attention(q, k, v, topology, budgets, step_index, block_size, scale)
+
+
+@block_sparse_attention.register_fake
+def _(q, k, v, topology, budgets, step_index, block_size, scale):
+    return torch.empty_like(q)
+
+
+def check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topology: torch.Tensor, budgets: torch.Tensor,
+    block_size: int,
+) -> int:
+    """Validate shapes and dtypes against DESIGN.md; return the number of blocks."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one [batch, L, heads, head_dim] shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _, seq_len, heads, _ = q.shape
+    n = num_blocks(seq_len, block_size)
+    expected = (heads, n, (n + 3) // 4)
+    if topology.dtype != torch.int32 or tuple(topology.shape) != expected:
+        raise ValueError(f"topology must be int32 {expected} for L={seq_len}, block {block_size}; "
+                         f"got {topology.dtype} {tuple(topology.shape)}")
+    if budgets.dtype != torch.int32 or budgets.dim() != 2 or budgets.shape[1] != heads:
+        raise ValueError(f"budgets must be int32 [steps, {heads}], got {budgets.dtype} {tuple(budgets.shape)}")
+    return n
+
+
+def reference_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    topology: torch.Tensor,
+    budgets: torch.Tensor,
+    step_index: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Exact block-sparse attention in at least float32, one query block at a time."""
+    n = check_inputs(q, k, v, topology, budgets, block_size)
+    step = int(step_index.reshape(-1)[0])
+    if not 0 <= step < budgets.shape[0]:
+        raise ValueError(f"step_index {step} is outside [0, {budgets.shape[0]})")
+    keep = kept_blocks(unpack_levels(topology), budgets[step])  # [heads, n, n]
+
+    seq_len = q.shape[1]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    qh, kh, vh = (t.to(compute).transpose(1, 2) for t in (q, k, v))  # [batch, heads, L, D]
+    key_block = torch.arange(seq_len, device=q.device) // block_size
+    out = torch.empty_like(qh)
+    for u in range(n):
+        rows = slice(u * block_size, min(seq_len, (u + 1) * block_size))
+        scores = (qh[:, :, rows] @ kh.transpose(-1, -2)) * scale  # [batch, heads, rows, L]
+        key_kept = keep[:, u, key_block]  # [heads, L]
+        scores = scores.masked_fill(~key_kept[None, :, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with nothing kept -> zeros
+        out[:, :, rows] = probs @ vh
+    return out.transpose(1, 2).to(q.dtype).contiguous()

@@ -1,0 +1,111 @@
+"""`SparseWanDiT`: a Wan2.1 DiT with frozen block-sparse self-attention, for one static token grid.
+
+The forward pass is diffusers' `WanTransformer3DModel.forward` for text-to-video, top to bottom,
+with three changes that the exported graph needs:
+- `step_index` is an input, read by every layer's sparse attention to pick its budgets;
+- the token layout's permutation is applied after patch embedding and undone after the output
+  projection; the RoPE tables are permuted alike;
+- the RoPE tables are fp32 buffers for the static grid (diffusers builds them in float64, which
+  TensorRT does not support, on every call);
+- the patch embedding (a Conv3d whose stride equals its kernel) runs as the matrix product it is:
+  ONNX's Conv has no bfloat16 before opset 22, MatMul has.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import WanTransformer3DModel
+
+from saexport.exporter.layout import TokenLayout
+from saexport.exporter.processor import LayerMasks, SparseSelfAttnProcessor, StepContext
+from saexport.topology.levels import pack_levels
+
+
+def rope_tables(transformer: WanTransformer3DModel, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair cos/sin `[1, L, 1, head_dim/2]` (fp32, raster order), from diffusers' own RoPE."""
+    pt, ph, pw = transformer.config.patch_size
+    frames, height, width = grid
+    shape_probe = torch.empty(1, 1, frames * pt, height * ph, width * pw)  # the RoPE reads only its shape
+    cos, sin = transformer.rope.to("cpu")(shape_probe)
+    return cos[..., 0::2].float().contiguous(), sin[..., 1::2].float().contiguous()
+
+
+def patch_embed(conv: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x).flatten(2).transpose(1, 2)` for a non-overlapping Conv3d, as one matrix product."""
+    batch, channels, frames, height, width = x.shape
+    pt, ph, pw = conv.kernel_size
+    patches = x.reshape(batch, channels, frames // pt, pt, height // ph, ph, width // pw, pw)
+    patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4).flatten(1, 3)  # [batch, tokens, C*pt*ph*pw]
+    return patches @ conv.weight.flatten(1).t() + conv.bias
+
+
+class SparseWanDiT(torch.nn.Module):
+    def __init__(
+        self,
+        transformer: WanTransformer3DModel,
+        grid: tuple[int, int, int],
+        layout: TokenLayout,
+        topology_levels: torch.Tensor,  # uint8 [layers, heads, n, n], in the layout's token order
+        budget_levels: torch.Tensor,  # uint8 [steps, layers, heads]
+        block_size: int,
+    ):
+        super().__init__()
+        layers = len(transformer.blocks)
+        if topology_levels.shape[:2] != (layers, transformer.config.num_attention_heads):
+            raise ValueError(f"topology covers {tuple(topology_levels.shape[:2])} layers x heads, the model "
+                             f"{(layers, transformer.config.num_attention_heads)}")
+        self.transformer = transformer
+        self.grid = tuple(grid)
+        self.layout = layout
+        self.block_size = block_size
+        self.context = StepContext()
+        self.masks = torch.nn.ModuleList(
+            LayerMasks(pack_levels(topology_levels[i]), budget_levels[:, i]) for i in range(layers)
+        )
+        for block, masks in zip(transformer.blocks, self.masks, strict=True):
+            block.attn1.set_processor(SparseSelfAttnProcessor(masks, self.context, block_size))
+
+        perm = layout.permutation(self.grid)
+        cos, sin = rope_tables(transformer, self.grid)
+        self.register_buffer("rope_cos", cos[:, perm].contiguous(), persistent=False)
+        self.register_buffer("rope_sin", sin[:, perm].contiguous(), persistent=False)
+        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("inverse_perm", perm.argsort(), persistent=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # latents [batch, in_channels, frames, height, width]
+        timestep: torch.Tensor,  # fp32 [batch]
+        encoder_hidden_states: torch.Tensor,  # text embeddings [batch, text_len, text_dim]
+        step_index: torch.Tensor,  # int32 [1]
+    ) -> torch.Tensor:
+        model = self.transformer
+        batch, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = model.config.patch_size
+        grid = (num_frames // p_t, height // p_h, width // p_w)
+        if grid != self.grid:
+            raise ValueError(f"latents of token grid {grid} given to a DiT built for {self.grid}")
+        self.context.step_index = step_index
+
+        hidden_states = patch_embed(model.patch_embedding, hidden_states)
+        if not self.layout.is_identity():
+            hidden_states = hidden_states[:, self.perm]
+        hidden_states = hidden_states.contiguous()
+
+        temb, timestep_proj, encoder_hidden_states, _ = model.condition_embedder(timestep, encoder_hidden_states)
+        timestep_proj = timestep_proj.unflatten(1, (6, -1))
+
+        rotary_emb = (self.rope_cos, self.rope_sin)
+        for block in model.blocks:
+            hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
+
+        shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        hidden_states = (model.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+        hidden_states = model.proj_out(hidden_states)
+        if not self.layout.is_identity():
+            hidden_states = hidden_states[:, self.inverse_perm]
+
+        frames, rows, cols = self.grid
+        hidden_states = hidden_states.reshape(batch, frames, rows, cols, p_t, p_h, p_w, -1)
+        hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)

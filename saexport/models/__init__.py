@@ -1,0 +1,1 @@
+"""Wan2.1 presets, checkpoint loading and key mapping."""

@@ -1,0 +1,227 @@
+"""Load a Wan2.1 DiT from a local path (diffusers or original layout), or build it with random weights.
+
+Weights are read tensor by tensor from safetensors into a model built on the meta device, so a 14B
+checkpoint never exists twice in memory and nothing is randomly initialised only to be overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+from safetensors import SafetensorError, safe_open
+
+from saexport.errors import SaexportError
+from saexport.models.presets import ModelPreset, check_config_matches, get_preset
+from saexport.models.wan_keys import original_config_to_diffusers, original_to_diffusers_key
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+
+
+@dataclass
+class LoadedModel:
+    """A DiT ready for export, with what the artifacts' metadata must record about it."""
+
+    preset: ModelPreset
+    transformer: WanTransformer3DModel
+    weights_id: str  # sha256 of the weight files, or "random:<seed>"
+    source: str
+
+    @property
+    def random_weights(self) -> bool:
+        return self.weights_id.startswith("random:")
+
+
+@dataclass
+class CheckpointLayout:
+    kind: str  # "diffusers" or "original"
+    config: dict[str, Any]  # diffusers config fields
+    files: list[Path]
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise SaexportError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}") from None
+
+
+def load_model(
+    model: str,
+    weights: str | Path | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    random_weights: bool = False,
+    seed: int = 0,
+) -> LoadedModel:
+    preset = get_preset(model)
+    if random_weights:
+        if weights is not None:
+            raise SaexportError("give either a weights path or --random-weights, not both")
+        transformer = _build_meta(preset.config)
+        state = _random_state(transformer, seed)
+        _assign(transformer, state, dtype)
+        return LoadedModel(preset, transformer, f"random:{seed}", f"RANDOM WEIGHTS (seed {seed})")
+    if weights is None:
+        raise SaexportError(f"model '{model}' needs --weights PATH (or --random-weights for benchmarks)")
+
+    layout = detect_layout(Path(weights))
+    check_config_matches(preset, layout.config, str(weights))
+    config = {**preset.config, **layout.config}
+    transformer = _build_meta(config)
+    state = _read_state(layout)
+    _check_state(transformer, state, str(weights))
+    _assign(transformer, state, dtype)
+    return LoadedModel(preset, transformer, _hash_files(layout.files), str(weights))
+
+
+def detect_layout(path: Path) -> CheckpointLayout:
+    """Find the checkpoint's config and weight files; clear errors for anything else."""
+    if not path.exists():
+        raise SaexportError(f"weights path {path} does not exist")
+    if not path.is_dir():
+        raise SaexportError(f"weights path {path} is not a directory (expected a Wan2.1 checkpoint folder)")
+    for config_dir in (path / "transformer", path):
+        config_file = config_dir / "config.json"
+        if not config_file.is_file():
+            continue
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise SaexportError(f"{config_file} is not valid JSON: {e}") from None
+        if config.get("_class_name") == "WanTransformer3DModel":
+            return CheckpointLayout("diffusers", config, _weight_files(config_dir))
+        if "dim" in config and "num_heads" in config:
+            try:
+                diffusers_config = original_config_to_diffusers(config)
+            except (KeyError, ValueError) as e:
+                raise SaexportError(f"{config_file}: not a usable Wan config ({e})") from None
+            return CheckpointLayout("original", diffusers_config, _weight_files(config_dir))
+        if config_dir == path / "transformer" or "_class_name" in config:
+            raise SaexportError(
+                f"{config_file} describes a {config.get('_class_name', 'unknown model')}, not a Wan2.1 DiT"
+            )
+    raise SaexportError(
+        f"{path} is neither a diffusers Wan2.1 checkpoint (transformer/config.json) nor an original Wan2.1 "
+        "checkpoint (config.json with dim/num_heads beside diffusion_pytorch_model*.safetensors)"
+    )
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise SaexportError(f"{index} is not a safetensors index: {e}") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise SaexportError(f"{index} names shards that are missing: {', '.join(missing[:5])}")
+        return files
+    single = folder / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
+    if not files:
+        raise SaexportError(f"no diffusion_pytorch_model*.safetensors in {folder}")
+    return files
+
+
+def _read_state(layout: CheckpointLayout) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    unmapped: list[str] = []
+    for file in layout.files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    name = key if layout.kind == "diffusers" else original_to_diffusers_key(key)
+                    if name is None:
+                        unmapped.append(key)
+                    else:
+                        state[name] = f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise SaexportError(f"{file} is not a readable safetensors file ({e})") from None
+    if unmapped:
+        raise SaexportError(
+            f"unexpected keys in the original Wan checkpoint ({len(unmapped)}): {', '.join(unmapped[:5])}"
+        )
+    return state
+
+
+def _check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:5])}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:5])}")
+        raise SaexportError(f"{source} does not match the model: " + "; ".join(parts))
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if wrong:
+        raise SaexportError(f"{source}: shape mismatch ({len(wrong)}): " + "; ".join(wrong[:5]))
+
+
+def _build_meta(config: dict[str, Any]) -> WanTransformer3DModel:
+    fields = {k: v for k, v in config.items() if not k.startswith("_")}
+    fields["patch_size"] = tuple(fields["patch_size"])
+    with torch.device("meta"):
+        return WanTransformer3DModel(**fields)
+
+
+def _keeps_fp32(name: str) -> bool:
+    """diffusers' rule: modules named in `_keep_in_fp32_modules` stay fp32 in any dtype."""
+    parts = name.split(".")
+    return any(keep in parts for keep in WanTransformer3DModel._keep_in_fp32_modules)
+
+
+def _assign(model: WanTransformer3DModel, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    cast = {k: v.to(torch.float32 if _keeps_fp32(k) else dtype) for k, v in state.items()}
+    model.load_state_dict(cast, strict=True, assign=True)
+    # Non-persistent RoPE buffers were built on the meta device: build them for real.
+    cfg = model.config
+    model.rope = WanRotaryPosEmbed(cfg.attention_head_dim, tuple(cfg.patch_size), cfg.rope_max_seq_len)
+    model.eval().requires_grad_(False)
+
+
+def _random_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Fan-in scaled normal weights: activations stay O(1) through the layers, as in a trained model."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, ref in model.state_dict().items():
+        noise = torch.randn(ref.shape, generator=gen)
+        if name.endswith("scale_shift_table"):
+            state[name] = noise / math.sqrt(ref.shape[-1])
+        elif name.endswith(".bias"):
+            state[name] = noise * 0.02
+        elif ref.ndim == 1:  # norm weights
+            state[name] = 1.0 + 0.05 * noise
+        else:
+            state[name] = noise / math.sqrt(math.prod(ref.shape[1:]))
+    return state
+
+
+def _hash_files(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()

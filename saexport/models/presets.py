@@ -1,0 +1,134 @@
+"""Architecture presets: the diffusers `WanTransformer3DModel` config of each supported model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from saexport.errors import SaexportError
+
+# Fields that define the architecture; a checkpoint's config must agree with the preset on these.
+ARCHITECTURE_FIELDS = (
+    "patch_size",
+    "num_attention_heads",
+    "attention_head_dim",
+    "in_channels",
+    "out_channels",
+    "text_dim",
+    "freq_dim",
+    "ffn_dim",
+    "num_layers",
+    "cross_attn_norm",
+    "qk_norm",
+    "eps",
+)
+
+
+def _wan_config(**overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "patch_size": [1, 2, 2],
+        "num_attention_heads": 12,
+        "attention_head_dim": 128,
+        "in_channels": 16,
+        "out_channels": 16,
+        "text_dim": 4096,
+        "freq_dim": 256,
+        "ffn_dim": 8960,
+        "num_layers": 30,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        "image_dim": None,
+        "added_kv_proj_dim": None,
+        "rope_max_seq_len": 1024,
+    }
+    config.update(overrides)
+    return config
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    name: str
+    description: str
+    config: dict[str, Any] = field(hash=False)
+    text_len: int = 512  # tokens of the text encoder's output the DiT attends to
+
+    @property
+    def num_heads(self) -> int:
+        return self.config["num_attention_heads"]
+
+    @property
+    def head_dim(self) -> int:
+        return self.config["attention_head_dim"]
+
+    @property
+    def num_layers(self) -> int:
+        return self.config["num_layers"]
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return tuple(self.config["patch_size"])  # type: ignore[return-value]
+
+    def config_hash(self) -> str:
+        return config_hash(self.config)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A short hash of the architecture fields: equal for the same architecture however it was loaded."""
+    arch = {k: _normalise(config[k]) for k in ARCHITECTURE_FIELDS}
+    return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _normalise(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+PRESETS: dict[str, ModelPreset] = {
+    p.name: p
+    for p in [
+        ModelPreset("wan2.1", "Wan2.1-T2V-1.3B", _wan_config()),
+        ModelPreset(
+            "wan2.1-14b",
+            "Wan2.1-T2V-14B",
+            _wan_config(num_attention_heads=40, ffn_dim=13824, num_layers=40),
+        ),
+        # Small presets with Wan2.1's exact structure, for tests and quick runs.
+        ModelPreset(
+            "wan2.1-tiny",
+            "2 layers, 4 heads x 16: the structure of Wan2.1 at test size",
+            _wan_config(num_attention_heads=4, attention_head_dim=16, text_dim=32, freq_dim=32,
+                        ffn_dim=128, num_layers=2),
+            text_len=8,
+        ),
+        ModelPreset(
+            "wan2.1-small",
+            "4 layers, 8 heads x 64: a small Wan2.1 for CPU experiments",
+            _wan_config(num_attention_heads=8, attention_head_dim=64, text_dim=256, freq_dim=64,
+                        ffn_dim=1024, num_layers=4),
+            text_len=32,
+        ),
+    ]
+}
+
+
+def get_preset(name: str) -> ModelPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise SaexportError(f"unknown model '{name}'; known models: {', '.join(PRESETS)}") from None
+
+
+def check_config_matches(preset: ModelPreset, config: dict[str, Any], source: str) -> None:
+    """A checkpoint's own config wins over the preset, but may not contradict its architecture."""
+    diffs = [
+        f"{k}: checkpoint has {config[k]!r}, {preset.name} has {preset.config[k]!r}"
+        for k in ARCHITECTURE_FIELDS
+        if k in config and _normalise(config[k]) != _normalise(preset.config[k])
+    ]
+    if diffs:
+        raise SaexportError(
+            f"{source} is not a {preset.name} checkpoint ({preset.description}): " + "; ".join(diffs)
+            + ". Pass the matching --model."
+        )

@@ -1,0 +1,1 @@
+"""WEST threshold maps, FAST budgets, and their file formats."""

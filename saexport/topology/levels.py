@@ -1,0 +1,62 @@
+"""Threshold levels: the packed INT32 form of DESIGN.md, and the masks and densities they give.
+
+A level is a uint8 0..255. Block pair (u, v) of a head is kept at step s when
+`topology[h, u, v] <= budget[s, h]`; level 255 keeps everything.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DENSE_LEVEL = 255
+_BYTE_SHIFTS = (0, 8, 16, 24)
+
+
+def num_blocks(seq_len: int, block_size: int) -> int:
+    return math.ceil(seq_len / block_size)
+
+
+def pack_levels(levels: torch.Tensor) -> torch.Tensor:
+    """uint8 `[..., n, n]` -> int32 `[..., n, ceil(n/4)]`: level (u, v) is byte v % 4 of word v // 4.
+
+    Padding bytes are 255 (never kept below a dense budget, and harmless at 255 since n bounds the walk).
+    """
+    if levels.dtype != torch.uint8:
+        raise TypeError(f"levels must be uint8, got {levels.dtype}")
+    n = levels.shape[-1]
+    words = math.ceil(n / 4)
+    padded = torch.full((*levels.shape[:-1], words * 4), DENSE_LEVEL, dtype=torch.int64)
+    padded[..., :n] = levels.to(torch.int64)
+    grouped = padded.unflatten(-1, (words, 4))
+    packed = sum(grouped[..., i] << shift for i, shift in enumerate(_BYTE_SHIFTS))
+    # Words with a top byte >= 128 wrap to negative int32: the bits are what matter.
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_levels(packed: torch.Tensor) -> torch.Tensor:
+    """int32 `[..., n, ceil(n/4)]` -> int32 levels `[..., n, n]` (endianness-independent shifts)."""
+    n = packed.shape[-2]
+    shifts = torch.tensor(_BYTE_SHIFTS, dtype=torch.int32, device=packed.device)
+    levels = (packed.unsqueeze(-1) >> shifts) & 0xFF
+    return levels.flatten(-2)[..., :n]
+
+
+def kept_blocks(levels: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Bool mask `[heads, n, n]` from levels `[heads, n, n]` and one step's budgets `[heads]`."""
+    return levels.to(torch.int32) <= budget.to(torch.int32).view(-1, 1, 1)
+
+
+def density(levels: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """Fraction of block pairs kept, per budget entry.
+
+    levels `[layers, heads, n, n]`, budgets `[steps, layers, heads]` -> `[steps, layers, heads]`.
+    """
+    lv = levels.to(torch.int32).flatten(-2)  # [layers, heads, n*n]
+    sorted_lv = lv.sort(dim=-1).values
+    b = budgets.to(torch.int32)
+    counts = torch.searchsorted(
+        sorted_lv.expand(b.shape[0], *sorted_lv.shape).contiguous(), b.unsqueeze(-1).contiguous(), right=True
+    ).squeeze(-1)
+    return counts.to(torch.float64) / lv.shape[-1]

@@ -1,0 +1,32 @@
+import onnx
+from click.testing import CliRunner
+
+from saexport.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_export_verify_end_to_end(tmp_path):
+    result = run("export", "--random-weights", "--resolution", "64x48", "--frames", "9", "--dtype", "fp32",
+                 "--block-size", "16", "--steps", "4", "--verify", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "RANDOM WEIGHTS" in result.output and "STAND-IN" in result.output
+    errors = [float(line.rsplit(" ", 1)[1]) for line in result.output.splitlines() if "relative error" in line]
+    assert len(errors) == 2 and max(errors) < 1e-4
+    onnx.checker.check_model(str(tmp_path / "model.onnx"))
+    assert (tmp_path / "topology.safetensors").exists() and (tmp_path / "budgets.safetensors").exists()
+
+
+def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path):
+    result = run("export", "--weights", str(tmp_path / "nowhere"), "--out", str(tmp_path))
+    assert result.exit_code == 1
+    assert "Error: weights path" in result.output and "does not exist" in result.output
+    result = run("export", "--random-weights", "--frames", "80", "--out", str(tmp_path))
+    assert result.exit_code == 1 and "frames must be 4k+1" in result.output
+
+
+def test_models_lists_presets():
+    result = run("models")
+    assert "wan2.1-14b" in result.output and " 40 layers  40 heads x 128" in result.output

@@ -1,0 +1,36 @@
+import torch
+
+from saexport.topology.levels import density, kept_blocks, pack_levels, unpack_levels
+from saexport.topology.standin import levels_from_scores
+
+
+def test_pack_layout_is_little_endian_bytes_with_255_padding():
+    row = torch.tensor([1, 2, 3, 4, 5], dtype=torch.uint8)
+    packed = pack_levels(row.expand(1, 5, 5).clone())  # one head, n = 5
+    assert packed.shape == (1, 5, 2) and packed.dtype == torch.int32
+    assert packed[0, 0, 0].item() == 1 | 2 << 8 | 3 << 16 | 4 << 24
+    # word 1: level 5, then three padding bytes of 255 -> 0xFFFFFF05 as a signed int32
+    assert packed[0, 0, 1].item() == 0xFFFFFF05 - 2**32
+
+
+def test_pack_unpack_roundtrip_any_n():
+    for n in (1, 3, 4, 7, 9):
+        levels = torch.randint(0, 256, (3, n, n), dtype=torch.uint8)
+        assert torch.equal(unpack_levels(pack_levels(levels)), levels.to(torch.int32))
+
+
+def test_kept_blocks_and_density_agree_with_direct_count():
+    levels = torch.randint(0, 256, (2, 3, 6, 6), dtype=torch.uint8)
+    budgets = torch.randint(0, 256, (4, 2, 3), dtype=torch.uint8)
+    got = density(levels, budgets)
+    for s in range(4):
+        for layer in range(2):
+            mask = kept_blocks(levels[layer], budgets[s, layer])
+            assert torch.allclose(got[s, layer], mask.double().mean(dim=(-1, -2)))
+    assert torch.all(density(levels, torch.full((1, 2, 3), 255, dtype=torch.uint8)) == 1.0)
+
+
+def test_levels_from_scores_ranks_into_smallest_entering_density():
+    # 2x2 map: scores 0.4 > 0.3 > 0.2 > 0.1 -> ranks 1..4 of 4 -> levels ceil(255*r/4)
+    scores = torch.tensor([[0.4, 0.1], [0.2, 0.3]])
+    assert levels_from_scores(scores).tolist() == [[64, 255], [192, 128]]

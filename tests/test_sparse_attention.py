@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+
+from saexport.exporter.sparse_attention import block_sparse_attention, reference_block_sparse_attention
+from saexport.topology.levels import pack_levels
+from tests.conftest import rel_err
+
+
+def dense_masked_attention(q, k, v, keep, block_size, scale):
+    """The whole L x L matrix in float64: the definition, for checking the chunked reference."""
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
+    blocks = torch.arange(q.shape[2]) // block_size
+    token_keep = keep[:, blocks][:, :, blocks]  # [heads, L, L]
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~token_keep, float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    return (probs @ v).transpose(1, 2)
+
+
+def random_case(batch, seq_len, heads, dim, block_size, steps=3, dtype=torch.float32):
+    n = math.ceil(seq_len / block_size)
+    q, k, v = (torch.randn(batch, seq_len, heads, dim, dtype=dtype) for _ in range(3))
+    levels = torch.randint(0, 256, (heads, n, n), dtype=torch.uint8)
+    budgets = torch.randint(0, 256, (steps, heads), dtype=torch.int32)
+    return q, k, v, levels, budgets
+
+
+@pytest.mark.parametrize("seq_len,block_size", [(64, 16), (70, 16), (37, 8)])
+def test_reference_equals_full_matrix_definition(seq_len, block_size):
+    q, k, v, levels, budgets = random_case(2, seq_len, 3, 8, block_size)
+    budgets[1] = torch.tensor([0, 128, 255])
+    levels[0, 1] = 200  # head 0, query block 1: nothing kept at level 0 -> zeros
+    step = torch.tensor([1], dtype=torch.int32)
+    out = reference_block_sparse_attention(q, k, v, pack_levels(levels), budgets, step, block_size, 0.3)
+    keep = levels.int() <= budgets[1].view(-1, 1, 1)
+    want = dense_masked_attention(q, k, v, keep, block_size, 0.3)
+    assert rel_err(out, want) < 1e-6
+    assert torch.all(out[:, block_size:2 * block_size, 0] == 0)  # the empty row
+    assert out[:, block_size:2 * block_size, 1:].abs().min() > 0
+
+
+def test_all_kept_equals_sdpa():
+    q, k, v, levels, _ = random_case(1, 50, 2, 16, 16, dtype=torch.float64)
+    budgets = torch.full((1, 2), 255, dtype=torch.int32)
+    out = block_sparse_attention(q, k, v, pack_levels(levels), budgets, torch.tensor([0], dtype=torch.int32), 16, 0.25)
+    want = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), scale=0.25)
+    assert rel_err(out, want.transpose(1, 2)) < 1e-12
+
+
+def test_low_precision_inputs_keep_dtype_and_accuracy():
+    q, k, v, levels, budgets = random_case(1, 40, 2, 16, 8, dtype=torch.bfloat16)
+    step = torch.tensor([2], dtype=torch.int32)
+    out = reference_block_sparse_attention(q, k, v, pack_levels(levels), budgets, step, 8, 0.25)
+    assert out.dtype == torch.bfloat16
+    keep = levels.int() <= budgets[2].view(-1, 1, 1)
+    assert rel_err(out, dense_masked_attention(q, k, v, keep, 8, 0.25)) < 1e-2
+
+
+def test_step_index_out_of_range_is_an_error():
+    q, k, v, levels, budgets = random_case(1, 16, 1, 4, 8)
+    with pytest.raises(ValueError, match="step_index 3 is outside"):
+        reference_block_sparse_attention(q, k, v, pack_levels(levels), budgets,
+                                         torch.tensor([3], dtype=torch.int32), 8, 1.0)
+
+
+def test_topology_of_wrong_grid_is_an_error():
+    q, k, v, levels, budgets = random_case(1, 40, 2, 4, 8)
+    with pytest.raises(ValueError, match="topology must be int32"):
+        reference_block_sparse_attention(q, k, v, pack_levels(levels[:, :4, :4]), budgets,
+                                         torch.tensor([0], dtype=torch.int32), 8, 1.0)
