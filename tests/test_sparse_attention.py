@@ -22,6 +22,7 @@ def random_case(batch, seq_len, heads, dim, block_size, steps=3, dtype=torch.flo
     n = math.ceil(seq_len / block_size)
     q, k, v = (torch.randn(batch, seq_len, heads, dim, dtype=dtype) for _ in range(3))
     levels = torch.randint(0, 256, (heads, n, n), dtype=torch.uint8)
+    levels[:, torch.arange(n), torch.arange(n)] = 0  # structural diagonal: no row is empty by chance
     budgets = torch.randint(0, 256, (steps, heads), dtype=torch.int32)
     return q, k, v, levels, budgets
 

@@ -7,14 +7,17 @@ kept key block outputs zeros.
 
 The reference implementation below runs on any device and works one query block at a time, so it
 never holds more than `block_size x L` scores per head. A fake implementation lets torch.export and
-the ONNX exporter trace the op without running it. The CUDA kernel library registers itself as the
-CUDA implementation when it is built (see `saexport.kernels`).
+the ONNX exporter trace the op without running it. On CUDA tensors the op runs the kernel library
+(`saexport.kernels`) when it is built and supports the case, else the reference.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
+from saexport import kernels
 from saexport.topology.levels import kept_blocks, num_blocks, unpack_levels
 
 OP_NAME = "saexport::block_sparse_attention"
@@ -37,6 +40,17 @@ def block_sparse_attention(
 @block_sparse_attention.register_fake
 def _(q, k, v, topology, budgets, step_index, block_size, scale):
     return torch.empty_like(q)
+
+
+@block_sparse_attention.register_kernel("cuda")
+def _(q, k, v, topology, budgets, step_index, block_size, scale):
+    check_inputs(q, k, v, topology, budgets, block_size)
+    if kernels.supports(q, block_size):
+        return kernels.forward(q, k, v, topology, budgets, step_index, block_size, scale)
+    if kernels.load_library() is None:
+        warnings.warn("the CUDA kernel library is not built: block-sparse attention runs the slow reference",
+                      stacklevel=2)
+    return reference_block_sparse_attention(q, k, v, topology, budgets, step_index, block_size, scale)
 
 
 def check_inputs(
