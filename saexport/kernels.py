@@ -62,7 +62,7 @@ def supports(q: torch.Tensor, block_size: int) -> bool:
 
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topology: torch.Tensor, budgets: torch.Tensor,
-    step_index: torch.Tensor, block_size: int, scale: float,
+    step_index: torch.Tensor, block_size: int, scale: float, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch on the current stream; no host synchronisation. Inputs are validated by the caller."""
     lib = load_library()
@@ -70,7 +70,7 @@ def forward(
         raise KernelLibraryError(f"{LIBRARY_NAME} is not built (looked in {library_candidates()})")
     q, k, v = (t.contiguous() for t in (q, k, v))
     batch, seq_len, heads, head_dim = q.shape
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     workspace = torch.empty(lib.saexport_bsa_workspace_size(heads, seq_len, block_size), dtype=torch.uint8,
                             device=q.device)
     status = lib.saexport_bsa_forward(

@@ -1,8 +1,6 @@
 import pytest
 import torch
 
-from saexport.models.checkpoint import load_model
-
 
 @pytest.fixture(autouse=True)
 def _fresh_seed():
@@ -12,6 +10,8 @@ def _fresh_seed():
 
 @pytest.fixture
 def tiny():
+    from saexport.models.checkpoint import load_model  # not at import: GPU-only runs lack diffusers
+
     return load_model("wan2.1-tiny", random_weights=True, seed=torch.randint(0, 2**31, ()).item())
 
 

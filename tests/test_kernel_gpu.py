@@ -1,0 +1,111 @@
+"""The CUDA kernel against the float32 reference (run on the GPU machine: pytest -m gpu)."""
+
+import math
+
+import pytest
+import torch
+
+from saexport import kernels
+from saexport.exporter.sparse_attention import block_sparse_attention, reference_block_sparse_attention
+from saexport.topology.levels import pack_levels
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+if kernels.load_library() is None:
+    pytest.skip("the kernel library is not built (cmake -S . -B build && cmake --build build)",
+                allow_module_level=True)
+
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+
+def make_case(batch, seq_len, heads, head_dim, block_size, density, dtype, steps=3):
+    """Random q/k/v and a topology whose budgets keep about `density` of the blocks at step 1."""
+    n = math.ceil(seq_len / block_size)
+    q, k, v = (torch.randn(batch, seq_len, heads, head_dim, device="cuda", dtype=dtype) for _ in range(3))
+    levels = torch.randint(1, 255, (heads, n, n), dtype=torch.uint8)
+    levels[:, torch.arange(n), torch.arange(n)] = 0
+    budgets = torch.randint(0, 256, (steps, heads), dtype=torch.int32)
+    budgets[1] = {0.0: 0, 1.0: 255}.get(density, round(density * 255))
+    return q, k, v, pack_levels(levels).cuda(), budgets.cuda(), levels
+
+
+def run_kernel(q, k, v, topology, budgets, step, block_size, scale):
+    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+    kernels.forward(q, k, v, topology, budgets, torch.tensor([step], dtype=torch.int32, device="cuda"),
+                    block_size, scale, out=out)
+    torch.cuda.synchronize()
+    return out
+
+
+def reference(q, k, v, topology, budgets, step, block_size, scale):
+    return reference_block_sparse_attention(q.float(), k.float(), v.float(), topology, budgets,
+                                            torch.tensor([step], dtype=torch.int32), block_size, scale)
+
+
+def rel_err(got, want):
+    assert torch.isfinite(got).all(), "unwritten or non-finite outputs"
+    return float((got.float() - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("seq_len", [1024, 1000])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kernel_matches_reference(dtype, density, seq_len, head_dim):
+    case = make_case(2, seq_len, 12, head_dim, 128, density, dtype)
+    q, k, v, topology, budgets, _ = case
+    scale = head_dim**-0.5
+    got = run_kernel(q, k, v, topology, budgets, 1, 128, scale)
+    assert rel_err(got, reference(q, k, v, topology, budgets, 1, 128, scale)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_40_heads_block_64_batch_1_with_tail(dtype):
+    q, k, v, topology, budgets, _ = make_case(1, 1333, 40, 128, 64, 0.25, dtype)
+    got = run_kernel(q, k, v, topology, budgets, 1, 64, 0.09)
+    assert rel_err(got, reference(q, k, v, topology, budgets, 1, 64, 0.09)) < TOLERANCE[dtype]
+
+
+def test_empty_rows_are_zeros_and_others_are_not():
+    q, k, v, _, budgets, levels = make_case(1, 700, 4, 128, 128, 0.5, torch.bfloat16)
+    levels[2, 3] = 255  # head 2, query block 3: nothing kept below the dense level
+    budgets[1] = 200
+    got = run_kernel(q, k, v, pack_levels(levels).cuda(), budgets, 1, 128, 0.1)
+    assert torch.all(got[:, 384:512, 2] == 0)
+    assert torch.all(got[:, 384:512, 1].abs().amax(-1) > 0)
+    want = reference(q, k, v, pack_levels(levels).cuda(), budgets, 1, 128, 0.1)
+    assert rel_err(got, want) < 1e-2
+
+
+def test_step_index_is_read_on_device_and_clamped():
+    q, k, v, topology, budgets, _ = make_case(1, 512, 4, 64, 128, 0.3, torch.float16, steps=4)
+    last = reference(q, k, v, topology, budgets, 3, 128, 0.125)
+    assert rel_err(run_kernel(q, k, v, topology, budgets, 99, 128, 0.125), last) < 5e-3
+    first = reference(q, k, v, topology, budgets, 0, 128, 0.125)
+    assert rel_err(run_kernel(q, k, v, topology, budgets, -5, 128, 0.125), first) < 5e-3
+
+
+def test_cuda_graph_replay_follows_step_index():
+    q, k, v, topology, budgets, _ = make_case(1, 1024, 12, 128, 128, 0.3, torch.bfloat16, steps=4)
+    step = torch.zeros(1, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    kernels.forward(q, k, v, topology, budgets, step, 128, 0.088, out=out)  # warm-up outside capture
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        kernels.forward(q, k, v, topology, budgets, step, 128, 0.088, out=out)
+    for s in (2, 0, 3):
+        out.fill_(float("nan"))
+        step.fill_(s)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, reference(q, k, v, topology, budgets, s, 128, 0.088)) < 1e-2
+
+
+def test_torch_op_dispatches_to_the_kernel_on_cuda():
+    q, k, v, topology, budgets, _ = make_case(1, 900, 12, 128, 128, 0.5, torch.bfloat16)
+    step = torch.tensor([1], dtype=torch.int32, device="cuda")
+    got = block_sparse_attention(q, k, v, topology, budgets, step, 128, 0.088)
+    direct = run_kernel(q, k, v, topology, budgets, 1, 128, 0.088)
+    assert torch.equal(got, direct)
