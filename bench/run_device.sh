@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One device call: build the kernel library, GPU tests, sanitizer, benchmark. Results land in $OUT.
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+{ cmake -S . -B build -DCMAKE_CUDA_ARCHITECTURES=90a -G Ninja && cmake --build build; } > "$OUT/build.log" 2>&1 \
+  || { tail -30 "$OUT/build.log"; exit 1; }
+python3 -m pytest -q -m gpu tests/test_kernel_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -m gpu -p no:cacheprovider \
+  "tests/test_kernel_gpu.py::test_empty_rows_are_zeros_and_others_are_not" > "$OUT/memcheck.log" 2>&1
+echo "memcheck rc=$?"; tail -3 "$OUT/memcheck.log"
+python3 bench/attention.py "$@" 2>&1 | tee "$OUT/bench_attention.txt"
