@@ -121,19 +121,19 @@ __global__ void __launch_bounds__(kBlockM * 2) bsa_forward_kernel(BsaParams p) {
             }
         }
 
-        // Scale to base 2; keys past the sequence end get -inf (only the last tile has any).
+        // Keys past the sequence end get -inf (only the last tile has any).
         const int key0 = tile * kBlockN;
-        const bool tail = key0 + kBlockN > p.seq_len;
+        if (key0 + kBlockN > p.seq_len) {
 #pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j) {
+            for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = key0 + j * 8 + 2 * (lane % 4) + (e & 1);
-                acc_s[j][e] = (tail && key >= p.seq_len) ? -INFINITY : acc_s[j][e] * p.scale_log2;
+                for (int e = 0; e < 4; ++e) {
+                    if (key0 + j * 8 + 2 * (lane % 4) + (e & 1) >= p.seq_len) acc_s[j][e] = -INFINITY;
+                }
             }
         }
 
-        // Online softmax: new running max per row (quad-reduced), rescale, exponentiate.
+        // Online softmax in base 2 on raw scores: p = 2^(s * scale_log2 - max * scale_log2), one FFMA + EX2.
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float tile_max = -FLT_MAX;
@@ -141,8 +141,8 @@ __global__ void __launch_bounds__(kBlockM * 2) bsa_forward_kernel(BsaParams p) {
             for (int j = 0; j < kBlockN / 8; ++j) tile_max = fmaxf(tile_max, fmaxf(acc_s[j][2 * r], acc_s[j][2 * r + 1]));
             tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
             tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
-            const float new_max = fmaxf(row_max[r], tile_max);
-            const float correction = exp2f(row_max[r] - new_max);
+            const float new_max = fmaxf(row_max[r], tile_max * p.scale_log2);
+            const float correction = fast_exp2(row_max[r] - new_max);
             row_max[r] = new_max;
             row_sum[r] *= correction;
 #pragma unroll
@@ -152,9 +152,11 @@ __global__ void __launch_bounds__(kBlockM * 2) bsa_forward_kernel(BsaParams p) {
             }
 #pragma unroll
             for (int j = 0; j < kBlockN / 8; ++j) {
-                acc_s[j][2 * r] = exp2f(acc_s[j][2 * r] - new_max);
-                acc_s[j][2 * r + 1] = exp2f(acc_s[j][2 * r + 1] - new_max);
-                row_sum[r] += acc_s[j][2 * r] + acc_s[j][2 * r + 1];
+#pragma unroll
+                for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                    acc_s[j][e] = fast_exp2(fmaf(acc_s[j][e], p.scale_log2, -new_max));
+                    row_sum[r] += acc_s[j][e];
+                }
             }
         }
 
