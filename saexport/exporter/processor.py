@@ -38,6 +38,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.flatten(-2).type_as(x)
 
 
+def project_qkv(attn, hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor]):
+    """Wan's self-attention q, k, v `[batch, L, heads, head_dim]`: projections, RMSNorm across heads, RoPE."""
+    query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+    value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+    return apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb), value
+
+
+def check_self_attention_call(encoder_hidden_states, attention_mask, rotary_emb) -> None:
+    if encoder_hidden_states is not None or attention_mask is not None or rotary_emb is None:
+        raise ValueError("this processor serves Wan's self-attention (with RoPE) only")
+
+
 class SparseSelfAttnProcessor:
     def __init__(self, masks: LayerMasks, context: StepContext, block_size: int):
         self.masks = masks
@@ -52,13 +65,8 @@ class SparseSelfAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None or rotary_emb is None:
-            raise ValueError("SparseSelfAttnProcessor serves self-attention with RoPE only")
-        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        query = apply_rotary(query, *rotary_emb)
-        key = apply_rotary(key, *rotary_emb)
+        check_self_attention_call(encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = project_qkv(attn, hidden_states, rotary_emb)
         out = torch.ops.saexport.block_sparse_attention(
             query, key, value, self.masks.topology, self.masks.budgets, self.context.step_index,
             self.block_size, 1.0 / math.sqrt(query.shape[-1]),

@@ -1,0 +1,138 @@
+"""Calibration runs: the dense model along the sampler's trajectory, with every self-attention layer probed.
+
+A probe computes the layer's ordinary dense output (so the trajectory is the dense model's) and, for a
+few sampled query rows per block, the row's full softmax over all keys, summed per key block: the
+*block masses* `[batch, heads, rows, n]`. Both WEST (which blocks matter) and FAST (how much of each
+row a budget keeps) are computed from block masses, so neither ever holds an L x L matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from saexport.engines.scheduler import wan_scheduler
+from saexport.exporter.processor import check_self_attention_call, project_qkv
+from saexport.exporter.sparse_dit import SparseWanDiT
+
+MassCallback = Callable[[int, torch.Tensor], None]  # (layer, block masses [batch, heads, rows, n])
+
+
+@dataclass(frozen=True)
+class SampledRows:
+    """`rows_per_block` query rows drawn (seeded) from every query block."""
+
+    rows: torch.Tensor  # int64 [R], token positions
+    block: torch.Tensor  # int64 [R], their query block
+
+    @classmethod
+    def draw(cls, seq_len: int, block_size: int, rows_per_block: int, seed: int) -> SampledRows:
+        gen = torch.Generator().manual_seed(seed)
+        rows, blocks = [], []
+        for u in range(math.ceil(seq_len / block_size)):
+            size = min(block_size, seq_len - u * block_size)
+            take = min(rows_per_block, size)
+            rows.append(u * block_size + torch.randperm(size, generator=gen)[:take])
+            blocks.append(torch.full((take,), u))
+        return cls(torch.cat(rows), torch.cat(blocks))
+
+
+def block_masses(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, block_size: int, chunk: int = 512):
+    """Softmax of the sampled rows over all keys, summed per key block: fp32 `[batch, heads, R, n]`."""
+    batch, seq_len, heads, dim = q.shape
+    n = math.ceil(seq_len / block_size)
+    keys = k.transpose(1, 2).float()  # [B, H, L, D]
+    out = []
+    for start in range(0, rows.numel(), chunk):
+        idx = rows[start:start + chunk].to(q.device)
+        logits = q[:, idx].transpose(1, 2).float() @ keys.transpose(-1, -2) / math.sqrt(dim)
+        probs = torch.softmax(logits, dim=-1)
+        probs = F.pad(probs, (0, n * block_size - seq_len))
+        out.append(probs.unflatten(-1, (n, block_size)).sum(-1))
+    return torch.cat(out, dim=2)
+
+
+class AttentionProbe:
+    """Self-attention processor: dense output as diffusers computes it, block masses to a callback."""
+
+    def __init__(self, layer: int, rows: SampledRows, block_size: int, on_masses: MassCallback):
+        self.layer, self.rows, self.block_size, self.on_masses = layer, rows, block_size, on_masses
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        check_self_attention_call(encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = project_qkv(attn, hidden_states, rotary_emb)
+        self.on_masses(self.layer, block_masses(query, key, self.rows.rows, self.block_size))
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def install_probes(model: SparseWanDiT, rows: SampledRows, on_masses: MassCallback) -> None:
+    for layer, block in enumerate(model.transformer.blocks):
+        block.attn1.set_processor(AttentionProbe(layer, rows, model.block_size, on_masses))
+
+
+@dataclass(frozen=True)
+class Run:
+    prompt: int
+    seed: int
+    step: int
+
+
+def trajectories(
+    model: SparseWanDiT,
+    embeddings: torch.Tensor,  # [prompts, text_len, text_dim]
+    seeds: list[int],
+    steps: int,
+    flow_shift: float,
+    latent_shape: tuple[int, ...],
+) -> Iterator[Run]:
+    """Run the (probed) model along each prompt x seed trajectory.
+
+    Yields each run *before* its forward pass, so the consumer can label what the probes are about to see;
+    the forward pass runs when the consumer asks for the next run.
+    """
+    device = next(model.parameters()).device
+    dtype = embeddings.dtype
+    for prompt, text in enumerate(embeddings):
+        for seed in seeds:
+            scheduler = wan_scheduler(flow_shift)
+            scheduler.set_timesteps(steps)
+            gen = torch.Generator().manual_seed(seed)
+            latents = torch.randn(1, *latent_shape, generator=gen).to(device)
+            for step, t in enumerate(scheduler.timesteps):
+                yield Run(prompt, seed, step)
+                with torch.no_grad():
+                    noise = model(latents.to(dtype), t.reshape(1).float().to(device), text[None].to(device),
+                                  torch.tensor([step], dtype=torch.int32, device=device))
+                latents = scheduler.step(noise.float(), t, latents).prev_sample
+
+
+def probed_model(
+    transformer, grid: tuple[int, int, int], layout, block_size: int, rows: SampledRows, on_masses: MassCallback,
+    device: torch.device,
+) -> SparseWanDiT:
+    """The dense DiT for `grid` and `layout`, every self-attention layer probed."""
+    layers, heads = len(transformer.blocks), transformer.config.num_attention_heads
+    n = math.ceil(math.prod(grid) / block_size)
+    unused_topology = torch.zeros(layers, heads, n, n, dtype=torch.uint8)  # probes never read masks
+    unused_budgets = torch.full((1, layers, heads), 255, dtype=torch.uint8)
+    model = SparseWanDiT(transformer, grid, layout, unused_topology, unused_budgets, block_size)
+    install_probes(model, rows, on_masses)
+    return model.to(device).eval()
+
+
+def latent_shape_of(transformer, grid: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    pt, ph, pw = transformer.config.patch_size
+    return (transformer.config.in_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+
+
+def calibration_embeddings(text_len: int, text_dim: int, prompts: int, seed: int,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """SYNTHETIC text embeddings (seeded normal), for models without a text encoder at hand."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(prompts, text_len, text_dim, generator=gen).to(dtype)

@@ -1,0 +1,152 @@
+"""FAST: per (step, layer, head) budget levels from a fidelity target (DESIGN.md, "The method in one page").
+
+Fidelity of a sparse row is F = 1 - Hellinger(dense row, sparse row). The sparse row is the dense row
+restricted to the kept blocks and renormalised, so with kept mass M the Bhattacharyya coefficient is
+sqrt(M) and F = 1 - sqrt(1 - sqrt(M)): the fidelity of every level follows from the block masses.
+
+The target curve tolerates a loss that grows with the step and with the depth,
+    A(l, s) = 1 - delta0 * (1 + g * s / (S - 1)) * (1 + g * l / (L - 1)),
+so early steps and shallow layers, the most sensitive, get the highest targets. For each entry the
+budget is the lowest level whose measured fidelity reaches A; delta0 is fitted by bisection so that
+the table's mean density meets the preset's goal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from saexport.errors import SaexportError
+from saexport.models.checkpoint import LoadedModel
+from saexport.topology.calibration import Run, SampledRows, latent_shape_of, probed_model, trajectories
+from saexport.topology.files import Budgets, Topology
+from saexport.topology.levels import DENSE_LEVEL, density
+
+DENSITY_GOALS = {"high": 0.45, "medium": 0.30, "low": 0.20}
+GROWTH = 3.0
+LEVELS = DENSE_LEVEL + 1
+
+
+def hellinger(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Hellinger distance between distributions along the last axis (0 = equal, 1 = disjoint)."""
+    bc = (p * q).clamp(min=0).sqrt().sum(-1)
+    return (1 - bc).clamp(min=0).sqrt()
+
+
+def fidelity_from_kept_mass(mass: torch.Tensor) -> torch.Tensor:
+    return 1 - (1 - mass.clamp(0, 1).sqrt()).clamp(min=0).sqrt()
+
+
+def fidelity_curves(masses: torch.Tensor, row_levels: torch.Tensor) -> torch.Tensor:
+    """Mean fidelity at every level 0..255 for one layer and run.
+
+    masses `[batch, heads, R, n]` (block masses of the sampled rows), row_levels `[heads, R, n]` (the
+    topology's levels of each sampled row's query block) -> `[heads, 256]`.
+    """
+    batch = masses.shape[0]
+    index = row_levels.long().unsqueeze(0).expand(batch, -1, -1, -1)
+    histogram = torch.zeros(*masses.shape[:3], LEVELS, dtype=torch.float64, device=masses.device)
+    histogram.scatter_add_(-1, index.to(masses.device), masses.double())
+    kept = histogram.cumsum(-1)  # kept mass of each row at each level
+    # Relative to the row's own total: fp32 softmax rows sum to 1 +- 1e-7, and F is steep near M = 1.
+    kept = kept / kept[..., -1:]
+    return fidelity_from_kept_mass(kept).mean(dim=(0, 2)).cpu()
+
+
+class FidelityTable:
+    """Mean fidelity per (step, layer, head, level), accumulated over calibration runs."""
+
+    def __init__(self, steps: int, layers: int, heads: int):
+        self.sum = torch.zeros(steps, layers, heads, LEVELS, dtype=torch.float64)
+        self.count = torch.zeros(steps, layers, 1, 1, dtype=torch.float64)
+
+    def add(self, step: int, layer: int, curves: torch.Tensor) -> None:
+        self.sum[step, layer] += curves
+        self.count[step, layer] += 1
+
+    def mean(self) -> torch.Tensor:
+        if (self.count == 0).any():
+            raise SaexportError("some steps or layers saw no calibration run")
+        return self.sum / self.count
+
+
+@dataclass(frozen=True)
+class TargetCurve:
+    delta0: float
+    growth: float = GROWTH
+
+    def targets(self, steps: int, layers: int) -> torch.Tensor:
+        s = torch.arange(steps, dtype=torch.float64) / max(steps - 1, 1)
+        layer = torch.arange(layers, dtype=torch.float64) / max(layers - 1, 1)
+        return 1 - self.delta0 * (1 + self.growth * s[:, None]) * (1 + self.growth * layer[None, :])
+
+
+def choose_levels(fidelity: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Lowest level whose fidelity reaches the target: fidelity `[S, L, H, 256]`, targets `[S, L]`."""
+    reaches = fidelity >= targets[:, :, None, None] - 1e-12
+    reaches[..., DENSE_LEVEL] = True  # dense always reaches
+    return reaches.to(torch.uint8).argmax(-1).to(torch.uint8)
+
+
+def fit_budgets(topology: Topology, fidelity: torch.Tensor, preset: str, iterations: int = 60) -> Budgets:
+    """Bisect delta0 (log scale) so that the budgets' mean density is as close as it gets to the goal."""
+    if preset not in DENSITY_GOALS:
+        raise SaexportError(f"unknown fidelity preset '{preset}'; use one of {', '.join(DENSITY_GOALS)}")
+    goal = DENSITY_GOALS[preset]
+    steps, layers = fidelity.shape[:2]
+
+    def solve(delta0: float) -> tuple[torch.Tensor, float]:
+        levels = choose_levels(fidelity, TargetCurve(delta0).targets(steps, layers))
+        return levels, float(density(topology.levels, levels).mean())
+
+    low, high = math.log(1e-9), math.log(2.0)  # density falls as delta0 grows
+    best = None
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        levels, mean = solve(math.exp(mid))
+        if best is None or abs(mean - goal) < abs(best[2] - goal):
+            best = (math.exp(mid), levels, mean)
+        if mean > goal:
+            low = mid
+        else:
+            high = mid
+    delta0, levels, mean = best  # type: ignore[misc]
+    achieved = float((fidelity.gather(-1, levels.long().unsqueeze(-1)).squeeze(-1)).mean())
+    return Budgets(levels, topology.hash(), fidelity=preset,
+                   curve={"delta0": delta0, "growth": GROWTH, "density_goal": goal, "mean_fidelity": achieved},
+                   mean_density=mean)
+
+
+def compute_fidelity(
+    loaded: LoadedModel,
+    topology: Topology,
+    embeddings: torch.Tensor,
+    seeds: list[int],
+    steps: int,
+    flow_shift: float,
+    rows_per_block: int = 16,
+    device: str | torch.device = "cpu",
+    progress: Callable = tqdm,
+) -> torch.Tensor:
+    """Mean fidelity `[steps, layers, heads, 256]` of every level of `topology` along the dense trajectory."""
+    if embeddings.shape[0] == 0 or not seeds:
+        raise SaexportError("the calibration set is empty: give at least one prompt and one seed")
+    grid, block_size = topology.grid, topology.block_size
+    seq_len = math.prod(grid)
+    rows = SampledRows.draw(seq_len, block_size, rows_per_block, seed=1)  # rows WEST did not rank with
+    row_levels = topology.levels[:, :, rows.block]  # [layers, heads, R, n]
+    table = FidelityTable(steps, topology.levels.shape[0], topology.levels.shape[1])
+    current = [Run(0, 0, 0)]  # the run whose forward pass the probes are seeing
+
+    def on_masses(layer: int, masses: torch.Tensor) -> None:
+        table.add(current[0].step, layer, fidelity_curves(masses, row_levels[layer]))
+
+    model = probed_model(loaded.transformer, grid, topology.layout, block_size, rows, on_masses, torch.device(device))
+    runs = trajectories(model, embeddings, seeds, steps, flow_shift, latent_shape_of(loaded.transformer, grid))
+    for run in progress(runs, total=len(embeddings) * len(seeds) * steps, desc="FAST fidelity", unit="step"):
+        current[0] = run
+    return table.mean()

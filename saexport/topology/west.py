@@ -1,0 +1,86 @@
+"""WEST: the threshold map of every layer and head (DESIGN.md, "The method in one page").
+
+For each calibration run i, block scores S_i(u, v) are the mean attention probability inside the block
+pair. A pair's level in run i is ceil(255 * rank_i / n^2) — the smallest density at which it enters
+the run's top pairs — and the map keeps the minimum over runs: a pair is kept at density p if any
+run needed it there. The diagonal is structural and always kept (level 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from tqdm import tqdm
+
+from saexport.errors import SaexportError
+from saexport.exporter.layout import TokenLayout
+from saexport.models.checkpoint import LoadedModel
+from saexport.topology.calibration import SampledRows, latent_shape_of, probed_model, trajectories
+from saexport.topology.files import Topology
+from saexport.topology.standin import levels_from_scores
+
+
+def block_scores(masses: torch.Tensor, rows: SampledRows, seq_len: int, block_size: int) -> torch.Tensor:
+    """Block masses `[heads, R, n]` of one run -> mean probability per block pair `[heads, n, n]`."""
+    heads, _, n = masses.shape
+    sums = torch.zeros(heads, n, n, dtype=torch.float64)
+    sums.index_add_(1, rows.block, masses.double().cpu())
+    counts = torch.bincount(rows.block, minlength=n).clamp(min=1).double()
+    key_lengths = torch.full((n,), float(block_size), dtype=torch.float64)
+    key_lengths[-1] = seq_len - (n - 1) * block_size
+    return sums / counts.view(1, n, 1) / key_lengths.view(1, 1, n)
+
+
+class ThresholdMap:
+    """Running minimum over runs of per-run levels, per layer: uint8 `[layers, heads, n, n]`."""
+
+    def __init__(self, layers: int, heads: int, n: int):
+        self.levels = torch.full((layers, heads, n, n), 255, dtype=torch.uint8)
+
+    def add_run(self, layer: int, scores: torch.Tensor) -> None:
+        self.levels[layer] = torch.minimum(self.levels[layer], levels_from_scores(scores))
+
+    def result(self) -> torch.Tensor:
+        levels = self.levels.clone()
+        n = levels.shape[-1]
+        levels[..., torch.arange(n), torch.arange(n)] = 0
+        return levels
+
+
+def compute_topology(
+    loaded: LoadedModel,
+    grid: tuple[int, int, int],
+    block_size: int,
+    layout: TokenLayout,
+    embeddings: torch.Tensor,
+    seeds: list[int],
+    steps: int,
+    flow_shift: float,
+    rows_per_block: int = 16,
+    device: str | torch.device = "cpu",
+    settings: dict | None = None,
+    progress: Callable = tqdm,
+) -> Topology:
+    """WEST over prompts x seeds x steps of the sampler's trajectory: every (run, layer) is one run of the rule."""
+    if embeddings.shape[0] == 0 or not seeds:
+        raise SaexportError("the calibration set is empty: give at least one prompt and one seed")
+    preset = loaded.preset
+    seq_len = math.prod(grid)
+    n = math.ceil(seq_len / block_size)
+    rows = SampledRows.draw(seq_len, block_size, rows_per_block, seed=0)
+    threshold = ThresholdMap(preset.num_layers, preset.num_heads, n)
+
+    def on_masses(layer: int, masses: torch.Tensor) -> None:
+        for sample in masses:  # each batch element is a run of its own
+            threshold.add_run(layer, block_scores(sample, rows, seq_len, block_size))
+
+    model = probed_model(loaded.transformer, grid, layout, block_size, rows, on_masses, torch.device(device))
+    runs = trajectories(model, embeddings, seeds, steps, flow_shift, latent_shape_of(loaded.transformer, grid))
+    for _ in progress(runs, total=len(embeddings) * len(seeds) * steps, desc="WEST calibration", unit="step"):
+        pass
+    calibration = {"method": "WEST", "prompts": int(embeddings.shape[0]), "seeds": list(seeds), "steps": steps,
+                   "flow_shift": flow_shift, "rows_per_block": rows_per_block, **(settings or {})}
+    return Topology(threshold.result(), preset.name, preset.config_hash(), loaded.weights_id, tuple(grid),
+                    block_size, layout, calibration)

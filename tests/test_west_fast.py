@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+
+from saexport.errors import SaexportError
+from saexport.exporter.layout import parse_layout
+from saexport.topology.calibration import SampledRows, block_masses, calibration_embeddings
+from saexport.topology.fast import (
+    DENSITY_GOALS,
+    choose_levels,
+    compute_fidelity,
+    fidelity_curves,
+    fidelity_from_kept_mass,
+    fit_budgets,
+    hellinger,
+)
+from saexport.topology.files import Topology
+from saexport.topology.levels import density
+from saexport.topology.west import ThresholdMap, block_scores, compute_topology
+
+
+def test_threshold_map_is_min_over_runs_of_rank_levels_with_kept_diagonal():
+    # Two runs over a 2x2 map (n^2 = 4 pairs): levels are ceil(255 * rank / 4) = 64, 128, 192, 255.
+    run1 = torch.tensor([[0.4, 0.3], [0.2, 0.1]])  # ranks 1 2 / 3 4
+    run2 = torch.tensor([[0.1, 0.2], [0.4, 0.3]])  # ranks 4 3 / 1 2
+    threshold = ThresholdMap(layers=1, heads=1, n=2)
+    threshold.add_run(0, run1[None])
+    threshold.add_run(0, run2[None])
+    levels = threshold.result()[0, 0]
+    assert levels.tolist() == [[0, 128], [64, 0]]  # off-diagonal: min(128, 192) and min(192, 64)
+
+
+def test_block_scores_are_mean_probability_per_pair_with_partial_last_block():
+    rows = SampledRows(rows=torch.tensor([0, 1, 4]), block=torch.tensor([0, 0, 1]))
+    masses = torch.tensor([[[0.75, 0.25], [0.5, 0.5], [0.2, 0.8]]])  # [heads=1, R=3, n=2]; L = 5, block 4
+    scores = block_scores(masses, rows, seq_len=5, block_size=4)[0]
+    assert torch.allclose(scores, torch.tensor([[0.625 / 4, 0.375 / 1], [0.2 / 4, 0.8 / 1]], dtype=torch.float64))
+
+
+def test_block_masses_match_the_full_softmax():
+    q, k = torch.randn(1, 37, 2, 8), torch.randn(1, 37, 2, 8)
+    rows = torch.tensor([0, 5, 36])
+    got = block_masses(q, k, rows, block_size=16, chunk=2)
+    probs = torch.softmax(q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2) / math.sqrt(8), -1)[:, :, rows]
+    want = torch.stack([probs[..., :16].sum(-1), probs[..., 16:32].sum(-1), probs[..., 32:].sum(-1)], -1)
+    assert torch.allclose(got, want, atol=1e-6) and torch.allclose(got.sum(-1), torch.ones(1, 2, 3))
+
+
+def test_hellinger_on_known_distributions():
+    p = torch.tensor([0.5, 0.5, 0.0])
+    assert hellinger(p, p).item() == pytest.approx(0.0, abs=1e-7)
+    assert hellinger(p, torch.tensor([0.0, 0.0, 1.0])).item() == pytest.approx(1.0)
+    q = torch.tensor([1.0, 0.0, 0.0])  # BC = sqrt(0.5)
+    assert hellinger(p, q).item() == pytest.approx(math.sqrt(1 - math.sqrt(0.5)))
+
+
+def test_fidelity_of_a_renormalised_restriction_is_a_function_of_kept_mass():
+    dense = torch.softmax(torch.randn(50), 0)
+    kept = torch.rand(50) < 0.4
+    sparse = torch.where(kept, dense, 0) / dense[kept].sum()
+    assert (1 - hellinger(dense, sparse)).item() == pytest.approx(fidelity_from_kept_mass(dense[kept].sum()).item())
+
+
+def test_fidelity_curves_count_kept_mass_per_level():
+    masses = torch.tensor([[[[0.6, 0.3, 0.1]]]])  # batch 1, head 1, one row, n = 3
+    levels = torch.tensor([[[0, 100, 200]]])
+    curve = fidelity_curves(masses, levels)[0]
+    for level, mass in [(0, 0.6), (99, 0.6), (100, 0.9), (199, 0.9), (200, 1.0), (255, 1.0)]:
+        assert curve[level].item() == pytest.approx(fidelity_from_kept_mass(torch.tensor(mass)).item())
+
+
+def test_choose_levels_takes_the_lowest_level_reaching_the_target():
+    fidelity = torch.linspace(0, 1, 256, dtype=torch.float64).expand(2, 1, 1, 256)
+    levels = choose_levels(fidelity, torch.tensor([[0.5], [2.0]], dtype=torch.float64))
+    assert levels[0, 0, 0].item() == 128 and levels[1, 0, 0].item() == 255  # unreachable -> dense
+
+
+@pytest.fixture
+def calibrated(tiny):
+    embeddings = calibration_embeddings(tiny.preset.text_len, 32, prompts=2, seed=int(torch.randint(0, 99, ())),
+                                        dtype=torch.float32)
+    grid = (3, 4, 4)
+    topology = compute_topology(tiny, grid, 8, parse_layout("tile3d:1x2x4"), embeddings, [0], steps=4,
+                                flow_shift=3.0, rows_per_block=4, progress=lambda it, **_: it)
+    return tiny, embeddings, topology
+
+
+def test_whole_chain_meets_every_density_goal(calibrated, tmp_path):
+    tiny, embeddings, topology = calibrated
+    assert topology.levels.shape == (2, 4, 6, 6)
+    assert (topology.levels.diagonal(dim1=-2, dim2=-1) == 0).all()
+    fidelity = compute_fidelity(tiny, topology, embeddings, [1], steps=4, flow_shift=3.0, rows_per_block=4,
+                                progress=lambda it, **_: it)
+    assert fidelity.shape == (4, 2, 4, 256)
+    assert torch.all(fidelity[..., 1:] >= fidelity[..., :-1] - 1e-12)  # more kept, more faithful
+    assert torch.allclose(fidelity[..., 255], torch.ones(()).double(), atol=1e-6)
+    for preset, goal in DENSITY_GOALS.items():
+        budgets = fit_budgets(topology, fidelity, preset)
+        assert abs(budgets.mean_density - goal) <= 0.02
+        assert budgets.mean_density == pytest.approx(float(density(topology.levels, budgets.levels).mean()))
+        budgets.check_matches(topology, steps=4)
+    topology.save(tmp_path / "t.safetensors")
+    assert Topology.load(tmp_path / "t.safetensors").calibration["method"] == "WEST"
+
+
+def test_same_inputs_give_the_same_topology(calibrated):
+    tiny, embeddings, topology = calibrated
+    again = compute_topology(tiny, (3, 4, 4), 8, parse_layout("tile3d:1x2x4"), embeddings, [0], steps=4,
+                             flow_shift=3.0, rows_per_block=4, progress=lambda it, **_: it)
+    assert torch.equal(again.levels, topology.levels) and again.hash() == topology.hash()
+
+
+def test_empty_calibration_set_and_unknown_preset(calibrated):
+    tiny, embeddings, topology = calibrated
+    with pytest.raises(SaexportError, match="calibration set is empty"):
+        compute_topology(tiny, (3, 4, 4), 8, parse_layout("identity"), embeddings[:0], [0], 4, 3.0)
+    with pytest.raises(SaexportError, match="unknown fidelity preset 'ultra'"):
+        fit_budgets(topology, torch.ones(4, 2, 4, 256, dtype=torch.float64), "ultra")
