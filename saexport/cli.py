@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from saexport.errors import SaexportError
 from saexport.exporter.layout import parse_layout
@@ -121,6 +123,97 @@ def export(model, weights, random_weights, seed, resolution, frames, dtype_name,
             errors = _verify(loaded, topology, budgets, video, exported.path, batch)
         for step, err in errors.items():
             click.echo(f"step {step}: relative error ONNX Runtime vs PyTorch {err:.2e}")
+
+
+def calibration_options(command: Callable) -> Callable:
+    command = click.option("--prompts", default=4, show_default=True,
+                           help="Calibration prompts (synthetic embeddings unless --calib-embeddings).")(command)
+    command = click.option("--calib-embeddings", type=click.Path(path_type=Path),
+                           help="safetensors: `embeddings` [prompts, text_len, text_dim] (e.g. UMT5 output).")(command)
+    command = click.option("--seeds", default="0", show_default=True, help="Comma-separated latent seeds.")(command)
+    command = click.option("--steps", default=50, show_default=True, help="Sampler steps of the trajectory.")(command)
+    command = click.option("--rows-per-block", default=16, show_default=True,
+                           help="Query rows sampled per block.")(command)
+    command = click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                           show_default=True)(command)
+    return command
+
+
+def _embeddings(loaded: LoadedModel, prompts: int, calib_embeddings: Path | None, dtype: torch.dtype):
+    from saexport.topology.calibration import calibration_embeddings
+
+    text_dim = loaded.transformer.config.text_dim
+    if calib_embeddings is None:
+        click.secho(f"note: {prompts} SYNTHETIC prompt embeddings (seeded normal); give --calib-embeddings for "
+                    "real prompts", fg="yellow", err=True)
+        return calibration_embeddings(loaded.preset.text_len, text_dim, prompts, seed=0, dtype=dtype), "synthetic"
+    try:
+        embeddings = load_file(str(calib_embeddings))["embeddings"]
+    except (OSError, KeyError, SafetensorError) as e:
+        raise SaexportError(f"{calib_embeddings}: not a safetensors file with an `embeddings` tensor ({e})") from None
+    if embeddings.dim() != 3 or embeddings.shape[-1] != text_dim:
+        raise SaexportError(f"{calib_embeddings}: embeddings must be [prompts, text_len, {text_dim}], "
+                            f"got {tuple(embeddings.shape)}")
+    return embeddings.to(dtype), str(calib_embeddings)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SaexportError(f"--seeds must be comma-separated integers, got '{text}'") from None
+
+
+@main.command()
+@model_options
+@click.option("--resolution", default="480p", show_default=True, help="480p, 720p or WIDTHxHEIGHT.")
+@click.option("--frames", default=81, show_default=True, help="Video frames (4k+1).")
+@click.option("--block-size", default=128, show_default=True)
+@click.option("--layout", default="tile3d", show_default=True, help="identity, tile3d or tile3d:FxHxW.")
+@calibration_options
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="topology.safetensors")
+@_clear_errors
+def topology(model, weights, random_weights, seed, resolution, frames, block_size, layout, prompts, calib_embeddings,
+             seeds, steps, rows_per_block, device, out_path) -> None:
+    """WEST: calibrate the dense model and write the per-head threshold map."""
+    from saexport.engines.scheduler import flow_shift_for
+    from saexport.topology.west import compute_topology
+
+    video = parse_video_shape(resolution, frames)
+    loaded = _load(model, weights, random_weights, seed, torch.float32)
+    embeddings, source = _embeddings(loaded, prompts, calib_embeddings, torch.float32)
+    result = compute_topology(loaded, video.token_grid(loaded.preset.patch_size), block_size, parse_layout(layout),
+                              embeddings, _seeds(seeds), steps, flow_shift_for(video.height), rows_per_block, device,
+                              settings={"embeddings": source})
+    result.save(out_path)
+    click.echo(f"wrote {out_path} (grid {result.grid}, {result.levels.shape[-1]} blocks per side)")
+
+
+@main.command()
+@model_options
+@click.option("--topology", "topology_path", required=True, type=click.Path(path_type=Path))
+@click.option("--fidelity", type=click.Choice(["high", "medium", "low"]), default="high", show_default=True)
+@calibration_options
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="budgets.safetensors")
+@_clear_errors
+def budgets(model, weights, random_weights, seed, topology_path, fidelity, prompts, calib_embeddings, seeds, steps,
+            rows_per_block, device, out_path) -> None:
+    """FAST: measure fidelity per level along the trajectory and fit the preset's budgets."""
+    from saexport.engines.scheduler import flow_shift_for
+    from saexport.exporter.video_shape import VAE_SPATIAL
+    from saexport.topology.fast import compute_fidelity, fit_budgets
+
+    topo = Topology.load(topology_path)
+    loaded = _load(model, weights, random_weights, seed, torch.float32)
+    topo.check_matches(loaded.preset.name, loaded.preset.config_hash(), topo.grid, topo.block_size)
+    embeddings, _ = _embeddings(loaded, prompts, calib_embeddings, torch.float32)
+    height = topo.grid[1] * loaded.preset.patch_size[1] * VAE_SPATIAL
+    table = compute_fidelity(loaded, topo, embeddings, _seeds(seeds), steps, flow_shift_for(height), rows_per_block,
+                             device)
+    result = fit_budgets(topo, table, fidelity)
+    result.save(out_path)
+    click.echo(f"wrote {out_path}: {fidelity}, mean density {result.mean_density:.3f}, "
+               f"mean fidelity {result.curve['mean_fidelity']:.3f}")
 
 
 def _topology_and_budgets(loaded, video, topology_path, budgets_path, block_size, layout, steps, density,

@@ -30,3 +30,23 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path):
 def test_models_lists_presets():
     result = run("models")
     assert "wan2.1-14b" in result.output and " 40 layers  40 heads x 128" in result.output
+
+
+def test_topology_budgets_export_chain(tmp_path):
+    common = ["--random-weights", "--steps", "4", "--rows-per-block", "4", "--prompts", "2", "--device", "cpu"]
+    result = run("topology", *common, "--resolution", "64x64", "--frames", "9", "--block-size", "8",
+                 "--layout", "tile3d:1x2x4", "--out", str(tmp_path / "topology.safetensors"))
+    assert result.exit_code == 0, result.output
+    result = run("budgets", *common, "--seeds", "1", "--fidelity", "medium", "--topology",
+                 str(tmp_path / "topology.safetensors"), "--out", str(tmp_path / "budgets.safetensors"))
+    assert result.exit_code == 0, result.output
+    assert "mean density 0.3" in result.output
+    files = ["--topology", str(tmp_path / "topology.safetensors"), "--budgets", str(tmp_path / "budgets.safetensors")]
+    result = run("export", "--random-weights", "--resolution", "64x64", "--frames", "9", "--dtype", "fp32", *files,
+                 "--verify", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    errors = [float(line.rsplit(" ", 1)[1]) for line in result.output.splitlines() if "relative error" in line]
+    assert len(errors) == 2 and max(errors) < 1e-4
+    result = run("export", "--random-weights", "--resolution", "64x48", "--frames", "9", *files,
+                 "--out", str(tmp_path / "other"))
+    assert result.exit_code == 1 and "token grid" in result.output
