@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 from functools import partial
 
 import torch
+from timing import time_ms  # bench/timing.py: scripts run as python bench/<name>.py
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -24,19 +24,6 @@ SHAPES = {  # batch, heads, L, head_dim: Wan2.1 1.3B at 480p x 81 and 14B at 720
 }
 BLOCK = 128
 
-
-def time_ms(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def topology_for(heads: int, n: int, density: float):

@@ -7,10 +7,10 @@ Also times one WEST calibration step (dense forward with every layer probed). Pr
 from __future__ import annotations
 
 import argparse
-import statistics
 from functools import partial
 
 import torch
+from timing import time_ms  # bench/timing.py: scripts run as python bench/<name>.py
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from saexport import kernels
@@ -22,20 +22,6 @@ from saexport.models.checkpoint import load_model
 from saexport.topology.calibration import calibration_embeddings
 from saexport.topology.standin import standin_budgets, standin_topology
 from saexport.topology.west import compute_topology
-
-
-def time_ms(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -66,10 +52,8 @@ def main() -> None:
             topology = standin_topology(p.name, p.config_hash(), loaded.weights_id, p.num_layers, p.num_heads, grid,
                                         128, parse_layout("tile3d"))
             budgets = standin_budgets(topology, steps=1, target_density=density)
-            budgets.levels[:] = budgets.levels[0]  # one step; the mean density is what matters here
             sparse = build_sparse_dit(loaded, topology, budgets, video).cuda()
-            ms = time_ms(lambda sparse=sparse: sparse(*inputs), args.reps)
-            rows.append(("sparse, stand-in masks", budgets.mean_density, ms))
+            rows.append(("sparse, stand-in masks", budgets.mean_density, time_ms(partial(sparse, *inputs), args.reps)))
     embeddings = calibration_embeddings(p.text_len, loaded.transformer.config.text_dim, 1, 0, dtype)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

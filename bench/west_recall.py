@@ -22,13 +22,7 @@ from saexport.engines.scheduler import flow_shift_for
 from saexport.exporter.layout import parse_layout
 from saexport.exporter.video_shape import parse_video_shape
 from saexport.models.checkpoint import load_model
-from saexport.topology.calibration import (
-    SampledRows,
-    calibration_embeddings,
-    latent_shape_of,
-    probed_model,
-    trajectories,
-)
+from saexport.topology.calibration import SampledRows, calibration_embeddings, calibration_runs
 from saexport.topology.west import compute_topology
 
 DENSITY = 0.3
@@ -66,8 +60,8 @@ def mass_recall(loaded, grid, block_size, layout, keep, embeddings, seeds, steps
         kept[0] += float((masses * row_keep).sum())
         total[0] += float(masses.sum())
 
-    model = probed_model(loaded.transformer, grid, layout, block_size, rows, on_masses, torch.device("cpu"))
-    for _ in trajectories(model, embeddings, seeds, steps, flow_shift, latent_shape_of(loaded.transformer, grid)):
+    for _ in calibration_runs(loaded, grid, layout, block_size, rows, on_masses, embeddings, seeds, steps,
+                              flow_shift, "cpu", lambda runs, **_: runs, ""):
         pass
     return kept[0] / total[0]
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from saexport.engines.scheduler import wan_scheduler
+from saexport.errors import SaexportError
 from saexport.exporter.processor import check_self_attention_call, project_qkv
 from saexport.exporter.sparse_dit import SparseWanDiT
 
@@ -136,3 +137,16 @@ def calibration_embeddings(text_len: int, text_dim: int, prompts: int, seed: int
     """SYNTHETIC text embeddings (seeded normal), for models without a text encoder at hand."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(prompts, text_len, text_dim, generator=gen).to(dtype)
+
+
+def calibration_runs(
+    loaded, grid: tuple[int, int, int], layout, block_size: int, rows: SampledRows, on_masses: MassCallback,
+    embeddings: torch.Tensor, seeds: list[int], steps: int, flow_shift: float, device: str | torch.device,
+    progress: Callable, desc: str,
+) -> Iterator[Run]:
+    """Probe every layer and walk all prompt x seed trajectories, with a progress bar; see `trajectories`."""
+    if embeddings.shape[0] == 0 or not seeds:
+        raise SaexportError("the calibration set is empty: give at least one prompt and one seed")
+    model = probed_model(loaded.transformer, grid, layout, block_size, rows, on_masses, torch.device(device))
+    runs = trajectories(model, embeddings, seeds, steps, flow_shift, latent_shape_of(loaded.transformer, grid))
+    return progress(runs, total=len(embeddings) * len(seeds) * steps, desc=desc, unit="step")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from saexport.errors import SaexportError
 from saexport.models.checkpoint import LoadedModel
-from saexport.topology.calibration import Run, SampledRows, latent_shape_of, probed_model, trajectories
+from saexport.topology.calibration import Run, SampledRows, calibration_runs
 from saexport.topology.files import Budgets, Topology
 from saexport.topology.levels import DENSE_LEVEL, density
 
@@ -133,8 +133,6 @@ def compute_fidelity(
     progress: Callable = tqdm,
 ) -> torch.Tensor:
     """Mean fidelity `[steps, layers, heads, 256]` of every level of `topology` along the dense trajectory."""
-    if embeddings.shape[0] == 0 or not seeds:
-        raise SaexportError("the calibration set is empty: give at least one prompt and one seed")
     grid, block_size = topology.grid, topology.block_size
     seq_len = math.prod(grid)
     rows = SampledRows.draw(seq_len, block_size, rows_per_block, seed=1)  # rows WEST did not rank with
@@ -145,8 +143,7 @@ def compute_fidelity(
     def on_masses(layer: int, masses: torch.Tensor) -> None:
         table.add(current[0].step, layer, fidelity_curves(masses, row_levels[layer]))
 
-    model = probed_model(loaded.transformer, grid, topology.layout, block_size, rows, on_masses, torch.device(device))
-    runs = trajectories(model, embeddings, seeds, steps, flow_shift, latent_shape_of(loaded.transformer, grid))
-    for run in progress(runs, total=len(embeddings) * len(seeds) * steps, desc="FAST fidelity", unit="step"):
+    for run in calibration_runs(loaded, grid, topology.layout, block_size, rows, on_masses, embeddings, seeds, steps,
+                                flow_shift, device, progress, "FAST fidelity"):
         current[0] = run
     return table.mean()

@@ -14,10 +14,9 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from saexport.errors import SaexportError
 from saexport.exporter.layout import TokenLayout
 from saexport.models.checkpoint import LoadedModel
-from saexport.topology.calibration import SampledRows, latent_shape_of, probed_model, trajectories
+from saexport.topology.calibration import SampledRows, calibration_runs
 from saexport.topology.files import Topology
 from saexport.topology.standin import levels_from_scores
 
@@ -64,8 +63,6 @@ def compute_topology(
     progress: Callable = tqdm,
 ) -> Topology:
     """WEST over prompts x seeds x steps of the sampler's trajectory: every (run, layer) is one run of the rule."""
-    if embeddings.shape[0] == 0 or not seeds:
-        raise SaexportError("the calibration set is empty: give at least one prompt and one seed")
     preset = loaded.preset
     seq_len = math.prod(grid)
     n = math.ceil(seq_len / block_size)
@@ -76,10 +73,9 @@ def compute_topology(
         for sample in masses:  # each batch element is a run of its own
             threshold.add_run(layer, block_scores(sample, rows, seq_len, block_size))
 
-    model = probed_model(loaded.transformer, grid, layout, block_size, rows, on_masses, torch.device(device))
-    runs = trajectories(model, embeddings, seeds, steps, flow_shift, latent_shape_of(loaded.transformer, grid))
-    for _ in progress(runs, total=len(embeddings) * len(seeds) * steps, desc="WEST calibration", unit="step"):
-        pass
+    for _ in calibration_runs(loaded, grid, layout, block_size, rows, on_masses, embeddings, seeds, steps,
+                              flow_shift, device, progress, "WEST calibration"):
+        pass  # the probes record during each forward pass
     calibration = {"method": "WEST", "prompts": int(embeddings.shape[0]), "seeds": list(seeds), "steps": steps,
                    "flow_shift": flow_shift, "rows_per_block": rows_per_block, **(settings or {})}
     return Topology(threshold.result(), preset.name, preset.config_hash(), loaded.weights_id, tuple(grid),
