@@ -5,11 +5,29 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "../kernel/bsa_params.h"
 
 namespace {
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// The Hopper path serves Wan's case (head_dim 128, block 128) on compute capability 9.0.
+// SAEXPORT_BSA_PATH=sm80 forces the portable path (for comparisons).
+bool use_hopper_path(int head_dim, int block_size) {
+    static const bool forced_portable = [] {
+        const char* path = std::getenv("SAEXPORT_BSA_PATH");
+        return path != nullptr && std::strcmp(path, "sm80") == 0;
+    }();
+    if (forced_portable || head_dim != 128 || block_size != 128) return false;
+    int device = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return false;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    return major == 9 && minor == 0;
+}
 
 template <typename T, int kHeadDim>
 void dispatch_block(const saexport::BsaParams& p, int block_size, cudaStream_t stream) {
@@ -22,7 +40,9 @@ void dispatch_block(const saexport::BsaParams& p, int block_size, cudaStream_t s
 
 template <typename T>
 void dispatch_head_dim(const saexport::BsaParams& p, int head_dim, int block_size, cudaStream_t stream) {
-    if (head_dim == 128) {
+    if (use_hopper_path(head_dim, block_size)) {
+        saexport::launch_bsa_forward_sm90<T>(p, stream);
+    } else if (head_dim == 128) {
         dispatch_block<T, 128>(p, block_size, stream);
     } else {
         dispatch_block<T, 64>(p, block_size, stream);

@@ -7,11 +7,12 @@
 
 #include <cuda_runtime.h>
 
-#include <cfloat>
 #include <cstdint>
 
 #include "bsa_params.h"
+#include "epilogue.cuh"
 #include "key_tile_walker.cuh"
+#include "online_softmax.cuh"
 #include "sm80_primitives.cuh"
 
 namespace saexport::sm80 {
@@ -28,18 +29,6 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int tok0, int 
         const int tok = tok0 + row;
         const T* src = gmem + static_cast<long long>(tok < seq_len ? tok : seq_len - 1) * token_stride + chunk * 8;
         cp_async_16(smem + swizzled<kHeadDim>(row, chunk), src, tok < seq_len ? 16 : 0);
-    }
-}
-
-// Rows of a query block whose mask row is empty: zeros (DESIGN.md).
-template <int kBlockM, int kHeadDim, int kThreads, typename T>
-__device__ void write_zero_rows(T* out, int q0, int seq_len, long long token_stride) {
-    constexpr int kChunks = kHeadDim / 8;
-    for (int idx = threadIdx.x; idx < kBlockM * kChunks; idx += kThreads) {
-        const int tok = q0 + idx / kChunks;
-        if (tok < seq_len) {
-            *reinterpret_cast<uint4*>(out + tok * token_stride + (idx % kChunks) * 8) = make_uint4(0, 0, 0, 0);
-        }
     }
 }
 
@@ -89,8 +78,7 @@ __global__ void __launch_bounds__(kBlockM * 2) bsa_forward_kernel(BsaParams p) {
     }
 
     float acc_o[kHeadDim / 8][4] = {};
-    float row_max[2] = {-FLT_MAX, -FLT_MAX};  // of the scaled (base-2) scores; thread rows lane/4, lane/4 + 8
-    float row_sum[2] = {0.f, 0.f};            // partial over this thread's columns, reduced in the epilogue
+    SoftmaxState softmax;
     int stage = 0;
 
     while (tile >= 0) {
@@ -121,52 +109,13 @@ __global__ void __launch_bounds__(kBlockM * 2) bsa_forward_kernel(BsaParams p) {
             }
         }
 
-        // Keys past the sequence end get -inf (only the last tile has any).
-        const int key0 = tile * kBlockN;
-        if (key0 + kBlockN > p.seq_len) {
-#pragma unroll
-            for (int j = 0; j < kBlockN / 8; ++j) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    if (key0 + j * 8 + 2 * (lane % 4) + (e & 1) >= p.seq_len) acc_s[j][e] = -INFINITY;
-                }
-            }
-        }
-
-        // Online softmax in base 2 on raw scores: p = 2^(s * scale_log2 - max * scale_log2), one FFMA + EX2.
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float tile_max = -FLT_MAX;
-#pragma unroll
-            for (int j = 0; j < kBlockN / 8; ++j) tile_max = fmaxf(tile_max, fmaxf(acc_s[j][2 * r], acc_s[j][2 * r + 1]));
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
-            const float new_max = fmaxf(row_max[r], tile_max * p.scale_log2);
-            const float correction = fast_exp2(row_max[r] - new_max);
-            row_max[r] = new_max;
-            row_sum[r] *= correction;
-#pragma unroll
-            for (int n = 0; n < kHeadDim / 8; ++n) {
-                acc_o[n][2 * r] *= correction;
-                acc_o[n][2 * r + 1] *= correction;
-            }
-#pragma unroll
-            for (int j = 0; j < kBlockN / 8; ++j) {
-#pragma unroll
-                for (int e = 2 * r; e < 2 * r + 2; ++e) {
-                    acc_s[j][e] = fast_exp2(fmaf(acc_s[j][e], p.scale_log2, -new_max));
-                    row_sum[r] += acc_s[j][e];
-                }
-            }
-        }
+        softmax.update(acc_s, acc_o, p.scale_log2, tile * kBlockN, p.seq_len, lane);
 
         // O += P V: the S accumulators become A fragments in registers.
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
-            const uint32_t p_frag[4] = {
-                Mma::pack(acc_s[2 * kk][0], acc_s[2 * kk][1]), Mma::pack(acc_s[2 * kk][2], acc_s[2 * kk][3]),
-                Mma::pack(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]),
-                Mma::pack(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
+            uint32_t p_frag[4];
+            probabilities_fragment<Mma>(acc_s, kk, p_frag);
 #pragma unroll
             for (int n = 0; n < kHeadDim / 8; n += 2) {
                 uint32_t frag[4];
@@ -181,22 +130,9 @@ __global__ void __launch_bounds__(kBlockM * 2) bsa_forward_kernel(BsaParams p) {
         tile = next;
     }
 
-    // Epilogue: finish the row sums across the quad, normalise, store.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 1);
-        row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 2);
-        const float inv = 1.f / row_sum[r];
-        const int tok = q0 + warp * 16 + lane / 4 + r * 8;
-        if (tok < p.seq_len) {
-            T* row = out + tok * token_stride + 2 * (lane % 4);
-#pragma unroll
-            for (int n = 0; n < kHeadDim / 8; ++n) {
-                *reinterpret_cast<uint32_t*>(row + n * 8) =
-                    Mma::pack(acc_o[n][2 * r] * inv, acc_o[n][2 * r + 1] * inv);
-            }
-        }
-    }
+    float inverse[2];
+    softmax.finish(inverse);
+    store_rows<Mma>(out, acc_o, inverse, q0 + warp * 16, p.seq_len, token_stride, lane);
 }
 
 }  // namespace saexport::sm80

@@ -25,7 +25,12 @@ struct BsaParams {
 void build_row_masks(const int32_t* topology, const int32_t* budgets, int steps, const int32_t* step_index,
                      int heads, int num_blocks, int mask_words, uint32_t* row_masks, cudaStream_t stream);
 
+// The portable path (mma.sync, sm_80 and newer): head_dim 64/128, block 64/128.
 template <typename T, int kHeadDim, int kBlockM>
 void launch_bsa_forward(const BsaParams& params, cudaStream_t stream);
+
+// The Hopper path (wgmma, sm_90a): head_dim 128, block 128.
+template <typename T>
+void launch_bsa_forward_sm90(const BsaParams& params, cudaStream_t stream);
 
 }  // namespace saexport
