@@ -109,7 +109,9 @@ __global__ void __launch_bounds__(kBlockM * 2) bsa_forward_kernel(BsaParams p) {
             }
         }
 
-        softmax.update(acc_s, acc_o, p.scale_log2, tile * kBlockN, p.seq_len, lane);
+        float correction[2];
+        softmax.update(acc_s, correction, p.scale_log2, tile * kBlockN, p.seq_len, lane);
+        rescale(acc_o, correction);
 
         // O += P V: the S accumulators become A fragments in registers.
 #pragma unroll

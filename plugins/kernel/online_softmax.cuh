@@ -19,10 +19,11 @@ struct SoftmaxState {
     float row_max[2] = {-FLT_MAX, -FLT_MAX};  // running max of scaled (base-2) scores
     float row_sum[2] = {0.f, 0.f};            // partial over this thread's columns; reduced in finish()
 
-    // s: raw scores of one tile (keys key0 ...), turned into unnormalised probabilities; o: the output
-    // accumulators, rescaled to the new running max.
-    template <int kKeyGroups, int kOutGroups>
-    __device__ __forceinline__ void update(float (&s)[kKeyGroups][4], float (&o)[kOutGroups][4], float scale_log2,
+    // s: raw scores of one tile (keys key0 ...), turned into unnormalised probabilities in place. Returns, in
+    // `correction`, the factor by which the output accumulators must be rescaled (see rescale()); kept
+    // apart so that the Hopper path can exponentiate while the previous tile's P V is still in flight.
+    template <int kKeyGroups>
+    __device__ __forceinline__ void update(float (&s)[kKeyGroups][4], float (&correction)[2], float scale_log2,
                                            int key0, int seq_len, int lane) {
         if (key0 + kKeyGroups * 8 > seq_len) {  // keys past the sequence end: -inf (only the last tile)
 #pragma unroll
@@ -41,14 +42,9 @@ struct SoftmaxState {
             tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
             tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
             const float new_max = fmaxf(row_max[r], tile_max * scale_log2);
-            const float correction = fast_exp2(row_max[r] - new_max);
+            correction[r] = fast_exp2(row_max[r] - new_max);
             row_max[r] = new_max;
-            row_sum[r] *= correction;
-#pragma unroll
-            for (int n = 0; n < kOutGroups; ++n) {
-                o[n][2 * r] *= correction;
-                o[n][2 * r + 1] *= correction;
-            }
+            row_sum[r] *= correction[r];
             // p = 2^(s * scale_log2 - max): one FFMA and one EX2 per score.
 #pragma unroll
             for (int j = 0; j < kKeyGroups; ++j) {
@@ -72,6 +68,18 @@ struct SoftmaxState {
         }
     }
 };
+
+// Output accumulators brought to the new running max.
+template <int kOutGroups>
+__device__ __forceinline__ void rescale(float (&o)[kOutGroups][4], const float (&correction)[2]) {
+#pragma unroll
+    for (int n = 0; n < kOutGroups; ++n) {
+        o[n][0] *= correction[0];
+        o[n][1] *= correction[0];
+        o[n][2] *= correction[1];
+        o[n][3] *= correction[1];
+    }
+}
 
 // Probabilities of keys 16kk .. 16kk+15 as the A operand of P V (the m16n8k16 A-fragment layout, which the
 // C fragments of two adjacent 8-key groups already have: only the packing to 16-bit pairs is left).

@@ -1,0 +1,43 @@
+// mbarrier and register-reallocation primitives of the Hopper path's producer/consumer pipeline.
+#pragma once
+
+#include <cstdint>
+
+#include "sm80_primitives.cuh"
+
+namespace saexport::sm90 {
+
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(sm80::smem_addr(bar)), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(sm80::smem_addr(bar)) : "memory");
+}
+
+// Blocks until the barrier's phase with this parity has completed. A fresh barrier counts its phase of
+// parity 1 as completed, which is how a producer's first wait on an "empty" barrier passes at once.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "wait_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra wait_%=;\n"
+        "}\n" ::"r"(sm80::smem_addr(bar)),
+        "r"(parity)
+        : "memory");
+}
+
+template <int kRegisters>
+__device__ __forceinline__ void registers_decrease() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+template <int kRegisters>
+__device__ __forceinline__ void registers_increase() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+}  // namespace saexport::sm90
