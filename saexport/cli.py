@@ -147,14 +147,19 @@ def _embeddings(loaded: LoadedModel, prompts: int, calib_embeddings: Path | None
         click.secho(f"note: {prompts} SYNTHETIC prompt embeddings (seeded normal); give --calib-embeddings for "
                     "real prompts", fg="yellow", err=True)
         return calibration_embeddings(loaded.preset.text_len, text_dim, prompts, seed=0, dtype=dtype), "synthetic"
+    return _read_embeddings(calib_embeddings, text_dim).to(dtype), str(calib_embeddings)
+
+
+def _read_embeddings(path: Path, text_dim: int) -> torch.Tensor:
+    """The `embeddings` tensor `[prompts, text_len, text_dim]` of a safetensors file (e.g. UMT5 outputs)."""
     try:
-        embeddings = load_file(str(calib_embeddings))["embeddings"]
+        embeddings = load_file(str(path))["embeddings"]
     except (OSError, KeyError, SafetensorError) as e:
-        raise SaexportError(f"{calib_embeddings}: not a safetensors file with an `embeddings` tensor ({e})") from None
+        raise SaexportError(f"{path}: not a safetensors file with an `embeddings` tensor ({e})") from None
     if embeddings.dim() != 3 or embeddings.shape[-1] != text_dim:
-        raise SaexportError(f"{calib_embeddings}: embeddings must be [prompts, text_len, {text_dim}], "
+        raise SaexportError(f"{path}: embeddings must be [prompts, text_len, {text_dim}], "
                             f"got {tuple(embeddings.shape)}")
-    return embeddings.to(dtype), str(calib_embeddings)
+    return embeddings
 
 
 def _seeds(text: str) -> list[int]:
@@ -214,6 +219,112 @@ def budgets(model, weights, random_weights, seed, topology_path, fidelity, promp
     result.save(out_path)
     click.echo(f"wrote {out_path}: {fidelity}, mean density {result.mean_density:.3f}, "
                f"mean fidelity {result.curve['mean_fidelity']:.3f}")
+
+
+@main.command()
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(path_type=Path), help="model.onnx from export.")
+@click.option("--plugin", "plugin_library", required=True, type=click.Path(path_type=Path),
+              help="libsaexport_trt_plugin.so (the plugin_dynamic library with --version-compatible).")
+@click.option("--workspace-gib", default=8.0, show_default=True)
+@click.option("--timing-cache", type=click.Path(path_type=Path), help="Default: OUT/timing.cache, reused.")
+@click.option("--version-compatible", is_flag=True, help="Version-compatible engine with the plugin serialized.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@_clear_errors
+def engine(onnx_path, plugin_library, workspace_gib, timing_cache, version_compatible, out_dir) -> None:
+    """Build a TensorRT engine (OUT/model.engine + engine.json) from the exported ONNX."""
+    from saexport.engines.tensorrt_build import build_engine
+
+    with _Stage("building the TensorRT engine"):
+        path = build_engine(onnx_path, plugin_library, out_dir, workspace_gib, timing_cache, version_compatible)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@model_options
+@click.option("--artifacts", required=True, type=click.Path(path_type=Path),
+              help="Folder with topology/budgets.safetensors and model.onnx (and model.engine).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch", show_default=True)
+@click.option("--plugin", "plugin_library", type=click.Path(path_type=Path), help="Plugin library (tensorrt).")
+@click.option("--embeddings", "embeddings_path", type=click.Path(path_type=Path),
+              help="safetensors: `embeddings` [1, text_len, text_dim] (the prompt); synthetic if absent.")
+@click.option("--negative", "negative_path", type=click.Path(path_type=Path),
+              help="safetensors: `embeddings` of the negative prompt; synthetic if absent.")
+@click.option("--steps", type=int, help="Sampler steps (default: the budgets' steps).")
+@click.option("--guidance", default=5.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--sample-seed", default=0, show_default=True, help="Seed of the initial noise.")
+@click.option("--vae", "vae_path", type=click.Path(path_type=Path), help="AutoencoderKLWan folder (for .gif/.mp4).")
+@click.option("--dtype", "dtype_name", default="fp32", show_default=True, type=click.Choice(list(DTYPES)),
+              help="Precision of the torch back end.")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
+              help="latents.safetensors, or video.gif / video.mp4 (needs --vae).")
+@_clear_errors
+def generate(model, weights, random_weights, seed, artifacts, backend, plugin_library, embeddings_path,
+             negative_path, steps, guidance, sample_seed, vae_path, dtype_name, out_path) -> None:
+    """Run Wan2.1's sampler loop (UniPC, guidance) on a back end; write latents or a video."""
+    from safetensors.torch import save_file
+
+    from saexport.engines.denoiser import OnnxRuntimeDenoiser, TensorRTDenoiser, TorchDenoiser
+    from saexport.engines.sampler import sample
+    from saexport.engines.scheduler import flow_shift_for
+    from saexport.engines.video import decode_latents, write_video
+    from saexport.exporter.video_shape import VAE_SPATIAL
+    from saexport.models.presets import get_preset
+
+    topo = Topology.load(artifacts / "topology.safetensors")
+    budget = Budgets.load(artifacts / "budgets.safetensors")
+    budget.check_matches(topo)
+    preset = get_preset(topo.model)
+    if preset.name != model and (weights or random_weights):
+        raise SaexportError(f"the artifacts are for {preset.name}, not --model {model}")
+    pt, ph, pw = preset.patch_size
+    latent_shape = (preset.config["in_channels"], topo.grid[0] * pt, topo.grid[1] * ph, topo.grid[2] * pw)
+    if backend == "torch":
+        from saexport.exporter.sparse_dit import SparseWanDiT
+
+        dtype = parse_dtype(dtype_name)
+        loaded = _load(preset.name, weights, random_weights, seed, dtype)
+        topo.check_matches(preset.name, preset.config_hash(), topo.grid, topo.block_size)
+        if loaded.weights_id != topo.weights_id:
+            raise SaexportError(f"the artifacts were made from weights {topo.weights_id[:16]}, these are "
+                                f"{loaded.weights_id[:16]}: pass the same --weights (or --random-weights --seed)")
+        sparse = SparseWanDiT(loaded.transformer, topo.grid, topo.layout, topo.levels, budget.levels, topo.block_size)
+        denoiser = TorchDenoiser(sparse.to("cuda" if torch.cuda.is_available() else "cpu"), budget.steps)
+    elif backend == "onnxruntime":
+        denoiser = OnnxRuntimeDenoiser(artifacts / "model.onnx", budget.steps)
+    else:
+        if plugin_library is None:
+            raise SaexportError("--backend tensorrt needs --plugin PATH/libsaexport_trt_plugin.so")
+        denoiser = TensorRTDenoiser(artifacts / "model.engine", plugin_library, budget.steps)
+    text = _prompt_embeddings(embeddings_path, preset, seed=1)
+    negative = _prompt_embeddings(negative_path, preset, seed=2)
+    height = topo.grid[1] * ph * VAE_SPATIAL
+    latents = sample(denoiser, text, negative, latent_shape, steps or budget.steps, flow_shift_for(height),
+                     sample_seed, guidance)
+    if out_path.suffix == ".safetensors":
+        from saexport.atomic import atomic_path
+
+        with atomic_path(out_path) as tmp:
+            save_file({"latents": latents.contiguous()}, str(tmp))
+    else:
+        if vae_path is None:
+            raise SaexportError(f"{out_path.suffix} output needs --vae (the model's vae/ folder); "
+                                "or write .safetensors")
+        write_video(decode_latents(vae_path, latents), out_path)
+    click.echo(f"wrote {out_path}")
+
+
+def _prompt_embeddings(path: Path | None, preset, seed: int) -> torch.Tensor:
+    from saexport.topology.calibration import calibration_embeddings
+
+    text_dim = preset.config["text_dim"]
+    if path is None:
+        click.secho("note: SYNTHETIC prompt embeddings (seeded normal); give --embeddings for a real prompt",
+                    fg="yellow", err=True)
+        return calibration_embeddings(preset.text_len, text_dim, 1, seed, torch.float32)
+    embeddings = _read_embeddings(path, text_dim)
+    if embeddings.shape[0] != 1:
+        raise SaexportError(f"{path}: one prompt expected, got {embeddings.shape[0]}")
+    return embeddings.float()
 
 
 def _topology_and_budgets(loaded, video, topology_path, budgets_path, block_size, layout, steps, density,

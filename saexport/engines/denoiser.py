@@ -1,0 +1,163 @@
+"""`Denoiser` back ends (DESIGN.md, "The runtime"): one `predict` over an engine, an ONNX file or the torch model.
+
+All take and return torch tensors: latents `[batch, 16, frames, h, w]`, timestep fp32 `[batch]`,
+step_index int32 `[1]` (the denoising step, which picks the budgets), text embeddings
+`[batch, text_len, text_dim]`; `predict` returns the noise prediction shaped like the latents.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from saexport.errors import SaexportError
+from saexport.exporter.sparse_dit import SparseWanDiT
+
+
+class Denoiser(Protocol):
+    name: str
+    steps: int  # denoising steps the budgets were made for
+    device: torch.device
+    dtype: torch.dtype
+
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, step_index: torch.Tensor,
+                text_embeddings: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchDenoiser:
+    """The sparse DiT in PyTorch; on a GPU its attention runs the CUDA kernel library."""
+
+    name = "torch"
+
+    def __init__(self, model: SparseWanDiT, steps: int):
+        self.model = model.eval()
+        self.steps = steps
+        parameter = next(model.transformer.blocks.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+
+    @torch.no_grad()
+    def predict(self, latents, timestep, step_index, text_embeddings):
+        return self.model(latents.to(self.device, self.dtype), timestep.to(self.device, torch.float32),
+                          text_embeddings.to(self.device, self.dtype), step_index.to(self.device, torch.int32))
+
+
+class OnnxRuntimeDenoiser:
+    """The exported graph in ONNX Runtime on the CPU (fp32 graphs; the custom op runs the reference)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: str | Path, steps: int):
+        from saexport.engines.ort_session import ort_session
+
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise SaexportError(f"no ONNX model at {path}")
+        self.session = ort_session(path)
+        self.steps = steps
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        elem = self.session.get_inputs()[0].type
+        if elem != "tensor(float)":
+            raise SaexportError(f"{path} is a {elem} graph; the onnxruntime back end runs fp32 exports")
+
+    def predict(self, latents, timestep, step_index, text_embeddings):
+        from saexport.engines.ort_session import run_dit
+
+        inputs = (latents.float().cpu(), timestep.float().cpu(), text_embeddings.float().cpu(),
+                  step_index.to(torch.int32).cpu())
+        return run_dit(self.session, inputs)
+
+
+class TensorRTDenoiser:
+    """A TensorRT engine with the `BlockSparseAttention` plugin: torch tensors bound as I/O, execute_async_v3.
+
+    The engine's `engine.json` must name the plugin ABI and GPU it was built for; a mismatch is refused.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: str | Path, plugin_library: str | Path, steps: int, cuda_graph: bool = False):
+        trt = import_tensorrt()
+        engine_path, plugin_library = Path(engine_path), Path(plugin_library)
+        check_engine_metadata(engine_path)
+        if not plugin_library.is_file():
+            raise SaexportError(f"plugin library {plugin_library} not found (build it: cmake -DTensorRT_ROOT=...)")
+        ctypes.CDLL(str(plugin_library), mode=ctypes.RTLD_GLOBAL)  # static registration with TensorRT
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise SaexportError(f"TensorRT could not load {engine_path} (see its log above)")
+        self.context = self.engine.create_execution_context()
+        self.steps = steps
+        self.device = torch.device("cuda")
+        self.dtype = _torch_dtype(trt, self.engine.get_tensor_dtype("hidden_states"))
+        self.stream = torch.cuda.Stream()
+        self.cuda_graph = cuda_graph
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._output: torch.Tensor | None = None
+
+    def _bind(self, feeds: dict[str, torch.Tensor]) -> None:
+        for name, tensor in feeds.items():
+            self._inputs[name] = tensor.contiguous()
+            self.context.set_tensor_address(name, self._inputs[name].data_ptr())
+        shape = tuple(self.engine.get_tensor_shape("noise_pred"))
+        self._output = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.context.set_tensor_address("noise_pred", self._output.data_ptr())
+
+    def predict(self, latents, timestep, step_index, text_embeddings):
+        feeds = {"hidden_states": latents.to(self.device, self.dtype),
+                 "timestep": timestep.to(self.device, torch.float32),
+                 "encoder_hidden_states": text_embeddings.to(self.device, self.dtype),
+                 "step_index": step_index.to(self.device, torch.int32)}
+        with torch.cuda.stream(self.stream):
+            if self.cuda_graph and self._graph is not None:
+                for name, tensor in feeds.items():  # same addresses every step: copy into the bound buffers
+                    self._inputs[name].copy_(tensor)
+                self._graph.replay()
+            else:
+                self._bind(feeds)
+                if not self.context.execute_async_v3(self.stream.cuda_stream):
+                    raise SaexportError("TensorRT execute_async_v3 failed (see its log above)")
+                if self.cuda_graph:
+                    self._graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(self._graph, stream=self.stream):
+                        self.context.execute_async_v3(self.stream.cuda_stream)
+        self.stream.synchronize()
+        return self._output.clone()
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise SaexportError("TensorRT is not installed: install NVIDIA TensorRT 10.x or 11.x with its Python "
+                            "bindings (pip install tensorrt) on a machine with an NVIDIA GPU") from None
+    return trt
+
+
+def check_engine_metadata(engine_path: Path) -> dict:
+    """Refuse an engine built for another plugin ABI or another GPU, before TensorRT fails obscurely."""
+    from saexport import kernels
+
+    meta_path = engine_path.with_name("engine.json")
+    if not meta_path.is_file():
+        raise SaexportError(f"{meta_path} is missing: engines are built by `saexport engine`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("kernel_abi") != kernels.ABI_VERSION or meta.get("plugin_version") != "1":
+        raise SaexportError(f"{engine_path} was built with plugin version {meta.get('plugin_version')} / kernel "
+                            f"ABI {meta.get('kernel_abi')}; this saexport has 1 / {kernels.ABI_VERSION}: rebuild it")
+    if torch.cuda.is_available():
+        name, capability = torch.cuda.get_device_name(), list(torch.cuda.get_device_capability())
+        if meta.get("gpu_capability") != capability:
+            raise SaexportError(f"{engine_path} was built for {meta.get('gpu_name')} ({meta.get('gpu_capability')}), "
+                                f"this GPU is {name} ({capability}): rebuild the engine here")
+    return meta
+
+
+def _torch_dtype(trt, dtype) -> torch.dtype:
+    return {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}[dtype]

@@ -1,0 +1,50 @@
+"""Wan2.1's sampler loop over any `Denoiser`: diffusers' UniPC (flow matching) with classifier-free guidance."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm import tqdm
+
+from saexport.engines.denoiser import Denoiser
+from saexport.engines.scheduler import wan_scheduler
+from saexport.errors import SaexportError
+
+DEFAULT_GUIDANCE = 5.0
+
+
+def sample(
+    denoiser: Denoiser,
+    text_embeddings: torch.Tensor,  # [1, text_len, text_dim]
+    negative_embeddings: torch.Tensor,  # [1, text_len, text_dim]
+    latent_shape: tuple[int, int, int, int],
+    steps: int,
+    flow_shift: float,
+    seed: int,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    progress: Callable = tqdm,
+) -> torch.Tensor:
+    """Denoise seeded noise into latents `[1, *latent_shape]` (fp32, on the CPU).
+
+    Guidance runs two passes per step (conditional, unconditional), each with the step's index, so the
+    sparse attention uses the budgets tuned for that step.
+    """
+    if steps != denoiser.steps:
+        raise SaexportError(f"the budgets are for {denoiser.steps} steps; sample with --steps {denoiser.steps} "
+                            "or rerun `saexport budgets` for this step count")
+    scheduler = wan_scheduler(flow_shift)
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, *latent_shape, generator=generator)
+    for step, t in enumerate(progress(scheduler.timesteps, desc=f"sampling ({denoiser.name})", unit="step")):
+        timestep = t.reshape(1).float()
+        step_index = torch.tensor([step], dtype=torch.int32)
+        cond = denoiser.predict(latents, timestep, step_index, text_embeddings).float().cpu()
+        if guidance_scale != 1.0:
+            uncond = denoiser.predict(latents, timestep, step_index, negative_embeddings).float().cpu()
+            noise = uncond + guidance_scale * (cond - uncond)
+        else:
+            noise = cond
+        latents = scheduler.step(noise, t, latents).prev_sample
+    return latents

@@ -1,0 +1,47 @@
+"""Latents -> pixels with Wan's VAE (diffusers `AutoencoderKLWan`), and pixels -> GIF / MP4 files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saexport.atomic import atomic_path
+from saexport.errors import SaexportError
+
+FPS = 16  # Wan2.1's frame rate
+
+
+def decode_latents(vae_path: str | Path, latents: torch.Tensor) -> np.ndarray:
+    """uint8 frames `[frames, height, width, 3]` from latents `[1, 16, f, h, w]`, as Wan's pipeline decodes."""
+    from diffusers import AutoencoderKLWan
+
+    path = Path(vae_path)
+    if not (path / "config.json").is_file():
+        raise SaexportError(f"{path} is not a diffusers AutoencoderKLWan folder (config.json + weights)")
+    vae = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        video = vae.decode(latents.float() * std + mean).sample  # [1, 3, frames, H, W] in [-1, 1]
+    frames = ((video[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).numpy()
+
+
+def write_video(frames: np.ndarray, path: str | Path, fps: int = FPS) -> None:
+    import imageio.v3 as iio
+
+    path = Path(path)
+    if path.suffix.lower() not in (".gif", ".mp4"):
+        raise SaexportError(f"write videos as .gif or .mp4, not {path.suffix}")
+    with atomic_path(path) as tmp:
+        target = tmp.with_suffix(path.suffix)  # imageio picks the format by extension
+        try:
+            if path.suffix.lower() == ".gif":
+                iio.imwrite(target, frames, extension=".gif", duration=1000 / fps, loop=0)
+            else:
+                iio.imwrite(target, frames, extension=".mp4", fps=fps)
+        except (ImportError, OSError, ValueError) as e:
+            raise SaexportError(f"could not write {path}: {e} (MP4 needs imageio-ffmpeg)") from None
+        target.replace(tmp)
