@@ -25,10 +25,11 @@ def sample(
     guidance_scale: float = DEFAULT_GUIDANCE,
     progress: Callable = tqdm,
 ) -> torch.Tensor:
-    """Denoise seeded noise into latents `[1, *latent_shape]` (fp32, on the CPU).
+    """Denoise seeded noise into latents `[1, *latent_shape]` (fp32, returned on the CPU).
 
     Guidance runs two passes per step (conditional, unconditional), each with the step's index, so the
-    sparse attention uses the budgets tuned for that step.
+    sparse attention uses the budgets tuned for that step. Latents stay on the denoiser's device for the
+    whole loop; the noise is drawn on the CPU so that a seed means the same video on every back end.
     """
     if steps != denoiser.steps:
         raise SaexportError(f"the budgets are for {denoiser.steps} steps; sample with --steps {denoiser.steps} "
@@ -36,15 +37,17 @@ def sample(
     scheduler = wan_scheduler(flow_shift)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(1, *latent_shape, generator=generator)
+    device = denoiser.device
+    latents = torch.randn(1, *latent_shape, generator=generator).to(device)
+    text_embeddings, negative_embeddings = text_embeddings.to(device), negative_embeddings.to(device)
     for step, t in enumerate(progress(scheduler.timesteps, desc=f"sampling ({denoiser.name})", unit="step")):
-        timestep = t.reshape(1).float()
-        step_index = torch.tensor([step], dtype=torch.int32)
-        cond = denoiser.predict(latents, timestep, step_index, text_embeddings).float().cpu()
+        timestep = t.reshape(1).float().to(device)
+        step_index = torch.tensor([step], dtype=torch.int32, device=device)
+        cond = denoiser.predict(latents, timestep, step_index, text_embeddings).float()
         if guidance_scale != 1.0:
-            uncond = denoiser.predict(latents, timestep, step_index, negative_embeddings).float().cpu()
+            uncond = denoiser.predict(latents, timestep, step_index, negative_embeddings).float()
             noise = uncond + guidance_scale * (cond - uncond)
         else:
             noise = cond
         latents = scheduler.step(noise, t, latents).prev_sample
-    return latents
+    return latents.cpu()
