@@ -162,11 +162,11 @@ def _read_embeddings(path: Path, text_dim: int) -> torch.Tensor:
     return embeddings
 
 
-def _seeds(text: str) -> list[int]:
+def _int_list(text: str, option: str = "--seeds") -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise SaexportError(f"--seeds must be comma-separated integers, got '{text}'") from None
+        raise SaexportError(f"{option} must be comma-separated integers, got '{text}'") from None
 
 
 @main.command()
@@ -188,7 +188,7 @@ def topology(model, weights, random_weights, seed, resolution, frames, block_siz
     loaded = _load(model, weights, random_weights, seed, torch.float32)
     embeddings, source = _embeddings(loaded, prompts, calib_embeddings, torch.float32)
     result = compute_topology(loaded, video.token_grid(loaded.preset.patch_size), block_size, parse_layout(layout),
-                              embeddings, _seeds(seeds), steps, flow_shift_for(video.height), rows_per_block, device,
+                              embeddings, _int_list(seeds), steps, flow_shift_for(video.height), rows_per_block, device,
                               settings={"embeddings": source})
     result.save(out_path)
     click.echo(f"wrote {out_path} (grid {result.grid}, {result.levels.shape[-1]} blocks per side)")
@@ -213,7 +213,7 @@ def budgets(model, weights, random_weights, seed, topology_path, fidelity, promp
     topo.check_matches(loaded.preset.name, loaded.preset.config_hash(), topo.grid, topo.block_size)
     embeddings, _ = _embeddings(loaded, prompts, calib_embeddings, torch.float32)
     height = topo.grid[1] * loaded.preset.patch_size[1] * VAE_SPATIAL
-    table = compute_fidelity(loaded, topo, embeddings, _seeds(seeds), steps, flow_shift_for(height), rows_per_block,
+    table = compute_fidelity(loaded, topo, embeddings, _int_list(seeds), steps, flow_shift_for(height), rows_per_block,
                              device)
     result = fit_budgets(topo, table, fidelity)
     result.save(out_path)
@@ -325,6 +325,61 @@ def _prompt_embeddings(path: Path | None, preset, seed: int) -> torch.Tensor:
     if embeddings.shape[0] != 1:
         raise SaexportError(f"{path}: one prompt expected, got {embeddings.shape[0]}")
     return embeddings.float()
+
+
+@main.command()
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(path_type=Path), help="model.onnx from export.")
+@click.option("--engine", "engine_path", type=click.Path(path_type=Path),
+              help="model.engine; without it the DiT runs the ONNX in ONNX Runtime (CPU).")
+@click.option("--steps", required=True, type=int, help="Sampler steps (the budgets' steps).")
+@click.option("--name", default="wan", show_default=True, help="Model name prefix.")
+@click.option("--gpus", default="0", show_default=True, help="Comma-separated GPU ids of the instance group.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@_clear_errors
+def triton(onnx_path, engine_path, steps, name, gpus, out_dir) -> None:
+    """Write a Triton model repository: NAME_dit (TensorRT plan) and NAME_pipeline (BLS sampler loop)."""
+    from saexport.engines.scheduler import flow_shift_for
+    from saexport.engines.triton_repo import graph_io, write_triton_repository
+    from saexport.exporter.video_shape import VAE_SPATIAL
+
+    height = graph_io(onnx_path)[0][0].dims[3] * VAE_SPATIAL
+    repo = write_triton_repository(onnx_path, out_dir, name, steps, flow_shift_for(height), engine_path,
+                                   _int_list(gpus, "--gpus"))
+    click.echo(f"wrote {repo} (see {repo / 'README.md'})")
+
+
+@main.command()
+@model_options
+@click.option("--fidelity", type=click.Choice(["high", "medium", "low"]), default="high", show_default=True)
+@click.option("--resolution", default="480p", show_default=True, help="480p, 720p or WIDTHxHEIGHT.")
+@click.option("--frames", default=81, show_default=True, help="Video frames (4k+1).")
+@click.option("--dtype", "dtype_name", default="bf16", show_default=True, type=click.Choice(list(DTYPES)))
+@click.option("--block-size", default=128, show_default=True)
+@click.option("--layout", default="tile3d", show_default=True, help="identity, tile3d or tile3d:FxHxW.")
+@calibration_options
+@click.option("--plugin", "plugin_library", type=click.Path(path_type=Path),
+              help="libsaexport_trt_plugin.so, for the engine stage.")
+@click.option("--triton-name", default="wan", show_default=True)
+@click.option("--gpus", default="0", show_default=True, help="GPU ids of the Triton instance group.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@_clear_errors
+def build(model, weights, random_weights, seed, fidelity, resolution, frames, dtype_name, block_size, layout, prompts,
+          calib_embeddings, seeds, steps, rows_per_block, device, plugin_library, triton_name, gpus, out_dir) -> None:
+    """topology -> budgets -> export -> engine -> Triton repository; reruns only what changed (OUT/build.json)."""
+    from saexport.build import BuildSettings, run_build
+
+    if random_weights:
+        click.secho(f"WARNING: {model} has RANDOM WEIGHTS (seed {seed}): for speed measurements only.",
+                    fg="yellow", err=True)
+    settings = BuildSettings(
+        model=model, fidelity=fidelity, weights=str(weights) if weights else None, random_weights=random_weights,
+        seed=seed, resolution=resolution, frames=frames, dtype=dtype_name, steps=steps, block_size=block_size,
+        layout=layout, prompts=prompts, calib_embeddings=str(calib_embeddings) if calib_embeddings else None,
+        seeds=tuple(_int_list(seeds)), rows_per_block=rows_per_block, device=device,
+        plugin=str(plugin_library) if plugin_library else None, triton_name=triton_name, gpus=tuple(_int_list(gpus, "--gpus")))
+    fates = run_build(settings, out_dir, echo=lambda line: click.echo(line, err=True))
+    for stage, fate in fates.items():
+        click.echo(f"{stage:9s} {fate}")
 
 
 def _topology_and_budgets(loaded, video, topology_path, budgets_path, block_size, layout, steps, density,
