@@ -376,7 +376,8 @@ def build(model, weights, random_weights, seed, fidelity, resolution, frames, dt
         seed=seed, resolution=resolution, frames=frames, dtype=dtype_name, steps=steps, block_size=block_size,
         layout=layout, prompts=prompts, calib_embeddings=str(calib_embeddings) if calib_embeddings else None,
         seeds=tuple(_int_list(seeds)), rows_per_block=rows_per_block, device=device,
-        plugin=str(plugin_library) if plugin_library else None, triton_name=triton_name, gpus=tuple(_int_list(gpus, "--gpus")))
+        plugin=str(plugin_library) if plugin_library else None, triton_name=triton_name,
+        gpus=tuple(_int_list(gpus, "--gpus")))
     fates = run_build(settings, out_dir, echo=lambda line: click.echo(line, err=True))
     for stage, fate in fates.items():
         click.echo(f"{stage:9s} {fate}")
