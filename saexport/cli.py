@@ -383,6 +383,34 @@ def build(model, weights, random_weights, seed, fidelity, resolution, frames, dt
         click.echo(f"{stage:9s} {fate}")
 
 
+@main.command()
+@click.option("--topology", "topology_path", required=True, type=click.Path(path_type=Path))
+@click.option("--budgets", "budgets_path", required=True, type=click.Path(path_type=Path))
+@click.option("--step", default=0, show_default=True, help="Denoising step of the mask picture.")
+@click.option("--compare", "compare_path", type=click.Path(path_type=Path),
+              help="Another topology (e.g. from other prompts): report the IoU of their masks.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@_clear_errors
+def inspect(topology_path, budgets_path, step, compare_path, out_dir) -> None:
+    """Pictures: OUT/masks.png, density.png, fidelity.png; and the IoU against --compare."""
+    from saexport.topology.pictures import density_png, fidelity_png, mask_iou, masks_png
+
+    topo, budget = Topology.load(topology_path), Budgets.load(budgets_path)
+    budget.check_matches(topo)
+    if not 0 <= step < budget.steps:
+        raise SaexportError(f"--step must be in [0, {budget.steps})")
+    masks_png(topo, budget, step, out_dir / "masks.png")
+    density_png(topo, budget, out_dir / "density.png")
+    written = ["masks.png", "density.png"] + (["fidelity.png"] if fidelity_png(budget, out_dir / "fidelity.png")
+                                              else [])
+    click.echo(f"wrote {', '.join(str(out_dir / name) for name in written)}")
+    if compare_path is not None:
+        other = Topology.load(compare_path)
+        if (other.grid, other.block_size, other.layout) != (topo.grid, topo.block_size, topo.layout):
+            raise SaexportError("--compare must be a topology of the same grid, block size and layout")
+        click.echo(f"IoU of 30%-density masks against {compare_path}: {mask_iou(topo, other):.3f}")
+
+
 def _topology_and_budgets(loaded, video, topology_path, budgets_path, block_size, layout, steps, density,
                           out_dir) -> tuple[Topology, Budgets]:
     if (topology_path is None) != (budgets_path is None):

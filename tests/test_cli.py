@@ -50,3 +50,19 @@ def test_topology_budgets_export_chain(tmp_path):
     result = run("export", "--random-weights", "--resolution", "64x48", "--frames", "9", *files,
                  "--out", str(tmp_path / "other"))
     assert result.exit_code == 1 and "token grid" in result.output
+
+
+def test_inspect_draws_pictures_and_measures_stability(tmp_path):
+    common = ["--random-weights", "--resolution", "64x64", "--frames", "9", "--block-size", "8", "--layout",
+              "tile3d:1x2x4", "--steps", "3", "--rows-per-block", "4", "--prompts", "2", "--dtype", "fp32"]
+    assert run("build", *common, "--out", str(tmp_path / "a")).exit_code == 0
+    a = tmp_path / "a"
+    result = run("inspect", "--topology", str(a / "topology.safetensors"), "--budgets", str(a / "budgets.safetensors"),
+                 "--compare", str(a / "topology.safetensors"), "--step", "2", "--out", str(tmp_path / "pictures"))
+    assert result.exit_code == 0, result.output
+    for name in ("masks.png", "density.png", "fidelity.png"):
+        assert (tmp_path / "pictures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "IoU of 30%-density masks" in result.output and result.output.strip().endswith("1.000")
+    result = run("inspect", "--topology", str(a / "topology.safetensors"), "--budgets", str(a / "budgets.safetensors"),
+                 "--step", "3", "--out", str(tmp_path / "pictures"))
+    assert result.exit_code == 1 and "--step must be in [0, 3)" in result.output

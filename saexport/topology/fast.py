@@ -117,8 +117,21 @@ def fit_budgets(topology: Topology, fidelity: torch.Tensor, preset: str, iterati
     delta0, levels, mean = best  # type: ignore[misc]
     achieved = float((fidelity.gather(-1, levels.long().unsqueeze(-1)).squeeze(-1)).mean())
     return Budgets(levels, topology.hash(), fidelity=preset,
-                   curve={"delta0": delta0, "growth": GROWTH, "density_goal": goal, "mean_fidelity": achieved},
+                   curve={"delta0": delta0, "growth": GROWTH, "density_goal": goal, "mean_fidelity": achieved,
+                          "fidelity_vs_density": fidelity_vs_density(topology, fidelity)},
                    mean_density=mean)
+
+
+def fidelity_vs_density(topology: Topology, fidelity: torch.Tensor, stride: int = 16) -> list[list[list[float]]]:
+    """Per layer, (mean density, mean fidelity) at every `stride`-th level, averaged over steps and heads."""
+    probe = torch.arange(0, LEVELS, stride).tolist() + ([DENSE_LEVEL] if DENSE_LEVEL % stride else [])
+    layers, heads = topology.levels.shape[:2]
+    budgets = torch.tensor(probe, dtype=torch.uint8).view(-1, 1, 1).expand(-1, layers, heads)
+    densities = density(topology.levels, budgets).mean(-1)  # [levels, layers]
+    fidelities = fidelity[..., probe].mean(dim=(0, 2)).T  # [levels, layers]
+    return [[[round(float(d), 4), round(float(f), 4)] for d, f in zip(densities[:, layer], fidelities[:, layer],
+                                                                       strict=True)]
+            for layer in range(layers)]
 
 
 def compute_fidelity(
