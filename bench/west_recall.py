@@ -7,7 +7,8 @@ offset between the tokens that peaks at zero offset. Content still moves the sco
 and the text-conditioned residual stream), so the map is estimated, not given.
 
 Prints: mass recall at 30% density on held-out prompts and seeds (WEST vs a random mask of the same
-density), and the IoU of 30%-density masks from two disjoint halves of the calibration set.
+density), the IoU of 30%-density masks from two disjoint halves of the calibration set, and the recall of
+a map transferred from a smaller grid (saexport.topology.transfer) against one computed at the grid.
     python bench/west_recall.py [--model wan2.1-small] [--resolution 192x192] [--strength 4]
 """
 
@@ -23,6 +24,7 @@ from saexport.exporter.layout import parse_layout
 from saexport.exporter.video_shape import parse_video_shape
 from saexport.models.checkpoint import load_model
 from saexport.topology.calibration import SampledRows, calibration_embeddings, calibration_runs
+from saexport.topology.transfer import transfer_topology
 from saexport.topology.west import compute_topology
 
 DENSITY = 0.3
@@ -74,6 +76,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--strength", type=float, default=4.0)
+    parser.add_argument("--transfer-from", default="128x128", help="Smaller resolution to transfer a map from.")
     args = parser.parse_args()
 
     loaded = load_model(args.model, random_weights=True, seed=0)
@@ -106,6 +109,18 @@ def main() -> None:
     print(f"kept blocks: WEST {float(keep.float().mean()):.3f}, random {float(random_keep.float().mean()):.3f}")
     print(f"attention mass kept on held-out prompts and seeds: WEST {west_recall:.3f}, random {random_recall:.3f}")
     print(f"IoU of 30% masks from disjoint calibration halves: {iou:.3f}")
+
+    small = parse_video_shape(args.transfer_from, args.frames)
+    small_grid = small.token_grid(loaded.preset.patch_size)
+    source = compute_topology(loaded, small_grid, args.block_size, layout, calib, [0, 1], args.steps,
+                              flow_shift_for(small.height), rows_per_block=8)
+    transferred = masks_at_density(transfer_topology(source, grid).levels, DENSITY)
+    recall = float((transferred & keep).sum() / keep.sum())
+    transferred_mass = mass_recall(loaded, grid, args.block_size, layout, transferred, held_out, [5, 6], args.steps,
+                                   shift)
+    print(f"transfer {small_grid} -> {grid}: recall of the native 30% masks {recall:.3f} "
+          f"(a random 30% mask: {float((random_keep & keep).sum() / keep.sum()):.3f}); attention mass kept on "
+          f"held-out prompts {transferred_mass:.3f}")
 
 
 if __name__ == "__main__":

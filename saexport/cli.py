@@ -195,6 +195,24 @@ def topology(model, weights, random_weights, seed, resolution, frames, block_siz
 
 
 @main.command()
+@click.option("--topology", "topology_path", required=True, type=click.Path(path_type=Path))
+@click.option("--resolution", required=True, help="Target 480p, 720p or WIDTHxHEIGHT.")
+@click.option("--frames", default=81, show_default=True, help="Target video frames (4k+1).")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="topology.safetensors")
+@_clear_errors
+def transfer(topology_path, resolution, frames, out_path) -> None:
+    """Derive a threshold map for another resolution from a computed one (min over covered block pairs)."""
+    from saexport.models.presets import get_preset
+    from saexport.topology.transfer import transfer_topology
+
+    source = Topology.load(topology_path)
+    grid = parse_video_shape(resolution, frames).token_grid(get_preset(source.model).patch_size)
+    result = transfer_topology(source, grid)
+    result.save(out_path)
+    click.echo(f"wrote {out_path}: grid {source.grid} -> {grid} (budgets must be tuned on it: saexport budgets)")
+
+
+@main.command()
 @model_options
 @click.option("--topology", "topology_path", required=True, type=click.Path(path_type=Path))
 @click.option("--fidelity", type=click.Choice(["high", "medium", "low"]), default="high", show_default=True)
