@@ -141,14 +141,16 @@ def run_build(settings: BuildSettings, out_dir: str | Path, echo: Callable[[str]
     stage("topology", topology_key, ["topology.safetensors"], lambda: compute_topology(
         model(torch.float32), grid, settings.block_size, parse_layout(settings.layout), embeddings(),
         list(settings.seeds), settings.steps, flow_shift, settings.rows_per_block, calib_device,
-        settings={"embeddings": str(embeddings_source)}).save(out_dir / "topology.safetensors"))
+        settings={"embeddings": str(embeddings_source)},
+        checkpoint_path=out_dir / "topology.safetensors.partial").save(out_dir / "topology.safetensors"))
 
     budgets_key = stage_key("budgets", topology_key, settings.fidelity)
 
     def make_budgets() -> None:
         topology = Topology.load(out_dir / "topology.safetensors")
         table = compute_fidelity(model(torch.float32), topology, embeddings(), [s + 1000 for s in settings.seeds],
-                                 settings.steps, flow_shift, settings.rows_per_block, calib_device)
+                                 settings.steps, flow_shift, settings.rows_per_block, calib_device,
+                                 checkpoint_path=out_dir / "budgets.safetensors.partial")
         fit_budgets(topology, table, settings.fidelity).save(out_dir / "budgets.safetensors")
 
     stage("budgets", budgets_key, ["budgets.safetensors"], make_budgets)

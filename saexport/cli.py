@@ -162,6 +162,11 @@ def _read_embeddings(path: Path, text_dim: int) -> torch.Tensor:
     return embeddings
 
 
+def _partial(out_path: Path) -> Path:
+    """Where an interrupted calibration keeps its progress; rerunning the same command resumes from it."""
+    return out_path.with_name(out_path.name + ".partial")
+
+
 def _int_list(text: str, option: str = "--seeds") -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
@@ -189,7 +194,7 @@ def topology(model, weights, random_weights, seed, resolution, frames, block_siz
     embeddings, source = _embeddings(loaded, prompts, calib_embeddings, torch.float32)
     result = compute_topology(loaded, video.token_grid(loaded.preset.patch_size), block_size, parse_layout(layout),
                               embeddings, _int_list(seeds), steps, flow_shift_for(video.height), rows_per_block, device,
-                              settings={"embeddings": source})
+                              settings={"embeddings": source}, checkpoint_path=_partial(out_path))
     result.save(out_path)
     click.echo(f"wrote {out_path} (grid {result.grid}, {result.levels.shape[-1]} blocks per side)")
 
@@ -232,7 +237,7 @@ def budgets(model, weights, random_weights, seed, topology_path, fidelity, promp
     embeddings, _ = _embeddings(loaded, prompts, calib_embeddings, torch.float32)
     height = topo.grid[1] * loaded.preset.patch_size[1] * VAE_SPATIAL
     table = compute_fidelity(loaded, topo, embeddings, _int_list(seeds), steps, flow_shift_for(height), rows_per_block,
-                             device)
+                             device, checkpoint_path=_partial(out_path))
     result = fit_budgets(topo, table, fidelity)
     result.save(out_path)
     click.echo(f"wrote {out_path}: {fidelity}, mean density {result.mean_density:.3f}, "

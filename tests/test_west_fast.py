@@ -117,3 +117,40 @@ def test_empty_calibration_set_and_unknown_preset(calibrated):
         compute_topology(tiny, (3, 4, 4), 8, parse_layout("identity"), embeddings[:0], [0], 4, 3.0)
     with pytest.raises(SaexportError, match="unknown fidelity preset 'ultra'"):
         fit_budgets(topology, torch.ones(4, 2, 4, 256, dtype=torch.float64), "ultra")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_after(steps: int):
+    """A progress wrapper that stops the calibration after `steps` yielded runs, as Ctrl-C would."""
+
+    def wrap(runs, **_):
+        for count, run in enumerate(runs):
+            if count == steps:
+                raise Interrupt
+            yield run
+
+    return wrap
+
+
+def test_interrupted_calibration_resumes_and_gives_the_same_files(calibrated, tmp_path):
+    tiny, embeddings, full = calibrated  # 2 prompts x 1 seed x 4 steps, uninterrupted
+    args = (tiny, (3, 4, 4), 8, parse_layout("tile3d:1x2x4"), embeddings, [0], 4, 3.0, 4)
+    checkpoint = tmp_path / "topology.safetensors.partial"
+    with pytest.raises(Interrupt):  # stops in the second trajectory, after the first has finished
+        compute_topology(*args, progress=interrupt_after(6), checkpoint_path=checkpoint)
+    assert checkpoint.exists()
+    seen = []
+    resumed = compute_topology(*args, progress=lambda runs, **_: (seen.append(r) or r for r in runs),
+                               checkpoint_path=checkpoint)
+    assert [(r.prompt, r.step) for r in seen] == [(1, 0), (1, 1), (1, 2), (1, 3)]  # only the unfinished one
+    assert torch.equal(resumed.levels, full.levels) and not checkpoint.exists()
+
+    fidelity_args = (tiny, full, embeddings, [1], 4, 3.0, 4)
+    whole = compute_fidelity(*fidelity_args, progress=lambda runs, **_: runs)
+    with pytest.raises(Interrupt):
+        compute_fidelity(*fidelity_args, progress=interrupt_after(5), checkpoint_path=checkpoint)
+    assert torch.allclose(compute_fidelity(*fidelity_args, progress=lambda runs, **_: runs,
+                                           checkpoint_path=checkpoint), whole)

@@ -8,13 +8,19 @@ row a budget keeps) are computed from block masses, so neither ever holds an L x
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from saexport.atomic import atomic_path
 from saexport.engines.scheduler import wan_scheduler
 from saexport.errors import SaexportError
 from saexport.exporter.processor import check_self_attention_call, project_qkv
@@ -91,6 +97,7 @@ def trajectories(
     steps: int,
     flow_shift: float,
     latent_shape: tuple[int, ...],
+    skip: frozenset[tuple[int, int]] = frozenset(),  # (prompt, seed) trajectories already done
 ) -> Iterator[Run]:
     """Run the (probed) model along each prompt x seed trajectory.
 
@@ -101,6 +108,8 @@ def trajectories(
     dtype = embeddings.dtype
     for prompt, text in enumerate(embeddings):
         for seed in seeds:
+            if (prompt, seed) in skip:
+                continue
             scheduler = wan_scheduler(flow_shift)
             scheduler.set_timesteps(steps)
             gen = torch.Generator().manual_seed(seed)
@@ -139,14 +148,73 @@ def calibration_embeddings(text_len: int, text_dim: int, prompts: int, seed: int
     return torch.randn(prompts, text_len, text_dim, generator=gen).to(dtype)
 
 
+class CalibrationCheckpoint:
+    """Resumes an interrupted calibration: the accumulated state and the finished trajectories, saved
+    atomically after each trajectory to `path` (a safetensors file), valid only for the same settings `key`.
+
+    `state` tensors are the consumer's live accumulators; a matching checkpoint is copied into them.
+    """
+
+    def __init__(self, path: Path | None, key: str, state: dict[str, torch.Tensor]):
+        self.path, self.key, self.state = path, key, state
+        self.done: set[tuple[int, int]] = set()
+        if path is None or not path.is_file():
+            return
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("key") != key:
+                    return  # another calibration's leftovers: start over (and overwrite them)
+                for name, tensor in state.items():
+                    tensor.copy_(f.get_tensor(name))
+            self.done = {tuple(pair) for pair in json.loads(meta["done"])}
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError):
+            self.done = set()  # unreadable: start over
+
+    def finish(self, trajectory: tuple[int, int]) -> None:
+        self.done.add(trajectory)
+        if self.path is not None:
+            with atomic_path(self.path) as tmp:
+                save_file({k: v.contiguous() for k, v in self.state.items()}, str(tmp),
+                          metadata={"key": self.key, "done": json.dumps(sorted(self.done))})
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def calibration_key(*parts) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.contiguous().cpu().numpy().tobytes() if isinstance(part, torch.Tensor)
+                      else json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def calibration_runs(
     loaded, grid: tuple[int, int, int], layout, block_size: int, rows: SampledRows, on_masses: MassCallback,
     embeddings: torch.Tensor, seeds: list[int], steps: int, flow_shift: float, device: str | torch.device,
-    progress: Callable, desc: str,
+    progress: Callable, desc: str, checkpoint: CalibrationCheckpoint | None = None,
 ) -> Iterator[Run]:
-    """Probe every layer and walk all prompt x seed trajectories, with a progress bar; see `trajectories`."""
+    """Probe every layer and walk all prompt x seed trajectories, with a progress bar; see `trajectories`.
+
+    With a checkpoint, finished trajectories are skipped and each one that finishes is recorded."""
     if embeddings.shape[0] == 0 or not seeds:
         raise SaexportError("the calibration set is empty: give at least one prompt and one seed")
+    done = frozenset(checkpoint.done) if checkpoint else frozenset()
     model = probed_model(loaded.transformer, grid, layout, block_size, rows, on_masses, torch.device(device))
-    runs = trajectories(model, embeddings, seeds, steps, flow_shift, latent_shape_of(loaded.transformer, grid))
-    return progress(runs, total=len(embeddings) * len(seeds) * steps, desc=desc, unit="step")
+    runs = trajectories(model, embeddings, seeds, steps, flow_shift, latent_shape_of(loaded.transformer, grid), done)
+    total = (len(embeddings) * len(seeds) - len(done)) * steps
+    return _recording(progress(runs, total=total, desc=desc, unit="step"), checkpoint)
+
+
+def _recording(runs: Iterator[Run], checkpoint: CalibrationCheckpoint | None) -> Iterator[Run]:
+    """A trajectory is finished once the forward pass after its last yield has run: when the next is asked for."""
+    previous = None
+    for run in runs:
+        if checkpoint and previous is not None and (run.prompt, run.seed) != (previous.prompt, previous.seed):
+            checkpoint.finish((previous.prompt, previous.seed))
+        yield run
+        previous = run
+    if checkpoint and previous is not None:
+        checkpoint.finish((previous.prompt, previous.seed))

@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from saexport.errors import SaexportError
 from saexport.models.checkpoint import LoadedModel
-from saexport.topology.calibration import Run, SampledRows, calibration_runs
+from saexport.topology.calibration import CalibrationCheckpoint, Run, SampledRows, calibration_key, calibration_runs
 from saexport.topology.files import Budgets, Topology
 from saexport.topology.levels import DENSE_LEVEL, density
 
@@ -144,8 +145,11 @@ def compute_fidelity(
     rows_per_block: int = 16,
     device: str | torch.device = "cpu",
     progress: Callable = tqdm,
+    checkpoint_path: Path | None = None,
 ) -> torch.Tensor:
-    """Mean fidelity `[steps, layers, heads, 256]` of every level of `topology` along the dense trajectory."""
+    """Mean fidelity `[steps, layers, heads, 256]` of every level of `topology` along the dense trajectory.
+
+    With `checkpoint_path`, an interrupted measurement resumes from its last finished trajectory."""
     grid, block_size = topology.grid, topology.block_size
     seq_len = math.prod(grid)
     rows = SampledRows.draw(seq_len, block_size, rows_per_block, seed=1)  # rows WEST did not rank with
@@ -156,7 +160,11 @@ def compute_fidelity(
     def on_masses(layer: int, masses: torch.Tensor) -> None:
         table.add(current[0].step, layer, fidelity_curves(masses, row_levels[layer]))
 
+    key = calibration_key("FAST", topology.hash(), loaded.weights_id, embeddings, seeds, steps, flow_shift,
+                          rows_per_block)
+    checkpoint = CalibrationCheckpoint(checkpoint_path, key, {"sum": table.sum, "count": table.count})
     for run in calibration_runs(loaded, grid, topology.layout, block_size, rows, on_masses, embeddings, seeds, steps,
-                                flow_shift, device, progress, "FAST fidelity"):
+                                flow_shift, device, progress, "FAST fidelity", checkpoint):
         current[0] = run
+    checkpoint.remove()
     return table.mean()

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from saexport.exporter.layout import TokenLayout
 from saexport.models.checkpoint import LoadedModel
-from saexport.topology.calibration import SampledRows, calibration_runs
+from saexport.topology.calibration import CalibrationCheckpoint, SampledRows, calibration_key, calibration_runs
 from saexport.topology.files import Topology
 from saexport.topology.standin import levels_from_scores
 
@@ -61,8 +62,11 @@ def compute_topology(
     device: str | torch.device = "cpu",
     settings: dict | None = None,
     progress: Callable = tqdm,
+    checkpoint_path: Path | None = None,
 ) -> Topology:
-    """WEST over prompts x seeds x steps of the sampler's trajectory: every (run, layer) is one run of the rule."""
+    """WEST over prompts x seeds x steps of the sampler's trajectory: every (run, layer) is one run of the rule.
+
+    With `checkpoint_path`, an interrupted calibration resumes from its last finished trajectory."""
     preset = loaded.preset
     seq_len = math.prod(grid)
     n = math.ceil(seq_len / block_size)
@@ -73,9 +77,13 @@ def compute_topology(
         for sample in masses:  # each batch element is a run of its own
             threshold.add_run(layer, block_scores(sample, rows, seq_len, block_size))
 
+    key = calibration_key("WEST", preset.config_hash(), loaded.weights_id, grid, block_size, layout.to_metadata(),
+                          embeddings, seeds, steps, flow_shift, rows_per_block)
+    checkpoint = CalibrationCheckpoint(checkpoint_path, key, {"levels": threshold.levels})
     for _ in calibration_runs(loaded, grid, layout, block_size, rows, on_masses, embeddings, seeds, steps,
-                              flow_shift, device, progress, "WEST calibration"):
+                              flow_shift, device, progress, "WEST calibration", checkpoint):
         pass  # the probes record during each forward pass
+    checkpoint.remove()
     calibration = {"method": "WEST", "prompts": int(embeddings.shape[0]), "seeds": list(seeds), "steps": steps,
                    "flow_shift": flow_shift, "rows_per_block": rows_per_block, **(settings or {})}
     return Topology(threshold.result(), preset.name, preset.config_hash(), loaded.weights_id, tuple(grid),
