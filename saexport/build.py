@@ -106,8 +106,15 @@ def run_build(settings: BuildSettings, out_dir: str | Path, echo: Callable[[str]
         weights = file_fingerprint(detect_layout(Path(settings.weights)).files)
     else:
         raise SaexportError(f"model '{settings.model}' needs --weights PATH (or --random-weights for benchmarks)")
-    embeddings_source = (file_fingerprint([Path(settings.calib_embeddings)]) if settings.calib_embeddings
-                         else f"synthetic:{settings.prompts}")
+    from saexport.models.text_encoder import CALIBRATION_PROMPTS, encode_prompts, encoder_fingerprint, has_text_encoder
+
+    umt5 = settings.weights is not None and has_text_encoder(Path(settings.weights))
+    if settings.calib_embeddings:
+        embeddings_source = file_fingerprint([Path(settings.calib_embeddings)])
+    elif umt5:
+        embeddings_source = ["umt5", encoder_fingerprint(Path(settings.weights)), settings.prompts]
+    else:
+        embeddings_source = f"synthetic:{settings.prompts}"
     calibration = (embeddings_source, list(settings.seeds), settings.steps, settings.rows_per_block)
     fates: dict[str, str] = {}
     models: dict[torch.dtype, LoadedModel] = {}
@@ -123,6 +130,9 @@ def run_build(settings: BuildSettings, out_dir: str | Path, echo: Callable[[str]
             from safetensors.torch import load_file
 
             return load_file(settings.calib_embeddings)["embeddings"].float()
+        if umt5:
+            return encode_prompts(Path(settings.weights), CALIBRATION_PROMPTS[:settings.prompts],
+                                  out_dir / "calibration_embeddings.safetensors", max_length=preset.text_len)
         return calibration_embeddings(preset.text_len, preset.config["text_dim"], settings.prompts, 0, torch.float32)
 
     def stage(name: str, key: str, outputs: list[str], run: Callable[[], None]) -> None:

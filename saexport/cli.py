@@ -139,15 +139,23 @@ def calibration_options(command: Callable) -> Callable:
     return command
 
 
-def _embeddings(loaded: LoadedModel, prompts: int, calib_embeddings: Path | None, dtype: torch.dtype):
+def _embeddings(loaded: LoadedModel, prompts: int, calib_embeddings: Path | None, dtype: torch.dtype,
+                weights: Path | None = None, cache: Path | None = None):
+    """Calibration embeddings: a file; else the checkpoint's UMT5 on the built-in prompts; else synthetic."""
+    from saexport.models.text_encoder import CALIBRATION_PROMPTS, encode_prompts, has_text_encoder
     from saexport.topology.calibration import calibration_embeddings
 
     text_dim = loaded.transformer.config.text_dim
-    if calib_embeddings is None:
-        click.secho(f"note: {prompts} SYNTHETIC prompt embeddings (seeded normal); give --calib-embeddings for "
-                    "real prompts", fg="yellow", err=True)
-        return calibration_embeddings(loaded.preset.text_len, text_dim, prompts, seed=0, dtype=dtype), "synthetic"
-    return _read_embeddings(calib_embeddings, text_dim).to(dtype), str(calib_embeddings)
+    if calib_embeddings is not None:
+        return _read_embeddings(calib_embeddings, text_dim).to(dtype), str(calib_embeddings)
+    if weights is not None and has_text_encoder(weights):
+        chosen = CALIBRATION_PROMPTS[:prompts]
+        with _Stage(f"encoding {len(chosen)} built-in calibration prompts with the checkpoint's UMT5"):
+            embeddings = encode_prompts(weights, chosen, cache, max_length=loaded.preset.text_len)
+        return embeddings.to(dtype), f"built-in prompts ({len(chosen)}), UMT5 of {weights}"
+    click.secho(f"note: {prompts} SYNTHETIC prompt embeddings (seeded normal): give --calib-embeddings, or a "
+                "checkpoint with text_encoder/, for real prompts", fg="yellow", err=True)
+    return calibration_embeddings(loaded.preset.text_len, text_dim, prompts, seed=0, dtype=dtype), "synthetic"
 
 
 def _read_embeddings(path: Path, text_dim: int) -> torch.Tensor:
@@ -191,7 +199,8 @@ def topology(model, weights, random_weights, seed, resolution, frames, block_siz
 
     video = parse_video_shape(resolution, frames)
     loaded = _load(model, weights, random_weights, seed, torch.float32)
-    embeddings, source = _embeddings(loaded, prompts, calib_embeddings, torch.float32)
+    embeddings, source = _embeddings(loaded, prompts, calib_embeddings, torch.float32, weights,
+                                     out_path.with_name("calibration_embeddings.safetensors"))
     result = compute_topology(loaded, video.token_grid(loaded.preset.patch_size), block_size, parse_layout(layout),
                               embeddings, _int_list(seeds), steps, flow_shift_for(video.height), rows_per_block, device,
                               settings={"embeddings": source}, checkpoint_path=_partial(out_path))
@@ -234,7 +243,8 @@ def budgets(model, weights, random_weights, seed, topology_path, fidelity, promp
     topo = Topology.load(topology_path)
     loaded = _load(model, weights, random_weights, seed, torch.float32)
     topo.check_matches(loaded.preset.name, loaded.preset.config_hash(), topo.grid, topo.block_size)
-    embeddings, _ = _embeddings(loaded, prompts, calib_embeddings, torch.float32)
+    embeddings, _ = _embeddings(loaded, prompts, calib_embeddings, torch.float32, weights,
+                                out_path.with_name("calibration_embeddings.safetensors"))
     height = topo.grid[1] * loaded.preset.patch_size[1] * VAE_SPATIAL
     table = compute_fidelity(loaded, topo, embeddings, _int_list(seeds), steps, flow_shift_for(height), rows_per_block,
                              device, checkpoint_path=_partial(out_path))
@@ -272,6 +282,8 @@ def engine(onnx_path, plugin_library, workspace_gib, timing_cache, version_compa
               help="safetensors: `embeddings` [1, text_len, text_dim] (the prompt); synthetic if absent.")
 @click.option("--negative", "negative_path", type=click.Path(path_type=Path),
               help="safetensors: `embeddings` of the negative prompt; synthetic if absent.")
+@click.option("--prompt", help="Prompt text, encoded by the checkpoint's UMT5 (--weights with text_encoder/).")
+@click.option("--negative-prompt", default="", help="Negative prompt text (with --prompt).")
 @click.option("--steps", type=int, help="Sampler steps (default: the budgets' steps).")
 @click.option("--guidance", default=5.0, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--sample-seed", default=0, show_default=True, help="Seed of the initial noise.")
@@ -282,7 +294,8 @@ def engine(onnx_path, plugin_library, workspace_gib, timing_cache, version_compa
               help="latents.safetensors, or video.gif / video.mp4 (needs --vae).")
 @_clear_errors
 def generate(model, weights, random_weights, seed, artifacts, backend, plugin_library, embeddings_path,
-             negative_path, steps, guidance, sample_seed, vae_path, dtype_name, out_path) -> None:
+             negative_path, prompt, negative_prompt, steps, guidance, sample_seed, vae_path, dtype_name,
+             out_path) -> None:
     """Run Wan2.1's sampler loop (UniPC, guidance) on a back end; write latents or a video."""
     from safetensors.torch import save_file
 
@@ -318,8 +331,16 @@ def generate(model, weights, random_weights, seed, artifacts, backend, plugin_li
         if plugin_library is None:
             raise SaexportError("--backend tensorrt needs --plugin PATH/libsaexport_trt_plugin.so")
         denoiser = TensorRTDenoiser(artifacts / "model.engine", plugin_library, budget.steps)
-    text = _prompt_embeddings(embeddings_path, preset, seed=1)
-    negative = _prompt_embeddings(negative_path, preset, seed=2)
+    if prompt is not None:
+        from saexport.models.text_encoder import encode_prompts
+
+        if weights is None:
+            raise SaexportError("--prompt needs --weights (a checkpoint with text_encoder/ and tokenizer/)")
+        with _Stage("encoding the prompts with the checkpoint's UMT5"):
+            text, negative = encode_prompts(weights, [prompt, negative_prompt], max_length=preset.text_len).split(1)
+    else:
+        text = _prompt_embeddings(embeddings_path, preset, seed=1)
+        negative = _prompt_embeddings(negative_path, preset, seed=2)
     height = topo.grid[1] * ph * VAE_SPATIAL
     latents = sample(denoiser, text, negative, latent_shape, steps or budget.steps, flow_shift_for(height),
                      sample_seed, guidance)
