@@ -24,6 +24,7 @@ from saexport.exporter.layout import parse_layout
 from saexport.exporter.video_shape import parse_video_shape
 from saexport.models.checkpoint import load_model
 from saexport.topology.calibration import SampledRows, calibration_embeddings, calibration_runs
+from saexport.topology.fast import DENSITY_GOALS, compute_fidelity, fit_budgets
 from saexport.topology.transfer import transfer_topology
 from saexport.topology.west import compute_topology
 
@@ -109,6 +110,12 @@ def main() -> None:
     print(f"kept blocks: WEST {float(keep.float().mean()):.3f}, random {float(random_keep.float().mean()):.3f}")
     print(f"attention mass kept on held-out prompts and seeds: WEST {west_recall:.3f}, random {random_recall:.3f}")
     print(f"IoU of 30% masks from disjoint calibration halves: {iou:.3f}")
+
+    fidelity = compute_fidelity(loaded, full, calib, [2], args.steps, shift, rows_per_block=8)
+    for preset in DENSITY_GOALS:
+        budgets = fit_budgets(full, fidelity, preset)
+        print(f"FAST {preset:6s}: mean density {budgets.mean_density:.3f}, "
+              f"mean fidelity {budgets.curve['mean_fidelity']:.3f} (on the calibration prompts)")
 
     small = parse_video_shape(args.transfer_from, args.frames)
     small_grid = small.token_grid(loaded.preset.patch_size)
