@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--densities", default="0.5,0.3,0.15")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-calibration", action="store_true", help="Skip timing a WEST calibration step.")
     args = parser.parse_args()
     assert kernels.load_library() is not None, "build the kernel library first"
     dtype = torch.bfloat16
@@ -45,7 +47,7 @@ def main() -> None:
     rows = []
     with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         # diffusers' own processors first: building the sparse DiT replaces them in place.
-        dense_ms = time_ms(partial(loaded.transformer, *inputs[:3], return_dict=False), args.reps)
+        dense_ms = time_ms(partial(loaded.transformer, *inputs[:3], return_dict=False), args.reps, args.warmup)
         rows.append(("dense (cuDNN SDPA)", 1.0, dense_ms))
         p = loaded.preset
         for density in [float(d) for d in args.densities.split(",")]:
@@ -53,22 +55,23 @@ def main() -> None:
                                         128, parse_layout("tile3d"))
             budgets = standin_budgets(topology, steps=1, target_density=density)
             sparse = build_sparse_dit(loaded, topology, budgets, video).cuda()
-            rows.append(("sparse, stand-in masks", budgets.mean_density, time_ms(partial(sparse, *inputs), args.reps)))
-    embeddings = calibration_embeddings(p.text_len, loaded.transformer.config.text_dim, 1, 0, dtype)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    compute_topology(loaded, grid, 128, parse_layout("tile3d"), embeddings, [0], 2, flow_shift_for(video.height),
-                     16, "cuda", progress=lambda it, **_: it)
-    end.record()
-    torch.cuda.synchronize()
-    calib_ms = start.elapsed_time(end) / 2
+            ms = time_ms(partial(sparse, *inputs), args.reps, args.warmup)
+            rows.append(("sparse, stand-in masks", budgets.mean_density, ms))
     print()
     print(f"{'DiT forward':28s} {'density':>8s} {'ms':>9s} {'speed-up':>9s}")
     for name, density, ms in rows:
         print(f"{name:28s} {density:8.3f} {ms:9.1f} {dense_ms / ms:8.2f}x")
-    print(f"WEST calibration: {calib_ms:.0f} ms per prompt and step (dense forward + 16 probed rows per block, "
-          "all layers; includes the CPU-side rank update)")
+    if not args.no_calibration:
+        embeddings = calibration_embeddings(p.text_len, loaded.transformer.config.text_dim, 1, 0, dtype)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        compute_topology(loaded, grid, 128, parse_layout("tile3d"), embeddings, [0], 2,
+                         flow_shift_for(video.height), 16, "cuda", progress=lambda it, **_: it)
+        end.record()
+        torch.cuda.synchronize()
+        print(f"WEST calibration: {start.elapsed_time(end) / 2:.0f} ms per prompt and step (dense forward + 16 "
+              "probed rows per block, all layers; includes the CPU-side rank update)")
 
 
 if __name__ == "__main__":
