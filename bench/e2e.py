@@ -50,9 +50,9 @@ def main() -> None:
         dense_ms = time_ms(partial(loaded.transformer, *inputs[:3], return_dict=False), args.reps, args.warmup)
         rows.append(("dense (cuDNN SDPA)", 1.0, dense_ms))
         p = loaded.preset
+        topology = standin_topology(p.name, p.config_hash(), loaded.weights_id, p.num_layers, p.num_heads, grid,
+                                    128, parse_layout("tile3d"))
         for density in [float(d) for d in args.densities.split(",")]:
-            topology = standin_topology(p.name, p.config_hash(), loaded.weights_id, p.num_layers, p.num_heads, grid,
-                                        128, parse_layout("tile3d"))
             budgets = standin_budgets(topology, steps=1, target_density=density)
             sparse = build_sparse_dit(loaded, topology, budgets, video).cuda()
             ms = time_ms(partial(sparse, *inputs), args.reps, args.warmup)
