@@ -60,3 +60,17 @@ def density(levels: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
         sorted_lv.expand(b.shape[0], *sorted_lv.shape).contiguous(), b.unsqueeze(-1).contiguous(), right=True
     ).squeeze(-1)
     return counts.to(torch.float64) / lv.shape[-1]
+
+
+def levels_from_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Rank `[..., n, n]` scores into levels: level = ceil(255 * rank / n^2), rank 1 = highest score.
+
+    The smallest density p at which a pair enters the top ceil(p n^2) pairs is rank / n^2.
+    """
+    n2 = scores.shape[-1] * scores.shape[-2]
+    flat = scores.flatten(-2)
+    order = flat.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(1, n2 + 1).expand_as(order).contiguous())
+    levels = torch.ceil(ranks.to(torch.float64) * DENSE_LEVEL / n2)
+    return levels.to(torch.uint8).view(scores.shape)

@@ -19,7 +19,7 @@ from saexport.exporter.layout import TokenLayout
 from saexport.models.checkpoint import LoadedModel
 from saexport.topology.calibration import CalibrationCheckpoint, SampledRows, calibration_key, calibration_runs
 from saexport.topology.files import Topology
-from saexport.topology.standin import levels_from_scores
+from saexport.topology.levels import levels_from_scores
 
 
 def block_scores(masses: torch.Tensor, rows: SampledRows, seq_len: int, block_size: int) -> torch.Tensor:
