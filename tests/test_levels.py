@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from saexport.topology.levels import density, kept_blocks, levels_from_scores, pack_levels, unpack_levels
@@ -30,6 +32,16 @@ def test_kept_blocks_and_density_agree_with_direct_count():
 
 
 def test_levels_from_scores_ranks_into_smallest_entering_density():
-    # 2x2 map: scores 0.4 > 0.3 > 0.2 > 0.1 -> ranks 1..4 of 4 -> levels ceil(255*r/4)
+    # 2x2 map: scores 0.4 > 0.3 > 0.2 > 0.1 -> ranks 1..4 of 4 -> levels floor(255 (r - 1) / 4) + 1
     scores = torch.tensor([[0.4, 0.1], [0.2, 0.3]])
-    assert levels_from_scores(scores).tolist() == [[64, 255], [192, 128]]
+    assert levels_from_scores(scores).tolist() == [[1, 192], [128, 64]]
+
+
+def test_level_p_keeps_the_top_ceil_p_n2_pairs():
+    scores = torch.rand(7, 7)
+    levels = levels_from_scores(scores)
+    ranked = scores.flatten().argsort(descending=True)
+    for level in (0, 1, 37, 128, 200, 255):
+        top = ranked[: math.ceil(level / 255 * 49)]
+        kept = (levels.flatten() <= level).nonzero().flatten()
+        assert set(kept.tolist()) == set(top.tolist()), level

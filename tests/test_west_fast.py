@@ -21,14 +21,14 @@ from saexport.topology.west import ThresholdMap, block_scores, compute_topology
 
 
 def test_threshold_map_is_min_over_runs_of_rank_levels_with_kept_diagonal():
-    # Two runs over a 2x2 map (n^2 = 4 pairs): levels are ceil(255 * rank / 4) = 64, 128, 192, 255.
+    # Two runs over a 2x2 map (n^2 = 4 pairs): ranks 1..4 give levels 1, 64, 128, 192.
     run1 = torch.tensor([[0.4, 0.3], [0.2, 0.1]])  # ranks 1 2 / 3 4
     run2 = torch.tensor([[0.1, 0.2], [0.4, 0.3]])  # ranks 4 3 / 1 2
     threshold = ThresholdMap(layers=1, heads=1, n=2)
     threshold.add_run(0, run1[None])
     threshold.add_run(0, run2[None])
     levels = threshold.result()[0, 0]
-    assert levels.tolist() == [[0, 128], [64, 0]]  # off-diagonal: min(128, 192) and min(192, 64)
+    assert levels.tolist() == [[0, 64], [1, 0]]  # off-diagonal: min(64, 128) and min(128, 1)
 
 
 def test_block_scores_are_mean_probability_per_pair_with_partial_last_block():

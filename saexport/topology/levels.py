@@ -63,14 +63,15 @@ def density(levels: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
 
 
 def levels_from_scores(scores: torch.Tensor) -> torch.Tensor:
-    """Rank `[..., n, n]` scores into levels: level = ceil(255 * rank / n^2), rank 1 = highest score.
+    """Rank `[..., n, n]` scores into levels (rank 1 = highest score), DESIGN.md's rule exactly.
 
-    The smallest density p at which a pair enters the top ceil(p n^2) pairs is rank / n^2.
+    The pair of rank r is in Top(S, p), the ceil(p n^2) best pairs, iff p n^2 > r - 1; at level P
+    (p = P / 255) that is P > 255 (r - 1) / n^2, so its level is floor(255 (r - 1) / n^2) + 1.
     """
     n2 = scores.shape[-1] * scores.shape[-2]
     flat = scores.flatten(-2)
     order = flat.argsort(dim=-1, descending=True, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(1, n2 + 1).expand_as(order).contiguous())
-    levels = torch.ceil(ranks.to(torch.float64) * DENSE_LEVEL / n2)
-    return levels.to(torch.uint8).view(scores.shape)
+    levels = torch.div((ranks - 1) * DENSE_LEVEL, n2, rounding_mode="floor") + 1
+    return levels.clamp(max=DENSE_LEVEL).to(torch.uint8).view(scores.shape)
