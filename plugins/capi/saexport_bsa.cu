@@ -40,9 +40,10 @@ void dispatch_block(const saexport::BsaParams& p, int block_size, cudaStream_t s
 
 template <typename T>
 void dispatch_head_dim(const saexport::BsaParams& p, int head_dim, int block_size, cudaStream_t stream) {
-    if (use_hopper_path(head_dim, block_size)) {
-        saexport::launch_bsa_forward_sm90<T>(p, stream);
-    } else if (head_dim == 128) {
+    if (use_hopper_path(head_dim, block_size) && saexport::launch_bsa_forward_sm90<T>(p, stream)) {
+        return;
+    }
+    if (head_dim == 128) {
         dispatch_block<T, 128>(p, block_size, stream);
     } else {
         dispatch_block<T, 64>(p, block_size, stream);

@@ -3,7 +3,7 @@
 
 namespace saexport {
 
-template void launch_bsa_forward_sm90<__half>(const BsaParams&, cudaStream_t);
-template void launch_bsa_forward_sm90<__nv_bfloat16>(const BsaParams&, cudaStream_t);
+template bool launch_bsa_forward_sm90<__half>(const BsaParams&, cudaStream_t);
+template bool launch_bsa_forward_sm90<__nv_bfloat16>(const BsaParams&, cudaStream_t);
 
 }  // namespace saexport

@@ -1,8 +1,9 @@
 // Block-sparse attention forward, Hopper path (sm_90a): wgmma for both products, head_dim 128, block 128.
 //
 // One CTA per (query block of 128, head, batch), three warpgroups:
-// - a producer warpgroup streams the K and V tiles of the row's kept blocks (KeyTileWalker) into a ring of
-//   shared-memory stages with cp.async, and hands each one over through a "full" mbarrier;
+// - a producer warpgroup (one thread of it) streams the K and V tiles of the row's kept blocks
+//   (KeyTileWalker) into a ring of shared-memory stages with TMA: two bulk tensor copies of a 64-column
+//   panel per tile, completing on the stage's "full" mbarrier (rows past the sequence end arrive as zeros);
 // - two consumer warpgroups of 64 query rows each compute S = Q K^T (wgmma, both operands from shared
 //   memory), the online softmax, and O += P V (wgmma, P from registers, V transposed from shared memory),
 //   then release the stage through an "empty" mbarrier. The P V of one tile is in flight while the scores
@@ -13,9 +14,12 @@
 // two 64-column panels per 128-column tile.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "bsa_params.h"
 #include "epilogue.cuh"
@@ -41,28 +45,17 @@ __device__ __forceinline__ int swizzled_offset(int row, int chunk) {
     return (chunk >> 3) * kPanelBytes + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
 }
 
-// The producer warpgroup's copy of one 128-row tile: 16 chunks of 16 bytes per row, 16 per thread.
-template <typename T>
-__device__ __forceinline__ void load_tile(unsigned char* tile, const T* gmem, int tok0, int seq_len,
-                                          long long token_stride, int thread) {
-#pragma unroll
-    for (int idx = thread; idx < kRows * 16; idx += 128) {
-        const int row = idx / 16, chunk = idx % 16;
-        const int tok = tok0 + row;
-        const T* src = gmem + static_cast<long long>(tok < seq_len ? tok : seq_len - 1) * token_stride + chunk * 8;
-        sm80::cp_async_16(tile + swizzled_offset(row, chunk), src, tok < seq_len ? 16 : 0);
-    }
-}
-
-// Makes this thread's finished copies visible to wgmma (the async proxy), then signals the barrier.
-__device__ __forceinline__ void publish(uint64_t* full) {
-    cp_async_wait_all();
-    fence_proxy_async();
-    mbarrier_arrive(full);
+// A 128-row tile = two boxes of 64 columns (128 bytes, the swizzle span) x 128 tokens, one per panel.
+__device__ __forceinline__ void load_tile(unsigned char* tile, const CUtensorMap* map, int h, int tok0, int b,
+                                          uint64_t* bar) {
+    tma_load_4d(tile, map, 0, h, tok0, b, bar);
+    tma_load_4d(tile + kPanelBytes, map, 64, h, tok0, b, bar);
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) bsa_forward_kernel(BsaParams p) {
+__global__ void __launch_bounds__(kThreads, 1)
+    bsa_forward_kernel(BsaParams p, const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                       const __grid_constant__ CUtensorMap map_v) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using Pack = sm80::MmaTraits<T>;
     extern __shared__ __align__(1024) unsigned char smem[];
@@ -75,8 +68,7 @@ __global__ void __launch_bounds__(kThreads, 1) bsa_forward_kernel(BsaParams p) {
 
     const int u = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const long long token_stride = static_cast<long long>(p.heads) * kHeadDim;
-    const long long base = static_cast<long long>(b) * p.seq_len * token_stride + h * kHeadDim;
-    T* out = static_cast<T*>(p.out) + base;
+    T* out = static_cast<T*>(p.out) + static_cast<long long>(b) * p.seq_len * token_stride + h * kHeadDim;
     const int q0 = u * kRows;
 
     KeyTileWalker<1> walker(p.row_masks + (static_cast<long long>(h) * p.num_blocks + u) * p.mask_words,
@@ -87,27 +79,27 @@ __global__ void __launch_bounds__(kThreads, 1) bsa_forward_kernel(BsaParams p) {
         return;
     }
     if (threadIdx.x == 0) {
-        mbarrier_init(q_full, 128);
+        mbarrier_init(q_full, 1);
         for (int s = 0; s < kStages; ++s) {
-            mbarrier_init(&full[s], 128);
+            mbarrier_init(&full[s], 1);  // the producer's arrive.expect_tx; the copies' bytes complete it
             mbarrier_init(&empty[s], 256);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
 
-    if (threadIdx.x < 128) {  // producer
+    if (threadIdx.x < 128) {  // producer: one thread issues every copy
         registers_decrease<40>();
-        const T* k = static_cast<const T*>(p.k) + base;
-        const T* v = static_cast<const T*>(p.v) + base;
-        load_tile(s_q, static_cast<const T*>(p.q) + base, q0, p.seq_len, token_stride, threadIdx.x);
-        publish(q_full);
-        for (int i = 0; tile >= 0; ++i, tile = walker.next()) {
-            const int stage = i % kStages;
-            mbarrier_wait(&empty[stage], ((i / kStages) & 1) ^ 1);
-            load_tile(s_k + stage * kTileBytes, k, tile * kRows, p.seq_len, token_stride, threadIdx.x);
-            load_tile(s_v + stage * kTileBytes, v, tile * kRows, p.seq_len, token_stride, threadIdx.x);
-            publish(&full[stage]);
+        if (threadIdx.x == 0) {
+            mbarrier_arrive_expect_tx(q_full, kTileBytes);
+            load_tile(s_q, &map_q, h, q0, b, q_full);
+            for (int i = 0; tile >= 0; ++i, tile = walker.next()) {
+                const int stage = i % kStages;
+                mbarrier_wait(&empty[stage], ((i / kStages) & 1) ^ 1);
+                mbarrier_arrive_expect_tx(&full[stage], 2 * kTileBytes);
+                load_tile(s_k + stage * kTileBytes, &map_k, h, tile * kRows, b, &full[stage]);
+                load_tile(s_v + stage * kTileBytes, &map_v, h, tile * kRows, b, &full[stage]);
+            }
         }
         return;
     }
@@ -199,12 +191,52 @@ __global__ void __launch_bounds__(kThreads, 1) bsa_forward_kernel(BsaParams p) {
 
 namespace saexport {
 
+namespace sm90 {
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point: no link against libcuda.
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+    static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+        void* fn = nullptr;
+        cudaDriverEntryPointQueryResult status;
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &status);
+        return status == cudaDriverEntryPointSuccess ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn)
+                                                      : nullptr;
+    }();
+    return encode;
+}
+
+// [batch, L, heads, 128] viewed as 4-D (innermost first: dim, head, token, batch); boxes of 64 x 1 x 128 x 1.
 template <typename T>
-void launch_bsa_forward_sm90(const BsaParams& params, cudaStream_t stream) {
+bool make_tensor_map(CUtensorMap* map, const void* data, const BsaParams& p) {
+    auto encode = tensor_map_encoder();
+    if (encode == nullptr) return false;
+    const cuuint64_t dims[4] = {kHeadDim, static_cast<cuuint64_t>(p.heads), static_cast<cuuint64_t>(p.seq_len),
+                                static_cast<cuuint64_t>(p.batch)};
+    const cuuint64_t strides[3] = {kHeadDim * sizeof(T), static_cast<cuuint64_t>(p.heads) * kHeadDim * sizeof(T),
+                                   static_cast<cuuint64_t>(p.seq_len) * p.heads * kHeadDim * sizeof(T)};
+    const cuuint32_t box[4] = {64, 1, kRows, 1};
+    const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+    const auto type = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    return encode(map, type, 4, const_cast<void*>(data), dims, strides, box, element_strides,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+}  // namespace sm90
+
+// Returns false when the tensor maps cannot be made (no driver entry point, misaligned inputs).
+template <typename T>
+bool launch_bsa_forward_sm90(const BsaParams& params, cudaStream_t stream) {
+    CUtensorMap map_q, map_k, map_v;
+    if (!sm90::make_tensor_map<T>(&map_q, params.q, params) || !sm90::make_tensor_map<T>(&map_k, params.k, params) ||
+        !sm90::make_tensor_map<T>(&map_v, params.v, params)) {
+        return false;
+    }
     auto kernel = sm90::bsa_forward_kernel<T>;
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sm90::kSmemBytes);
     const dim3 grid(params.num_blocks, params.heads, params.batch);
-    kernel<<<grid, sm90::kThreads, sm90::kSmemBytes, stream>>>(params);
+    kernel<<<grid, sm90::kThreads, sm90::kSmemBytes, stream>>>(params, map_q, map_k, map_v);
+    return true;
 }
 
 }  // namespace saexport

@@ -29,8 +29,9 @@ void build_row_masks(const int32_t* topology, const int32_t* budgets, int steps,
 template <typename T, int kHeadDim, int kBlockM>
 void launch_bsa_forward(const BsaParams& params, cudaStream_t stream);
 
-// The Hopper path (wgmma, sm_90a): head_dim 128, block 128.
+// The Hopper path (TMA + wgmma, sm_90a): head_dim 128, block 128. Returns false, launching nothing, when its
+// tensor maps cannot be made (then the portable path serves the call).
 template <typename T>
-void launch_bsa_forward_sm90(const BsaParams& params, cudaStream_t stream);
+bool launch_bsa_forward_sm90(const BsaParams& params, cudaStream_t stream);
 
 }  // namespace saexport
