@@ -40,11 +40,6 @@ constexpr int kTileBytes = 2 * kPanelBytes;  // a 128 x 128 tile of 16-bit value
 constexpr int kBarrierBytes = 64;
 constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes + kBarrierBytes;  // Q, K and V stages, barriers
 
-// Byte offset of 16-byte chunk `chunk` (0..15) of row `row` in a swizzled tile (SWIZZLE_128B: chunk ^= row % 8).
-__device__ __forceinline__ int swizzled_offset(int row, int chunk) {
-    return (chunk >> 3) * kPanelBytes + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
-}
-
 // A 128-row tile = two boxes of 64 columns (128 bytes, the swizzle span) x 128 tokens, one per panel.
 __device__ __forceinline__ void load_tile(unsigned char* tile, const CUtensorMap* map, int h, int tok0, int b,
                                           uint64_t* bar) {

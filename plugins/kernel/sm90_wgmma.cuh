@@ -26,8 +26,6 @@ template <int kPending>
 __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
-// Shared memory written through the generic proxy (cp.async) and read next by wgmma (the async proxy).
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // D += A * B for one warpgroup: A (64 x 16) and B (16 x 128) from shared memory, both K-major.
 // accumulate = 0 overwrites D (the first step of a product), so no ordinary instruction has to zero it.
