@@ -109,3 +109,15 @@ def test_torch_op_dispatches_to_the_kernel_on_cuda():
     got = block_sparse_attention(q, k, v, topology, budgets, step, 128, 0.088)
     direct = run_kernel(q, k, v, topology, budgets, 1, 128, 0.088)
     assert torch.equal(got, direct)
+
+
+def test_rows_of_very_different_lengths_in_one_launch():
+    """Row u of every head keeps blocks 0..u only (a staircase): the longest-first schedule must serve each."""
+    q, k, v, _, budgets, levels = make_case(2, 1500, 12, 128, 128, 0.5, torch.bfloat16)
+    n = levels.shape[-1]
+    staircase = torch.where(torch.arange(n)[None, :] <= torch.arange(n)[:, None], 0, 255).to(torch.uint8)
+    levels[:] = staircase
+    budgets[1] = 100
+    topology = pack_levels(levels).cuda()
+    got = run_kernel(q, k, v, topology, budgets, 1, 128, 0.088)
+    assert rel_err(got, reference(q, k, v, topology, budgets, 1, 128, 0.088)) < 1e-2
