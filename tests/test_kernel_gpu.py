@@ -112,7 +112,7 @@ def test_torch_op_dispatches_to_the_kernel_on_cuda():
 
 
 def test_rows_of_very_different_lengths_in_one_launch():
-    """Row u of every head keeps blocks 0..u only (a staircase): the longest-first schedule must serve each."""
+    """Row u of every head keeps blocks 0..u only (a staircase): rows of 1 to n tiles in one launch."""
     q, k, v, _, budgets, levels = make_case(2, 1500, 12, 128, 128, 0.5, torch.bfloat16)
     n = levels.shape[-1]
     staircase = torch.where(torch.arange(n)[None, :] <= torch.arange(n)[:, None], 0, 255).to(torch.uint8)
