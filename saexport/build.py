@@ -89,7 +89,7 @@ def run_build(settings: BuildSettings, out_dir: str | Path, echo: Callable[[str]
     from saexport.engines.scheduler import flow_shift_for
     from saexport.engines.triton_repo import write_triton_repository
     from saexport.exporter.onnx_export import export_onnx
-    from saexport.topology.calibration import calibration_embeddings
+    from saexport.topology.calibration import calibration_set
     from saexport.topology.fast import compute_fidelity, fit_budgets
     from saexport.topology.west import compute_topology
 
@@ -106,7 +106,7 @@ def run_build(settings: BuildSettings, out_dir: str | Path, echo: Callable[[str]
         weights = file_fingerprint(detect_layout(Path(settings.weights)).files)
     else:
         raise SaexportError(f"model '{settings.model}' needs --weights PATH (or --random-weights for benchmarks)")
-    from saexport.models.text_encoder import CALIBRATION_PROMPTS, encode_prompts, encoder_fingerprint, has_text_encoder
+    from saexport.models.text_encoder import encoder_fingerprint, has_text_encoder
 
     umt5 = settings.weights is not None and has_text_encoder(Path(settings.weights))
     if settings.calib_embeddings:
@@ -126,14 +126,10 @@ def run_build(settings: BuildSettings, out_dir: str | Path, echo: Callable[[str]
         return models[dtype]
 
     def embeddings() -> torch.Tensor:
-        if settings.calib_embeddings:
-            from safetensors.torch import load_file
-
-            return load_file(settings.calib_embeddings)["embeddings"].float()
-        if umt5:
-            return encode_prompts(Path(settings.weights), CALIBRATION_PROMPTS[:settings.prompts],
-                                  out_dir / "calibration_embeddings.safetensors", max_length=preset.text_len)
-        return calibration_embeddings(preset.text_len, preset.config["text_dim"], settings.prompts, 0, torch.float32)
+        weights_path = Path(settings.weights) if settings.weights else None
+        calib_file = Path(settings.calib_embeddings) if settings.calib_embeddings else None
+        return calibration_set(preset, settings.prompts, calib_file, weights_path,
+                               out_dir / "calibration_embeddings.safetensors")[0]
 
     def stage(name: str, key: str, outputs: list[str], run: Callable[[], None]) -> None:
         if manifest.is_current(name, key):

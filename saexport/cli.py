@@ -9,8 +9,6 @@ from pathlib import Path
 
 import click
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from saexport.errors import SaexportError
 from saexport.exporter.layout import parse_layout
@@ -139,35 +137,18 @@ def calibration_options(command: Callable) -> Callable:
     return command
 
 
-def _embeddings(loaded: LoadedModel, prompts: int, calib_embeddings: Path | None, dtype: torch.dtype,
-                weights: Path | None = None, cache: Path | None = None):
-    """Calibration embeddings: a file; else the checkpoint's UMT5 on the built-in prompts; else synthetic."""
-    from saexport.models.text_encoder import CALIBRATION_PROMPTS, encode_prompts, has_text_encoder
-    from saexport.topology.calibration import calibration_embeddings
+def _embeddings(loaded: LoadedModel, prompts: int, calib_embeddings: Path | None, weights: Path | None,
+                cache: Path) -> tuple[torch.Tensor, str]:
+    from saexport.topology.calibration import calibration_set
 
-    text_dim = loaded.transformer.config.text_dim
-    if calib_embeddings is not None:
-        return _read_embeddings(calib_embeddings, text_dim).to(dtype), str(calib_embeddings)
-    if weights is not None and has_text_encoder(weights):
-        chosen = CALIBRATION_PROMPTS[:prompts]
-        with _Stage(f"encoding {len(chosen)} built-in calibration prompts with the checkpoint's UMT5"):
-            embeddings = encode_prompts(weights, chosen, cache, max_length=loaded.preset.text_len)
-        return embeddings.to(dtype), f"built-in prompts ({len(chosen)}), UMT5 of {weights}"
-    click.secho(f"note: {prompts} SYNTHETIC prompt embeddings (seeded normal): give --calib-embeddings, or a "
-                "checkpoint with text_encoder/, for real prompts", fg="yellow", err=True)
-    return calibration_embeddings(loaded.preset.text_len, text_dim, prompts, seed=0, dtype=dtype), "synthetic"
-
-
-def _read_embeddings(path: Path, text_dim: int) -> torch.Tensor:
-    """The `embeddings` tensor `[prompts, text_len, text_dim]` of a safetensors file (e.g. UMT5 outputs)."""
-    try:
-        embeddings = load_file(str(path))["embeddings"]
-    except (OSError, KeyError, SafetensorError) as e:
-        raise SaexportError(f"{path}: not a safetensors file with an `embeddings` tensor ({e})") from None
-    if embeddings.dim() != 3 or embeddings.shape[-1] != text_dim:
-        raise SaexportError(f"{path}: embeddings must be [prompts, text_len, {text_dim}], "
-                            f"got {tuple(embeddings.shape)}")
-    return embeddings
+    with _Stage("preparing the calibration prompts"):
+        embeddings, source = calibration_set(loaded.preset, prompts, calib_embeddings, weights, cache)
+    if source == "synthetic":
+        click.secho(f"note: {prompts} SYNTHETIC prompt embeddings (seeded normal): give --calib-embeddings, or a "
+                    "checkpoint with text_encoder/, for real prompts", fg="yellow", err=True)
+    else:
+        click.echo(f"[saexport] calibration prompts: {source}", err=True)
+    return embeddings, source
 
 
 def _partial(out_path: Path) -> Path:
@@ -199,7 +180,7 @@ def topology(model, weights, random_weights, seed, resolution, frames, block_siz
 
     video = parse_video_shape(resolution, frames)
     loaded = _load(model, weights, random_weights, seed, torch.float32)
-    embeddings, source = _embeddings(loaded, prompts, calib_embeddings, torch.float32, weights,
+    embeddings, source = _embeddings(loaded, prompts, calib_embeddings, weights,
                                      out_path.with_name("calibration_embeddings.safetensors"))
     result = compute_topology(loaded, video.token_grid(loaded.preset.patch_size), block_size, parse_layout(layout),
                               embeddings, _int_list(seeds), steps, flow_shift_for(video.height), rows_per_block, device,
@@ -243,7 +224,7 @@ def budgets(model, weights, random_weights, seed, topology_path, fidelity, promp
     topo = Topology.load(topology_path)
     loaded = _load(model, weights, random_weights, seed, torch.float32)
     topo.check_matches(loaded.preset.name, loaded.preset.config_hash(), topo.grid, topo.block_size)
-    embeddings, _ = _embeddings(loaded, prompts, calib_embeddings, torch.float32, weights,
+    embeddings, _ = _embeddings(loaded, prompts, calib_embeddings, weights,
                                 out_path.with_name("calibration_embeddings.safetensors"))
     height = topo.grid[1] * loaded.preset.patch_size[1] * VAE_SPATIAL
     table = compute_fidelity(loaded, topo, embeddings, _int_list(seeds), steps, flow_shift_for(height), rows_per_block,
@@ -358,17 +339,17 @@ def generate(model, weights, random_weights, seed, artifacts, backend, plugin_li
 
 
 def _prompt_embeddings(path: Path | None, preset, seed: int) -> torch.Tensor:
-    from saexport.topology.calibration import calibration_embeddings
+    from saexport.topology.calibration import calibration_embeddings, read_embeddings
 
     text_dim = preset.config["text_dim"]
     if path is None:
         click.secho("note: SYNTHETIC prompt embeddings (seeded normal); give --embeddings for a real prompt",
                     fg="yellow", err=True)
         return calibration_embeddings(preset.text_len, text_dim, 1, seed, torch.float32)
-    embeddings = _read_embeddings(path, text_dim)
+    embeddings = read_embeddings(path, text_dim)
     if embeddings.shape[0] != 1:
         raise SaexportError(f"{path}: one prompt expected, got {embeddings.shape[0]}")
-    return embeddings.float()
+    return embeddings
 
 
 @main.command()

@@ -47,7 +47,7 @@ def test_topology_calibrates_on_the_built_in_prompts(checkpoint, tmp_path):
         "--steps", "2", "--prompts", "3", "--rows-per-block", "4", "--device", "cpu",
         "--out", str(tmp_path / "out" / "topology.safetensors")])
     assert result.exit_code == 0, result.output
-    assert "encoding 3 built-in calibration prompts" in result.output
+    assert "calibration prompts: built-in prompts (3), UMT5" in result.output
     assert (tmp_path / "out" / "calibration_embeddings.safetensors").exists()
     from saexport.topology.files import Topology
 

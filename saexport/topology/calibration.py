@@ -148,6 +148,35 @@ def calibration_embeddings(text_len: int, text_dim: int, prompts: int, seed: int
     return torch.randn(prompts, text_len, text_dim, generator=gen).to(dtype)
 
 
+def read_embeddings(path: Path, text_dim: int) -> torch.Tensor:
+    """The `embeddings` tensor `[prompts, text_len, text_dim]` of a safetensors file (e.g. UMT5 outputs)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            embeddings = f.get_tensor("embeddings")
+    except (OSError, SafetensorError) as e:
+        raise SaexportError(f"{path}: not a safetensors file with an `embeddings` tensor ({e})") from None
+    if embeddings.dim() != 3 or embeddings.shape[-1] != text_dim:
+        raise SaexportError(f"{path}: embeddings must be [prompts, text_len, {text_dim}], "
+                            f"got {tuple(embeddings.shape)}")
+    return embeddings.float()
+
+
+def calibration_set(preset, prompts: int, embeddings_file: Path | None = None, weights: Path | None = None,
+                    cache: Path | None = None) -> tuple[torch.Tensor, str]:
+    """fp32 calibration embeddings and where they came from: a file; else the checkpoint's UMT5 on the
+    built-in prompts (cached in `cache`); else synthetic ("synthetic")."""
+    from saexport.models.text_encoder import CALIBRATION_PROMPTS, encode_prompts, has_text_encoder
+
+    text_dim = preset.config["text_dim"]
+    if embeddings_file is not None:
+        return read_embeddings(embeddings_file, text_dim), str(embeddings_file)
+    if weights is not None and has_text_encoder(weights):
+        chosen = CALIBRATION_PROMPTS[:prompts]
+        embeddings = encode_prompts(weights, chosen, cache, max_length=preset.text_len)
+        return embeddings, f"built-in prompts ({len(chosen)}), UMT5 of {weights}"
+    return calibration_embeddings(preset.text_len, text_dim, prompts, 0, torch.float32), "synthetic"
+
+
 class CalibrationCheckpoint:
     """Resumes an interrupted calibration: the accumulated state and the finished trajectories, saved
     atomically after each trajectory to `path` (a safetensors file), valid only for the same settings `key`.
