@@ -20,7 +20,7 @@ from saexport.atomic import write_text_atomic
 from saexport.errors import SaexportError
 from saexport.exporter.layout import parse_layout
 from saexport.exporter.video_shape import parse_video_shape
-from saexport.models.checkpoint import LoadedModel, detect_layout, load_model, parse_dtype
+from saexport.models.checkpoint import LoadedModel, detect_layout, load_model, parse_dtype, resolve_weights
 from saexport.models.presets import get_preset
 from saexport.topology.files import Budgets, Topology
 
@@ -97,22 +97,20 @@ def run_build(settings: BuildSettings, out_dir: str | Path, echo: Callable[[str]
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.load(out_dir)
     preset = get_preset(settings.model)
-    video = parse_video_shape(settings.resolution, settings.frames)
+    video = parse_video_shape(settings.resolution, settings.frames, preset.codec)
     grid = video.token_grid(preset.patch_size)
     flow_shift = flow_shift_for(video.height)
-    if settings.random_weights:
+    checkpoint = None if settings.random_weights else resolve_weights(preset, settings.weights)
+    if checkpoint is None:
         weights = f"random:{settings.seed}"
-    elif settings.weights is not None:
-        weights = file_fingerprint(detect_layout(Path(settings.weights)).files)
     else:
-        raise SaexportError(f"model '{settings.model}' needs --weights PATH (or --random-weights for benchmarks)")
+        weights = file_fingerprint(detect_layout(checkpoint).files)
     from saexport.models.text_encoder import encoder_fingerprint, has_text_encoder
 
-    umt5 = settings.weights is not None and has_text_encoder(Path(settings.weights))
     if settings.calib_embeddings:
         embeddings_source = file_fingerprint([Path(settings.calib_embeddings)])
-    elif umt5:
-        embeddings_source = ["umt5", encoder_fingerprint(Path(settings.weights)), settings.prompts]
+    elif checkpoint is not None and has_text_encoder(checkpoint):
+        embeddings_source = ["text encoder", encoder_fingerprint(checkpoint), settings.prompts]
     else:
         embeddings_source = f"synthetic:{settings.prompts}"
     calibration = (embeddings_source, list(settings.seeds), settings.steps, settings.rows_per_block)
@@ -121,14 +119,13 @@ def run_build(settings: BuildSettings, out_dir: str | Path, echo: Callable[[str]
 
     def model(dtype: torch.dtype) -> LoadedModel:
         if dtype not in models:
-            models[dtype] = load_model(settings.model, settings.weights, dtype=dtype,
+            models[dtype] = load_model(settings.model, checkpoint, dtype=dtype,
                                        random_weights=settings.random_weights, seed=settings.seed)
         return models[dtype]
 
     def embeddings() -> torch.Tensor:
-        weights_path = Path(settings.weights) if settings.weights else None
         calib_file = Path(settings.calib_embeddings) if settings.calib_embeddings else None
-        return calibration_set(preset, settings.prompts, calib_file, weights_path,
+        return calibration_set(preset, settings.prompts, calib_file, checkpoint,
                                out_dir / "calibration_embeddings.safetensors")[0]
 
     def stage(name: str, key: str, outputs: list[str], run: Callable[[], None]) -> None:

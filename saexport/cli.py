@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -14,11 +15,11 @@ from saexport.errors import SaexportError
 from saexport.exporter.layout import parse_layout
 from saexport.exporter.video_shape import parse_video_shape
 from saexport.models.checkpoint import DTYPES, LoadedModel, load_model, parse_dtype
-from saexport.models.presets import PRESETS
+from saexport.models.presets import PRESETS, RunDefaults, get_preset
 from saexport.topology.files import Budgets, Topology
 from saexport.topology.standin import standin_budgets, standin_topology
 
-DEFAULT_MODEL = "wan2.1-tiny"
+DEFAULT_MODEL = "wan2.1-demo"
 
 
 def _clear_errors(command: Callable) -> Callable:
@@ -53,11 +54,30 @@ def model_options(command: Callable) -> Callable:
     command = click.option("--model", default=DEFAULT_MODEL, show_default=True,
                            type=click.Choice(list(PRESETS)), help="Architecture preset.")(command)
     command = click.option("--weights", type=click.Path(path_type=Path),
-                           help="Checkpoint folder (diffusers or original Wan layout).")(command)
+                           help="Checkpoint folder (diffusers or original Wan layout); wan2.1-demo's ships with "
+                                "saexport.")(command)
     command = click.option("--random-weights", is_flag=True,
                            help="Random weights, for benchmarks only (marked in every artifact).")(command)
     command = click.option("--seed", default=0, show_default=True, help="Seed of --random-weights.")(command)
     return command
+
+
+PRESET_DEFAULT = "Default: the model's (see `saexport models`)."
+
+
+def video_options(command: Callable) -> Callable:
+    command = click.option("--resolution", help=f"480p, 720p or WIDTHxHEIGHT. {PRESET_DEFAULT}")(command)
+    return click.option("--frames", type=int, help=f"Video frames (4k+1 with Wan's VAE). {PRESET_DEFAULT}")(command)
+
+
+def block_options(command: Callable) -> Callable:
+    command = click.option("--block-size", type=int, help=f"Attention block size. {PRESET_DEFAULT}")(command)
+    return click.option("--layout", help=f"identity, tile3d or tile3d:FxHxW. {PRESET_DEFAULT}")(command)
+
+
+def _preset_defaults(model: str, **given) -> RunDefaults:
+    """The model's run defaults, overridden by the options the user gave (those not None)."""
+    return dataclasses.replace(get_preset(model).defaults, **{k: v for k, v in given.items() if v is not None})
 
 
 def _load(model: str, weights: Path | None, random_weights: bool, seed: int, dtype: torch.dtype) -> LoadedModel:
@@ -80,22 +100,25 @@ def models() -> None:
     """List the architecture presets."""
     for preset in PRESETS.values():
         c = preset.config
+        d = preset.defaults
         click.echo(f"{preset.name:14s} {c['num_layers']:3d} layers {c['num_attention_heads']:3d} heads x "
                    f"{c['attention_head_dim']}  ffn {c['ffn_dim']:6d}  {preset.description}")
+        click.echo(f"{'':14s} latents: {preset.codec.name}; defaults: {d.resolution} x {d.frames} frames, blocks of "
+                   f"{d.block_size}, layout {d.layout}, {d.steps} steps, {d.dtype}"
+                   + ("; weights ship with saexport" if preset.bundled_weights else ""))
 
 
 @main.command()
 @model_options
-@click.option("--resolution", default="480p", show_default=True, help="480p, 720p or WIDTHxHEIGHT.")
-@click.option("--frames", default=81, show_default=True, help="Video frames (4k+1).")
-@click.option("--dtype", "dtype_name", default="bf16", show_default=True, type=click.Choice(list(DTYPES)))
+@video_options
+@click.option("--dtype", "dtype_name", type=click.Choice(list(DTYPES)), help=f"Precision. {PRESET_DEFAULT}")
 @click.option("--batch", default=1, show_default=True, help="Batch of the static graph.")
 @click.option("--topology", "topology_path", type=click.Path(path_type=Path),
               help="topology.safetensors (default: a stand-in, until calibration has run).")
 @click.option("--budgets", "budgets_path", type=click.Path(path_type=Path), help="budgets.safetensors.")
-@click.option("--block-size", default=128, show_default=True, help="Block size of a stand-in topology.")
-@click.option("--layout", default="tile3d", show_default=True, help="Token layout of a stand-in topology.")
-@click.option("--steps", default=50, show_default=True, help="Denoising steps of stand-in budgets.")
+@click.option("--block-size", type=int, help=f"Block size of a stand-in topology. {PRESET_DEFAULT}")
+@click.option("--layout", help=f"Token layout of a stand-in topology. {PRESET_DEFAULT}")
+@click.option("--steps", type=int, help=f"Denoising steps of stand-in budgets. {PRESET_DEFAULT}")
 @click.option("--density", default=0.3, show_default=True, help="Mean density of stand-in budgets.")
 @click.option("--verify", is_flag=True, help="Run the ONNX in ONNX Runtime and compare with PyTorch (fp32).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
@@ -105,7 +128,10 @@ def export(model, weights, random_weights, seed, resolution, frames, dtype_name,
     """Export the sparse DiT to OUT/model.onnx with one BlockSparseAttention node per layer."""
     from saexport.exporter.onnx_export import export_onnx
 
-    video = parse_video_shape(resolution, frames)
+    d = _preset_defaults(model, resolution=resolution, frames=frames, dtype=dtype_name, block_size=block_size,
+                         layout=layout, steps=steps)
+    video = parse_video_shape(d.resolution, d.frames, get_preset(model).codec)
+    dtype_name, block_size, layout, steps = d.dtype, d.block_size, d.layout, d.steps
     dtype = parse_dtype(dtype_name)
     if verify and dtype != torch.float32:
         raise SaexportError("--verify runs ONNX Runtime on the CPU: export with --dtype fp32")
@@ -129,7 +155,7 @@ def calibration_options(command: Callable) -> Callable:
     command = click.option("--calib-embeddings", type=click.Path(path_type=Path),
                            help="safetensors: `embeddings` [prompts, text_len, text_dim] (e.g. UMT5 output).")(command)
     command = click.option("--seeds", default="0", show_default=True, help="Comma-separated latent seeds.")(command)
-    command = click.option("--steps", default=50, show_default=True, help="Sampler steps of the trajectory.")(command)
+    command = click.option("--steps", type=int, help=f"Sampler steps of the trajectory. {PRESET_DEFAULT}")(command)
     command = click.option("--rows-per-block", default=16, show_default=True,
                            help="Query rows sampled per block.")(command)
     command = click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -137,12 +163,12 @@ def calibration_options(command: Callable) -> Callable:
     return command
 
 
-def _embeddings(loaded: LoadedModel, prompts: int, calib_embeddings: Path | None, weights: Path | None,
+def _embeddings(loaded: LoadedModel, prompts: int, calib_embeddings: Path | None,
                 cache: Path) -> tuple[torch.Tensor, str]:
     from saexport.topology.calibration import calibration_set
 
     with _Stage("preparing the calibration prompts"):
-        embeddings, source = calibration_set(loaded.preset, prompts, calib_embeddings, weights, cache)
+        embeddings, source = calibration_set(loaded.preset, prompts, calib_embeddings, loaded.path, cache)
     if source == "synthetic":
         click.secho(f"note: {prompts} SYNTHETIC prompt embeddings (seeded normal): give --calib-embeddings, or a "
                     "checkpoint with text_encoder/, for real prompts", fg="yellow", err=True)
@@ -165,10 +191,8 @@ def _int_list(text: str, option: str = "--seeds") -> list[int]:
 
 @main.command()
 @model_options
-@click.option("--resolution", default="480p", show_default=True, help="480p, 720p or WIDTHxHEIGHT.")
-@click.option("--frames", default=81, show_default=True, help="Video frames (4k+1).")
-@click.option("--block-size", default=128, show_default=True)
-@click.option("--layout", default="tile3d", show_default=True, help="identity, tile3d or tile3d:FxHxW.")
+@video_options
+@block_options
 @calibration_options
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="topology.safetensors")
 @_clear_errors
@@ -178,9 +202,12 @@ def topology(model, weights, random_weights, seed, resolution, frames, block_siz
     from saexport.engines.scheduler import flow_shift_for
     from saexport.topology.west import compute_topology
 
-    video = parse_video_shape(resolution, frames)
+    d = _preset_defaults(model, resolution=resolution, frames=frames, block_size=block_size, layout=layout,
+                         steps=steps)
+    block_size, layout, steps = d.block_size, d.layout, d.steps
+    video = parse_video_shape(d.resolution, d.frames, get_preset(model).codec)
     loaded = _load(model, weights, random_weights, seed, torch.float32)
-    embeddings, source = _embeddings(loaded, prompts, calib_embeddings, weights,
+    embeddings, source = _embeddings(loaded, prompts, calib_embeddings,
                                      out_path.with_name("calibration_embeddings.safetensors"))
     result = compute_topology(loaded, video.token_grid(loaded.preset.patch_size), block_size, parse_layout(layout),
                               embeddings, _int_list(seeds), steps, flow_shift_for(video.height), rows_per_block, device,
@@ -192,7 +219,7 @@ def topology(model, weights, random_weights, seed, resolution, frames, block_siz
 @main.command()
 @click.option("--topology", "topology_path", required=True, type=click.Path(path_type=Path))
 @click.option("--resolution", required=True, help="Target 480p, 720p or WIDTHxHEIGHT.")
-@click.option("--frames", default=81, show_default=True, help="Target video frames (4k+1).")
+@click.option("--frames", required=True, type=int, help="Target video frames.")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="topology.safetensors")
 @_clear_errors
 def transfer(topology_path, resolution, frames, out_path) -> None:
@@ -201,7 +228,8 @@ def transfer(topology_path, resolution, frames, out_path) -> None:
     from saexport.topology.transfer import transfer_topology
 
     source = Topology.load(topology_path)
-    grid = parse_video_shape(resolution, frames).token_grid(get_preset(source.model).patch_size)
+    preset = get_preset(source.model)
+    grid = parse_video_shape(resolution, frames, preset.codec).token_grid(preset.patch_size)
     result = transfer_topology(source, grid)
     result.save(out_path)
     click.echo(f"wrote {out_path}: grid {source.grid} -> {grid} (budgets must be tuned on it: saexport budgets)")
@@ -218,15 +246,16 @@ def budgets(model, weights, random_weights, seed, topology_path, fidelity, promp
             rows_per_block, device, out_path) -> None:
     """FAST: measure fidelity per level along the trajectory and fit the preset's budgets."""
     from saexport.engines.scheduler import flow_shift_for
-    from saexport.exporter.video_shape import VAE_SPATIAL
+    from saexport.exporter.video_shape import video_of_grid
     from saexport.topology.fast import compute_fidelity, fit_budgets
 
+    steps = _preset_defaults(model, steps=steps).steps
     topo = Topology.load(topology_path)
     loaded = _load(model, weights, random_weights, seed, torch.float32)
     topo.check_matches(loaded.preset.name, loaded.preset.config_hash(), topo.grid, topo.block_size)
-    embeddings, _ = _embeddings(loaded, prompts, calib_embeddings, weights,
+    embeddings, _ = _embeddings(loaded, prompts, calib_embeddings,
                                 out_path.with_name("calibration_embeddings.safetensors"))
-    height = topo.grid[1] * loaded.preset.patch_size[1] * VAE_SPATIAL
+    height = video_of_grid(topo.grid, loaded.preset.patch_size, loaded.preset.codec).height
     table = compute_fidelity(loaded, topo, embeddings, _int_list(seeds), steps, flow_shift_for(height), rows_per_block,
                              device, checkpoint_path=_partial(out_path))
     result = fit_budgets(topo, table, fidelity)
@@ -263,19 +292,21 @@ def engine(onnx_path, plugin_library, workspace_gib, timing_cache, version_compa
               help="safetensors: `embeddings` [1, text_len, text_dim] (the prompt); synthetic if absent.")
 @click.option("--negative", "negative_path", type=click.Path(path_type=Path),
               help="safetensors: `embeddings` of the negative prompt; synthetic if absent.")
-@click.option("--prompt", help="Prompt text, encoded by the checkpoint's UMT5 (--weights with text_encoder/).")
+@click.option("--prompt", help="Prompt text, encoded by the checkpoint's text encoder (UMT5, or the demo's words).")
 @click.option("--negative-prompt", default="", help="Negative prompt text (with --prompt).")
 @click.option("--steps", type=int, help="Sampler steps (default: the budgets' steps).")
 @click.option("--guidance", default=5.0, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--sample-seed", default=0, show_default=True, help="Seed of the initial noise.")
-@click.option("--vae", "vae_path", type=click.Path(path_type=Path), help="AutoencoderKLWan folder (for .gif/.mp4).")
+@click.option("--vae", "vae_path", type=click.Path(path_type=Path),
+              help="AutoencoderKLWan folder, for .gif/.mp4 of a Wan2.1 model (the demo model's latents are pixels).")
+@click.option("--upscale", default=1, show_default=True, help="Enlarge each frame N times (for tiny videos).")
 @click.option("--dtype", "dtype_name", default="fp32", show_default=True, type=click.Choice(list(DTYPES)),
               help="Precision of the torch back end.")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
-              help="latents.safetensors, or video.gif / video.mp4 (needs --vae).")
+              help="latents.safetensors, or video.gif / video.mp4.")
 @_clear_errors
 def generate(model, weights, random_weights, seed, artifacts, backend, plugin_library, embeddings_path,
-             negative_path, prompt, negative_prompt, steps, guidance, sample_seed, vae_path, dtype_name,
+             negative_path, prompt, negative_prompt, steps, guidance, sample_seed, vae_path, upscale, dtype_name,
              out_path) -> None:
     """Run Wan2.1's sampler loop (UniPC, guidance) on a back end; write latents or a video."""
     from safetensors.torch import save_file
@@ -283,18 +314,19 @@ def generate(model, weights, random_weights, seed, artifacts, backend, plugin_li
     from saexport.engines.denoiser import OnnxRuntimeDenoiser, TensorRTDenoiser, TorchDenoiser
     from saexport.engines.sampler import sample
     from saexport.engines.scheduler import flow_shift_for
-    from saexport.engines.video import decode_latents, write_video
-    from saexport.exporter.video_shape import VAE_SPATIAL
-    from saexport.models.presets import get_preset
+    from saexport.engines.video import latents_to_frames, write_video
+    from saexport.exporter.video_shape import video_of_grid
 
     topo = Topology.load(artifacts / "topology.safetensors")
     budget = Budgets.load(artifacts / "budgets.safetensors")
     budget.check_matches(topo)
     preset = get_preset(topo.model)
-    if preset.name != model and (weights or random_weights):
+    model_given = click.get_current_context().get_parameter_source("model") != click.core.ParameterSource.DEFAULT
+    if preset.name != model and model_given:
         raise SaexportError(f"the artifacts are for {preset.name}, not --model {model}")
-    pt, ph, pw = preset.patch_size
-    latent_shape = (preset.config["in_channels"], topo.grid[0] * pt, topo.grid[1] * ph, topo.grid[2] * pw)
+    video = video_of_grid(topo.grid, preset.patch_size, preset.codec)
+    if weights is None and not random_weights:
+        weights = preset.bundled_weights
     if backend == "torch":
         from saexport.exporter.sparse_dit import SparseWanDiT
 
@@ -317,24 +349,20 @@ def generate(model, weights, random_weights, seed, artifacts, backend, plugin_li
 
         if weights is None:
             raise SaexportError("--prompt needs --weights (a checkpoint with text_encoder/ and tokenizer/)")
-        with _Stage("encoding the prompts with the checkpoint's UMT5"):
+        with _Stage("encoding the prompts with the checkpoint's text encoder"):
             text, negative = encode_prompts(weights, [prompt, negative_prompt], max_length=preset.text_len).split(1)
     else:
         text = _prompt_embeddings(embeddings_path, preset, seed=1)
         negative = _prompt_embeddings(negative_path, preset, seed=2)
-    height = topo.grid[1] * ph * VAE_SPATIAL
-    latents = sample(denoiser, text, negative, latent_shape, steps or budget.steps, flow_shift_for(height),
-                     sample_seed, guidance)
+    latents = sample(denoiser, text, negative, video.latent_shape(), steps or budget.steps,
+                     flow_shift_for(video.height), sample_seed, guidance)
     if out_path.suffix == ".safetensors":
         from saexport.atomic import atomic_path
 
         with atomic_path(out_path) as tmp:
             save_file({"latents": latents.contiguous()}, str(tmp))
     else:
-        if vae_path is None:
-            raise SaexportError(f"{out_path.suffix} output needs --vae (the model's vae/ folder); "
-                                "or write .safetensors")
-        write_video(decode_latents(vae_path, latents), out_path)
+        write_video(latents_to_frames(preset.codec, latents, vae_path), out_path, scale=upscale)
     click.echo(f"wrote {out_path}")
 
 
@@ -364,10 +392,9 @@ def _prompt_embeddings(path: Path | None, preset, seed: int) -> torch.Tensor:
 def triton(onnx_path, engine_path, steps, name, gpus, out_dir) -> None:
     """Write a Triton model repository: NAME_dit (TensorRT plan) and NAME_pipeline (BLS sampler loop)."""
     from saexport.engines.scheduler import flow_shift_for
-    from saexport.engines.triton_repo import graph_io, write_triton_repository
-    from saexport.exporter.video_shape import VAE_SPATIAL
+    from saexport.engines.triton_repo import exported_video_height, write_triton_repository
 
-    height = graph_io(onnx_path)[0][0].dims[3] * VAE_SPATIAL
+    height = exported_video_height(onnx_path)
     repo = write_triton_repository(onnx_path, out_dir, name, steps, flow_shift_for(height), engine_path,
                                    _int_list(gpus, "--gpus"))
     click.echo(f"wrote {repo} (see {repo / 'README.md'})")
@@ -376,11 +403,9 @@ def triton(onnx_path, engine_path, steps, name, gpus, out_dir) -> None:
 @main.command()
 @model_options
 @click.option("--fidelity", type=click.Choice(["high", "medium", "low"]), default="high", show_default=True)
-@click.option("--resolution", default="480p", show_default=True, help="480p, 720p or WIDTHxHEIGHT.")
-@click.option("--frames", default=81, show_default=True, help="Video frames (4k+1).")
-@click.option("--dtype", "dtype_name", default="bf16", show_default=True, type=click.Choice(list(DTYPES)))
-@click.option("--block-size", default=128, show_default=True)
-@click.option("--layout", default="tile3d", show_default=True, help="identity, tile3d or tile3d:FxHxW.")
+@video_options
+@click.option("--dtype", "dtype_name", type=click.Choice(list(DTYPES)), help=f"Precision. {PRESET_DEFAULT}")
+@block_options
 @calibration_options
 @click.option("--plugin", "plugin_library", type=click.Path(path_type=Path),
               help="libsaexport_trt_plugin.so, for the engine stage.")
@@ -396,10 +421,12 @@ def build(model, weights, random_weights, seed, fidelity, resolution, frames, dt
     if random_weights:
         click.secho(f"WARNING: {model} has RANDOM WEIGHTS (seed {seed}): for speed measurements only.",
                     fg="yellow", err=True)
+    d = _preset_defaults(model, resolution=resolution, frames=frames, dtype=dtype_name, steps=steps,
+                         block_size=block_size, layout=layout)
     settings = BuildSettings(
         model=model, fidelity=fidelity, weights=str(weights) if weights else None, random_weights=random_weights,
-        seed=seed, resolution=resolution, frames=frames, dtype=dtype_name, steps=steps, block_size=block_size,
-        layout=layout, prompts=prompts, calib_embeddings=str(calib_embeddings) if calib_embeddings else None,
+        seed=seed, resolution=d.resolution, frames=d.frames, dtype=d.dtype, steps=d.steps, block_size=d.block_size,
+        layout=d.layout, prompts=prompts, calib_embeddings=str(calib_embeddings) if calib_embeddings else None,
         seeds=tuple(_int_list(seeds)), rows_per_block=rows_per_block, device=device,
         plugin=str(plugin_library) if plugin_library else None, triton_name=triton_name,
         gpus=tuple(_int_list(gpus, "--gpus")))

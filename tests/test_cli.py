@@ -3,13 +3,15 @@ from click.testing import CliRunner
 
 from saexport.cli import main
 
+TINY = ["--model", "wan2.1-tiny", "--random-weights"]
+
 
 def run(*args):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def test_export_verify_end_to_end(tmp_path):
-    result = run("export", "--random-weights", "--resolution", "64x48", "--frames", "9", "--dtype", "fp32",
+    result = run("export", *TINY, "--resolution", "64x48", "--frames", "9", "--dtype", "fp32",
                  "--block-size", "16", "--steps", "4", "--verify", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     assert "RANDOM WEIGHTS" in result.output and "STAND-IN" in result.output
@@ -23,7 +25,7 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path):
     result = run("export", "--weights", str(tmp_path / "nowhere"), "--out", str(tmp_path))
     assert result.exit_code == 1
     assert "Error: weights path" in result.output and "does not exist" in result.output
-    result = run("export", "--random-weights", "--frames", "80", "--out", str(tmp_path))
+    result = run("export", *TINY, "--frames", "80", "--out", str(tmp_path))
     assert result.exit_code == 1 and "frames must be 4k+1" in result.output
 
 
@@ -33,7 +35,7 @@ def test_models_lists_presets():
 
 
 def test_topology_budgets_export_chain(tmp_path):
-    common = ["--random-weights", "--steps", "4", "--rows-per-block", "4", "--prompts", "2", "--device", "cpu"]
+    common = [*TINY, "--steps", "4", "--rows-per-block", "4", "--prompts", "2", "--device", "cpu"]
     result = run("topology", *common, "--resolution", "64x64", "--frames", "9", "--block-size", "8",
                  "--layout", "tile3d:1x2x4", "--out", str(tmp_path / "topology.safetensors"))
     assert result.exit_code == 0, result.output
@@ -42,18 +44,18 @@ def test_topology_budgets_export_chain(tmp_path):
     assert result.exit_code == 0, result.output
     assert "mean density 0.3" in result.output
     files = ["--topology", str(tmp_path / "topology.safetensors"), "--budgets", str(tmp_path / "budgets.safetensors")]
-    result = run("export", "--random-weights", "--resolution", "64x64", "--frames", "9", "--dtype", "fp32", *files,
-                 "--verify", "--out", str(tmp_path))
+    result = run("export", *TINY, "--resolution", "64x64", "--frames", "9",
+                 "--dtype", "fp32", *files, "--verify", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     errors = [float(line.rsplit(" ", 1)[1]) for line in result.output.splitlines() if "relative error" in line]
     assert len(errors) == 2 and max(errors) < 1e-4
-    result = run("export", "--random-weights", "--resolution", "64x48", "--frames", "9", *files,
-                 "--out", str(tmp_path / "other"))
+    result = run("export", *TINY, "--resolution", "64x48", "--frames", "9",
+                 *files, "--out", str(tmp_path / "other"))
     assert result.exit_code == 1 and "token grid" in result.output
 
 
 def test_inspect_draws_pictures_and_measures_stability(tmp_path):
-    common = ["--random-weights", "--resolution", "64x64", "--frames", "9", "--block-size", "8", "--layout",
+    common = [*TINY, "--resolution", "64x64", "--frames", "9", "--block-size", "8", "--layout",
               "tile3d:1x2x4", "--steps", "3", "--rows-per-block", "4", "--prompts", "2", "--dtype", "fp32"]
     assert run("build", *common, "--out", str(tmp_path / "a")).exit_code == 0
     a = tmp_path / "a"

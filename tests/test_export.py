@@ -40,7 +40,7 @@ def test_export_passes_checker_and_follows_the_contract(tmp_path, resolution, fr
     assert inputs["timestep"].elem_type == onnx.TensorProto.FLOAT
     assert inputs["step_index"].elem_type == onnx.TensorProto.INT32
     assert [d.dim_value for d in inputs["step_index"].shape.dim] == [1]
-    assert [d.dim_value for d in inputs["hidden_states"].shape.dim] == [1, *video.latent_shape(16)]
+    assert [d.dim_value for d in inputs["hidden_states"].shape.dim] == [1, *video.latent_shape()]
     assert [o.name for o in model.graph.output] == ["noise_pred"]
 
     nodes = [n for n in model.graph.node if n.op_type == "BlockSparseAttention"]
@@ -114,5 +114,5 @@ def test_bad_video_shape(resolution, frames, message):
 
 def test_480p_81_frames_grid():
     video = parse_video_shape("480p", 81)
-    assert video.latent_shape(16) == (16, 21, 60, 104)
+    assert video.latent_shape() == (16, 21, 60, 104)
     assert video.token_grid((1, 2, 2)) == (21, 30, 52)

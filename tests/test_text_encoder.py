@@ -43,13 +43,14 @@ def test_encoding_pads_with_zeros_and_is_cached(checkpoint, tmp_path):
 
 def test_topology_calibrates_on_the_built_in_prompts(checkpoint, tmp_path):
     result = CliRunner().invoke(main, [
-        "topology", "--weights", str(checkpoint), "--resolution", "64x64", "--frames", "9", "--block-size", "8",
+        "topology", "--model", "wan2.1-tiny", "--weights", str(checkpoint), "--resolution", "64x64", "--frames", "9",
+        "--block-size", "8",
         "--steps", "2", "--prompts", "3", "--rows-per-block", "4", "--device", "cpu",
         "--out", str(tmp_path / "out" / "topology.safetensors")])
     assert result.exit_code == 0, result.output
-    assert "calibration prompts: built-in prompts (3), UMT5" in result.output
+    assert "calibration prompts: built-in prompts (3), text encoder of" in result.output
     assert (tmp_path / "out" / "calibration_embeddings.safetensors").exists()
     from saexport.topology.files import Topology
 
     calibration = Topology.load(tmp_path / "out" / "topology.safetensors").calibration
-    assert calibration["embeddings"].startswith("built-in prompts (3), UMT5")
+    assert calibration["embeddings"].startswith("built-in prompts (3), text encoder of")

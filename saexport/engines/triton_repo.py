@@ -52,6 +52,15 @@ def graph_io(onnx_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return [spec(v) for v in graph.input], [spec(v) for v in graph.output]
 
 
+def exported_video_height(onnx_path: Path) -> int:
+    """The pixel height of the video the graph was exported for (its `video` metadata, WIDTHxHEIGHTxFRAMES)."""
+    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    try:
+        return int(props["video"].split("x")[1])
+    except (KeyError, IndexError, ValueError):
+        raise SaexportError(f"{onnx_path} has no saexport `video` metadata: export it with `saexport export`") from None
+
+
 def model_config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], *, platform: str | None = None,
                  backend: str | None = None, instance_kind: str = "KIND_GPU", gpus: list[int] | None = None) -> str:
     lines = [f'name: "{name}"']

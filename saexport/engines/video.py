@@ -1,4 +1,5 @@
-"""Latents -> pixels with Wan's VAE (diffusers `AutoencoderKLWan`), and pixels -> GIF / MP4 files."""
+"""Latents -> pixels through the model's codec (Wan's VAE, diffusers `AutoencoderKLWan`; or none, for a model
+whose latents are pixels), and pixels -> GIF / MP4 files."""
 
 from __future__ import annotations
 
@@ -9,8 +10,19 @@ import torch
 
 from saexport.atomic import atomic_path
 from saexport.errors import SaexportError
+from saexport.models.presets import LatentCodec
 
 FPS = 16  # Wan2.1's frame rate
+
+
+def latents_to_frames(codec: LatentCodec, latents: torch.Tensor, vae_path: str | Path | None) -> np.ndarray:
+    """uint8 frames `[frames, height, width, 3]` of latents `[1, channels, f, h, w]`."""
+    if codec.name == "pixels":
+        return _to_uint8(latents[0])
+    if vae_path is None:
+        raise SaexportError("a video of Wan2.1 latents needs --vae (the checkpoint's vae/ folder); "
+                            "or write .safetensors")
+    return decode_latents(vae_path, latents)
 
 
 def decode_latents(vae_path: str | Path, latents: torch.Tensor) -> np.ndarray:
@@ -25,13 +37,22 @@ def decode_latents(vae_path: str | Path, latents: torch.Tensor) -> np.ndarray:
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
     with torch.no_grad():
         video = vae.decode(latents.float() * std + mean).sample  # [1, 3, frames, H, W] in [-1, 1]
-    frames = ((video[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return _to_uint8(video[0])
+
+
+def _to_uint8(video: torch.Tensor) -> np.ndarray:
+    """`[3, frames, H, W]` in [-1, 1] -> uint8 `[frames, H, W, 3]`."""
+    frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return frames.permute(1, 2, 3, 0).numpy()
 
 
-def write_video(frames: np.ndarray, path: str | Path, fps: int = FPS) -> None:
+def write_video(frames: np.ndarray, path: str | Path, fps: int = FPS, scale: int = 1) -> None:
+    """GIF or MP4 by the extension; `scale` enlarges each frame (nearest neighbour) for tiny videos."""
     import imageio.v3 as iio
 
+    if scale < 1:
+        raise SaexportError(f"the scale must be a positive integer, got {scale}")
+    frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
     path = Path(path)
     if path.suffix.lower() not in (".gif", ".mp4"):
         raise SaexportError(f"write videos as .gif or .mp4, not {path.suffix}")

@@ -34,8 +34,11 @@ class ExportedModel:
 def example_inputs(loaded: LoadedModel, video: VideoShape, dtype: torch.dtype, batch: int = 1) -> tuple:
     """Inputs of the exported graph's shapes and dtypes (random values, never zeros)."""
     config = loaded.transformer.config
+    if video.codec.channels != config.in_channels:
+        raise SaexportError(f"the video's latents have {video.codec.channels} channels ({video.codec.name}), "
+                            f"the model takes {config.in_channels}")
     return (
-        torch.randn(batch, *video.latent_shape(config.in_channels), dtype=dtype),
+        torch.randn(batch, *video.latent_shape(), dtype=dtype),
         torch.full((batch,), 999.0, dtype=torch.float32),  # fp32 always: 999 is 1000 in bf16
         torch.randn(batch, loaded.preset.text_len, config.text_dim, dtype=dtype),
         torch.zeros(1, dtype=torch.int32),

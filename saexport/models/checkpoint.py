@@ -35,6 +35,7 @@ class LoadedModel:
     transformer: WanTransformer3DModel
     weights_id: str  # sha256 of the weight files, or "random:<seed>"
     source: str
+    path: Path | None = None  # the checkpoint folder (None for random weights)
 
     @property
     def random_weights(self) -> bool:
@@ -71,9 +72,7 @@ def load_model(
         state = _random_state(transformer, seed)
         _assign(transformer, state, dtype)
         return LoadedModel(preset, transformer, f"random:{seed}", f"RANDOM WEIGHTS (seed {seed})")
-    if weights is None:
-        raise SaexportError(f"model '{model}' needs --weights PATH (or --random-weights for benchmarks)")
-
+    weights = resolve_weights(preset, weights)
     layout = detect_layout(Path(weights))
     check_config_matches(preset, layout.config, str(weights))
     config = {**preset.config, **layout.config}
@@ -81,7 +80,16 @@ def load_model(
     state = _read_state(layout)
     _check_state(transformer, state, str(weights))
     _assign(transformer, state, dtype)
-    return LoadedModel(preset, transformer, _hash_files(layout.files), str(weights))
+    return LoadedModel(preset, transformer, _hash_files(layout.files), str(weights), Path(weights))
+
+
+def resolve_weights(preset: ModelPreset, weights: str | Path | None) -> Path:
+    """The given checkpoint folder, else the one that ships with the package (wan2.1-demo's)."""
+    if weights is not None:
+        return Path(weights)
+    if preset.bundled_weights is not None:
+        return preset.bundled_weights
+    raise SaexportError(f"model '{preset.name}' needs --weights PATH (or --random-weights for benchmarks)")
 
 
 def detect_layout(path: Path) -> CheckpointLayout:

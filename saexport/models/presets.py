@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from saexport.errors import SaexportError
@@ -49,11 +50,40 @@ def _wan_config(**overrides: Any) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class LatentCodec:
+    """How a model's latents map to video pixels: the VAE's strides and latent channels."""
+
+    name: str  # "wan-vae": diffusers' AutoencoderKLWan; "pixels": latents are RGB in [-1, 1]
+    spatial: int
+    temporal: int
+    channels: int
+
+
+WAN_VAE = LatentCodec("wan-vae", spatial=8, temporal=4, channels=16)
+PIXELS = LatentCodec("pixels", spatial=1, temporal=1, channels=3)
+
+
+@dataclass(frozen=True)
+class RunDefaults:
+    """The command-line defaults that suit a model: video size, blocks, sampler steps, precision."""
+
+    resolution: str = "480p"
+    frames: int = 81
+    block_size: int = 128
+    layout: str = "tile3d"
+    steps: int = 50
+    dtype: str = "bf16"
+
+
+@dataclass(frozen=True)
 class ModelPreset:
     name: str
     description: str
     config: dict[str, Any] = field(hash=False)
     text_len: int = 512  # tokens of the text encoder's output the DiT attends to
+    codec: LatentCodec = WAN_VAE
+    defaults: RunDefaults = RunDefaults()
+    bundled_weights: Path | None = None  # a checkpoint shipped inside the package
 
     @property
     def num_heads(self) -> int:
@@ -101,6 +131,19 @@ PRESETS: dict[str, ModelPreset] = {
             _wan_config(num_attention_heads=4, attention_head_dim=16, text_dim=32, freq_dim=32,
                         ffn_dim=128, num_layers=2),
             text_len=8,
+        ),
+        # Trained by the project on procedural videos (saexport/demo): a model with learned attention
+        # structure that runs on a CPU. Its latents are pixels (no VAE) and its text encoder is a word table.
+        ModelPreset(
+            "wan2.1-demo",
+            "6 layers, 4 heads x 64, trained on procedural captioned videos (pixels, 32x32x16)",
+            _wan_config(num_attention_heads=4, attention_head_dim=64, in_channels=3, out_channels=3, text_dim=64,
+                        ffn_dim=1024, num_layers=6),
+            text_len=24,
+            codec=PIXELS,
+            defaults=RunDefaults(resolution="32x32", frames=16, block_size=64, layout="tile3d:4x4x4", steps=20,
+                                 dtype="fp32"),
+            bundled_weights=Path(__file__).resolve().parent.parent / "demo" / "weights",
         ),
         ModelPreset(
             "wan2.1-small",

@@ -1,7 +1,7 @@
-"""Prompts -> Wan2.1's text embeddings with the checkpoint's own UMT5 encoder (diffusers layout:
-`tokenizer/` and `text_encoder/` beside `transformer/`), as diffusers' WanPipeline encodes them: padded to
-512 tokens, and the positions past each prompt's end set to zero. Encodings are cached in a file keyed by
-the encoder's files and the prompts."""
+"""Prompts -> Wan2.1's text embeddings with the checkpoint's own text encoder (diffusers layout:
+`tokenizer/` and `text_encoder/` beside `transformer/`): UMT5, as diffusers' WanPipeline encodes them (padded
+to 512 tokens, the positions past each prompt's end set to zero; cached in a file keyed by the encoder's
+files and the prompts), or the demo model's word-embedding encoder (same contract, no cache needed)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from saexport.atomic import atomic_path
 from saexport.errors import SaexportError
+from saexport.models.word_encoder import WordEncoder, is_word_encoder
 
 MAX_LENGTH = 512
 
@@ -51,12 +52,31 @@ def has_text_encoder(weights: Path) -> bool:
     return (weights / "text_encoder" / "config.json").is_file() and (weights / "tokenizer").is_dir()
 
 
+def calibration_prompts(weights: Path, count: int) -> list[str]:
+    """The built-in prompts for WEST/FAST calibration: real-world scenes for UMT5; for the demo model, training
+    captions (never its held-out test captions)."""
+    if is_word_encoder(weights):
+        from saexport.demo.videos import scenes
+
+        return [scene.caption() for scene in scenes(count, seed=CALIBRATION_SEED)]
+    return CALIBRATION_PROMPTS[:count]
+
+
+CALIBRATION_SEED = 1_000_003  # demo captions of calibration; training draws from other seeds
+
+
 def encode_prompts(weights: Path, prompts: list[str], cache: Path | None = None, device: str | torch.device = "cpu",
                    max_length: int = MAX_LENGTH) -> torch.Tensor:
     """fp32 `[len(prompts), max_length, text_dim]`; from the cache when the encoder and the prompts are the same."""
     if not has_text_encoder(weights):
         raise SaexportError(f"{weights} has no text_encoder/ and tokenizer/ (diffusers layout): give embeddings "
                             "as a file instead")
+    if is_word_encoder(weights):
+        encoder = WordEncoder.load(weights)
+        if encoder.tokenizer.max_length != max_length:
+            raise SaexportError(f"{weights}: the word encoder reads {encoder.tokenizer.max_length} tokens, the model "
+                                f"attends to {max_length}")
+        return encoder.encode(prompts)
     key = _cache_key(weights, prompts, max_length)
     if cache is not None and cache.is_file():
         try:

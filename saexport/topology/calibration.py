@@ -163,17 +163,17 @@ def read_embeddings(path: Path, text_dim: int) -> torch.Tensor:
 
 def calibration_set(preset, prompts: int, embeddings_file: Path | None = None, weights: Path | None = None,
                     cache: Path | None = None) -> tuple[torch.Tensor, str]:
-    """fp32 calibration embeddings and where they came from: a file; else the checkpoint's UMT5 on the
+    """fp32 calibration embeddings and where they came from: a file; else the checkpoint's text encoder on the
     built-in prompts (cached in `cache`); else synthetic ("synthetic")."""
-    from saexport.models.text_encoder import CALIBRATION_PROMPTS, encode_prompts, has_text_encoder
+    from saexport.models.text_encoder import calibration_prompts, encode_prompts, has_text_encoder
 
     text_dim = preset.config["text_dim"]
     if embeddings_file is not None:
         return read_embeddings(embeddings_file, text_dim), str(embeddings_file)
     if weights is not None and has_text_encoder(weights):
-        chosen = CALIBRATION_PROMPTS[:prompts]
+        chosen = calibration_prompts(weights, prompts)
         embeddings = encode_prompts(weights, chosen, cache, max_length=preset.text_len)
-        return embeddings, f"built-in prompts ({len(chosen)}), UMT5 of {weights}"
+        return embeddings, f"built-in prompts ({len(chosen)}), text encoder of {weights}"
     return calibration_embeddings(preset.text_len, text_dim, prompts, 0, torch.float32), "synthetic"
 
 
