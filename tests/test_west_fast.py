@@ -100,6 +100,11 @@ def test_whole_chain_meets_every_density_goal(calibrated, tmp_path):
         assert abs(budgets.mean_density - goal) <= 0.02
         assert budgets.mean_density == pytest.approx(float(density(topology.levels, budgets.levels).mean()))
         budgets.check_matches(topology, steps=4)
+        # The grading kept is the one with the most fidelity among those that reach the goal.
+        reaching = [c for c in budgets.curve["candidates"] if abs(c[2] - goal) <= 0.01]
+        assert budgets.curve["growth"] == max(reaching, key=lambda c: c[1])[0]
+        assert budgets.curve["mean_fidelity"] == pytest.approx(
+            float(fidelity.gather(-1, budgets.levels.long().unsqueeze(-1)).mean()))
     topology.save(tmp_path / "t.safetensors")
     assert Topology.load(tmp_path / "t.safetensors").calibration["method"] == "WEST"
 

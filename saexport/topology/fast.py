@@ -7,8 +7,10 @@ sqrt(M) and F = 1 - sqrt(1 - sqrt(M)): the fidelity of every level follows from 
 The target curve tolerates a loss that grows with the step and with the depth,
     A(l, s) = 1 - delta0 * (1 + g * s / (S - 1)) * (1 + g * l / (L - 1)),
 so early steps and shallow layers, the most sensitive, get the highest targets. For each entry the
-budget is the lowest level whose measured fidelity reaches A; delta0 is fitted by bisection so that
-the table's mean density meets the preset's goal.
+budget is the lowest level whose measured fidelity reaches A; for each grading g of a few candidates,
+delta0 is fitted by bisection so that the table's mean density meets the preset's goal, and the g whose
+budgets keep the highest mean fidelity wins: how steeply to grade depends on the model (a grading too
+steep starves the late steps and deep layers of a model whose attention is diffuse there).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from saexport.topology.files import Budgets, Topology
 from saexport.topology.levels import DENSE_LEVEL, density
 
 DENSITY_GOALS = {"high": 0.45, "medium": 0.30, "low": 0.20}
-GROWTH = 3.0
+GROWTHS = (0.0, 0.5, 1.0, 2.0, 3.0)  # candidate gradings g of the target curve
 LEVELS = DENSE_LEVEL + 1
 
 
@@ -78,7 +80,7 @@ class FidelityTable:
 @dataclass(frozen=True)
 class TargetCurve:
     delta0: float
-    growth: float = GROWTH
+    growth: float
 
     def targets(self, steps: int, layers: int) -> torch.Tensor:
         s = torch.arange(steps, dtype=torch.float64) / max(steps - 1, 1)
@@ -93,15 +95,31 @@ def choose_levels(fidelity: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return reaches.to(torch.uint8).argmax(-1).to(torch.uint8)
 
 
-def fit_budgets(topology: Topology, fidelity: torch.Tensor, preset: str, iterations: int = 60) -> Budgets:
-    """Bisect delta0 (log scale) so that the budgets' mean density is as close as it gets to the goal."""
+def fit_budgets(topology: Topology, fidelity: torch.Tensor, preset: str, growths: tuple[float, ...] = GROWTHS,
+                iterations: int = 60) -> Budgets:
+    """The budgets of the grading that keeps the most fidelity at the preset's density goal."""
     if preset not in DENSITY_GOALS:
         raise SaexportError(f"unknown fidelity preset '{preset}'; use one of {', '.join(DENSITY_GOALS)}")
     goal = DENSITY_GOALS[preset]
+    fits = [_fit_delta0(topology, fidelity, goal, growth, iterations) for growth in growths]
+    close = [fit for fit in fits if abs(fit[3] - goal) <= 0.01] or fits  # gradings that reach the goal
+    curve, levels, achieved, mean = max(close, key=lambda fit: fit[2])
+    return Budgets(levels, topology.hash(), fidelity=preset,
+                   curve={"delta0": curve.delta0, "growth": curve.growth, "density_goal": goal,
+                          "mean_fidelity": achieved,
+                          "candidates": [[fit[0].growth, round(fit[2], 5), round(fit[3], 4)] for fit in fits],
+                          "fidelity_vs_density": fidelity_vs_density(topology, fidelity)},
+                   mean_density=mean)
+
+
+def _fit_delta0(topology: Topology, fidelity: torch.Tensor, goal: float, growth: float,
+                iterations: int) -> tuple[TargetCurve, torch.Tensor, float, float]:
+    """Bisect delta0 (log scale) so that the budgets' mean density is as close as it gets to the goal.
+    Returns the curve, its levels, their mean fidelity and their mean density."""
     steps, layers = fidelity.shape[:2]
 
     def solve(delta0: float) -> tuple[torch.Tensor, float]:
-        levels = choose_levels(fidelity, TargetCurve(delta0).targets(steps, layers))
+        levels = choose_levels(fidelity, TargetCurve(delta0, growth).targets(steps, layers))
         return levels, float(density(topology.levels, levels).mean())
 
     low, high = math.log(1e-9), math.log(2.0)  # density falls as delta0 grows
@@ -117,10 +135,7 @@ def fit_budgets(topology: Topology, fidelity: torch.Tensor, preset: str, iterati
             high = mid
     delta0, levels, mean = best  # type: ignore[misc]
     achieved = float((fidelity.gather(-1, levels.long().unsqueeze(-1)).squeeze(-1)).mean())
-    return Budgets(levels, topology.hash(), fidelity=preset,
-                   curve={"delta0": delta0, "growth": GROWTH, "density_goal": goal, "mean_fidelity": achieved,
-                          "fidelity_vs_density": fidelity_vs_density(topology, fidelity)},
-                   mean_density=mean)
+    return TargetCurve(delta0, growth), levels, achieved, mean
 
 
 def fidelity_vs_density(topology: Topology, fidelity: torch.Tensor, stride: int = 16) -> list[list[list[float]]]:
