@@ -156,7 +156,7 @@ def main() -> None:
     configs: list[tuple[str, str, Budgets]] = [
         (f"FAST {preset}", "WEST", fit_budgets(maps["WEST"], fitted, preset)) for preset in DENSITY_GOALS]
     # The first FAST fixed the grading at g = 3; kept as a row to show what fitting g changes.
-    configs.append(("FAST high", "WEST", fit_budgets(maps["WEST"], fitted, "high", growths=(3.0,))))
+    configs.append(("FAST high, fixed g", "WEST", fit_budgets(maps["WEST"], fitted, "high", growths=(3.0,))))
     configs += [(f"WEST {d}", "WEST", budgets_at_density(maps["WEST"], args.steps, d)) for d in WEST_ONLY_DENSITIES]
     configs += [(f"{name} {d}", name, budgets_at_density(maps[name], args.steps, d))
                 for d in DENSITIES for name in maps]
