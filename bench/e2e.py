@@ -1,7 +1,9 @@
 """One DiT forward of a full-size Wan2.1 with random weights: dense (cuDNN SDPA) against sparse (our kernel).
 
 Also times one WEST calibration step (dense forward with every layer probed). Prints a table; GPU named.
-    python bench/e2e.py [--model wan2.1] [--resolution 480p] [--frames 81] [--densities 0.5,0.3,0.15]
+With --compile both sides run through torch.compile (inductor fuses the norms, RoPE, modulation and
+GELU around the attention, as a TensorRT engine does): the closer proxy of a deployed engine.
+    python bench/e2e.py [--model wan2.1] [--resolution 480p] [--frames 81] [--densities 0.5,0.3,0.15] [--compile]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-calibration", action="store_true", help="Skip timing a WEST calibration step.")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the dense and the sparse model.")
     args = parser.parse_args()
     assert kernels.load_library() is not None, "build the kernel library first"
     dtype = torch.bfloat16
@@ -43,18 +46,21 @@ def main() -> None:
     args_cpu = example_inputs(loaded, video, dtype)
     inputs = [t.cuda() for t in args_cpu]
     print(f"GPU: {torch.cuda.get_device_name()}  {args.model} {video.describe()} grid {grid} "
-          f"(L = {grid[0] * grid[1] * grid[2]}), bf16, median of {args.reps}")
+          f"(L = {grid[0] * grid[1] * grid[2]}), bf16, median of {args.reps}"
+          + (", torch.compile on both sides" if args.compile else ""))
+    compiled = torch.compile if args.compile else (lambda module: module)
     rows = []
     with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         # diffusers' own processors first: building the sparse DiT replaces them in place.
-        dense_ms = time_ms(partial(loaded.transformer, *inputs[:3], return_dict=False), args.reps, args.warmup)
+        dense = compiled(loaded.transformer)
+        dense_ms = time_ms(partial(dense, *inputs[:3], return_dict=False), args.reps, args.warmup)
         rows.append(("dense (cuDNN SDPA)", 1.0, dense_ms))
         p = loaded.preset
         topology = standin_topology(p.name, p.config_hash(), loaded.weights_id, p.num_layers, p.num_heads, grid,
                                     128, parse_layout("tile3d"))
         for density in [float(d) for d in args.densities.split(",")]:
             budgets = standin_budgets(topology, steps=1, target_density=density)
-            sparse = build_sparse_dit(loaded, topology, budgets, video).cuda()
+            sparse = compiled(build_sparse_dit(loaded, topology, budgets, video).cuda())
             ms = time_ms(partial(sparse, *inputs), args.reps, args.warmup)
             rows.append(("sparse, stand-in masks", budgets.mean_density, ms))
     print()
