@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from saexport.engines.ort_session import ort_session, run_dit
+from saexport.engines.triton_repo import exported_video_height
 from saexport.errors import SaexportError
 from saexport.exporter.layout import parse_layout
 from saexport.exporter.onnx_export import INPUT_NAMES, build_sparse_dit, example_inputs, export_onnx
@@ -59,6 +60,7 @@ def test_export_passes_checker_and_follows_the_contract(tmp_path, resolution, fr
         assert torch.equal(torch.from_numpy(bud), budgets.levels[:, layer].int())
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["random_weights"] == "true" and meta["topology_hash"] == topology.hash()
+    assert exported_video_height(exported.path) == video.height  # what `saexport triton` reads for the flow shift
 
 
 def test_onnxruntime_matches_pytorch_at_real_sparsity(tmp_path):
