@@ -78,7 +78,7 @@ def test_demo_model_denoises_a_held_out_video():
     noisy = (1 - sigma) * video + sigma * torch.randn(video.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         flow = loaded.transformer(noisy, torch.tensor([sigma * 1000]), text, return_dict=False)[0]
-    estimate = noisy - sigma * flow  # x0 = x_t - sigma * (noise - x0) ... = x_t - sigma * flow
+    estimate = noisy - sigma * flow  # x_t - sigma (noise - x0) = x0 when the flow is right
     assert (estimate - video).pow(2).mean() < 0.25 * (noisy / (1 - sigma) - video).pow(2).mean()
 
 

@@ -73,14 +73,14 @@ def load_model(
         _assign(transformer, state, dtype)
         return LoadedModel(preset, transformer, f"random:{seed}", f"RANDOM WEIGHTS (seed {seed})")
     weights = resolve_weights(preset, weights)
-    layout = detect_layout(Path(weights))
+    layout = detect_layout(weights)
     check_config_matches(preset, layout.config, str(weights))
     config = {**preset.config, **layout.config}
     transformer = _build_meta(config)
     state = _read_state(layout)
     _check_state(transformer, state, str(weights))
     _assign(transformer, state, dtype)
-    return LoadedModel(preset, transformer, _hash_files(layout.files), str(weights), Path(weights))
+    return LoadedModel(preset, transformer, _hash_files(layout.files), str(weights), weights)
 
 
 def resolve_weights(preset: ModelPreset, weights: str | Path | None) -> Path:

@@ -18,6 +18,7 @@ from saexport.errors import SaexportError
 from saexport.models.word_encoder import WordEncoder, is_word_encoder
 
 MAX_LENGTH = 512
+CALIBRATION_SEED = 1_000_003  # the demo's calibration captions: a draw of its own, never a held-out caption
 
 # A built-in calibration set: diverse subjects, motion, camera work, lighting and styles.
 CALIBRATION_PROMPTS = [
@@ -61,8 +62,6 @@ def calibration_prompts(weights: Path, count: int) -> list[str]:
         return [scene.caption() for scene in scenes(count, seed=CALIBRATION_SEED)]
     return CALIBRATION_PROMPTS[:count]
 
-
-CALIBRATION_SEED = 1_000_003  # demo captions of calibration; training draws from other seeds
 
 
 def encode_prompts(weights: Path, prompts: list[str], cache: Path | None = None, device: str | torch.device = "cpu",
