@@ -110,7 +110,7 @@ def train(settings: TrainSettings, out: Path, device: str, minutes: float | None
         decay = min(settings.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
-        running += float(loss) if step % 10 == 0 else 0.0
+        running += loss.item() if step % 10 == 0 else 0.0
         if step % 100 == 0:
             curve.append((step, running / 10))
             elapsed = time.perf_counter() - start
