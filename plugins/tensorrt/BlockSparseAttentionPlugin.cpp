@@ -25,6 +25,7 @@ int32_t kernelDtype(DataType type) noexcept {
 
 // ONNX integer attributes arrive as INT32 or INT64 fields depending on the parser version.
 bool readInt(PluginField const& field, int32_t& value) noexcept {
+    if (field.data == nullptr || field.length < 1) return false;
     if (field.type == PluginFieldType::kINT32) {
         value = *static_cast<int32_t const*>(field.data);
     } else if (field.type == PluginFieldType::kINT64) {
@@ -33,6 +34,40 @@ bool readInt(PluginField const& field, int32_t& value) noexcept {
         return false;
     }
     return true;
+}
+
+bool sameOrUnknown(int64_t extent, int64_t expected) noexcept {
+    return extent < 0 || expected < 0 || extent == expected;
+}
+
+// Shapes of the six inputs and the output (DESIGN.md, "The ONNX node"); an extent of -1 (not known yet while
+// building) passes. Returns what is wrong, or nullptr. A topology or budgets tensor smaller than the node's
+// num_heads and L imply would have the kernel read past it.
+char const* shapeError(Dims const (&dims)[kNbInputs + 1], BlockSparseAttentionConfig const& config) noexcept {
+    Dims const& q = dims[kQ];
+    if (q.nbDims != 4 || !sameOrUnknown(q.d[2], config.numHeads) || !sameOrUnknown(q.d[3], config.headDim)) {
+        return "q must be [batch, L, num_heads, head_dim] with the node's num_heads and head_dim";
+    }
+    int32_t const sameAsQ[] = {kK, kV, kOut};
+    for (int32_t const i : sameAsQ) {
+        if (dims[i].nbDims != 4) return "k, v and the output must have q's shape";
+        for (int32_t j = 0; j < 4; ++j) {
+            if (!sameOrUnknown(dims[i].d[j], q.d[j])) return "k, v and the output must have q's shape";
+        }
+    }
+    Dims const& topology = dims[kTopology];
+    int64_t const blocks = q.d[1] >= 0 ? (q.d[1] + config.blockSize - 1) / config.blockSize : topology.d[1];
+    if (topology.nbDims != 3 || !sameOrUnknown(topology.d[0], config.numHeads) ||
+        !sameOrUnknown(topology.d[1], blocks) || !sameOrUnknown(topology.d[2], blocks >= 0 ? (blocks + 3) / 4 : -1)) {
+        return "topology must be [num_heads, n, ceil(n/4)] with n = ceil(L / block_size)";
+    }
+    Dims const& budgets = dims[kBudgets];
+    if (budgets.nbDims != 2 || budgets.d[0] == 0 || !sameOrUnknown(budgets.d[1], config.numHeads)) {
+        return "budgets must be [steps, num_heads] with at least one step";
+    }
+    Dims const& step = dims[kStepIndex];
+    if (step.nbDims != 1 || !sameOrUnknown(step.d[0], 1)) return "step_index must be [1]";
+    return nullptr;
 }
 
 }  // namespace
@@ -72,7 +107,7 @@ int32_t BlockSparseAttentionPlugin::getOutputShapes(DimsExprs const* inputs, int
 
 bool BlockSparseAttentionPlugin::supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* inOut,
                                                            int32_t nbInputs, int32_t nbOutputs) noexcept {
-    if (nbInputs != kNbInputs || nbOutputs != 1) return false;
+    if (nbInputs != kNbInputs || nbOutputs != 1 || pos < 0 || pos > kOut) return false;
     PluginTensorDesc const& desc = inOut[pos].desc;
     if (desc.format != TensorFormat::kLINEAR) return false;
     switch (pos) {
@@ -85,12 +120,14 @@ bool BlockSparseAttentionPlugin::supportsFormatCombination(int32_t pos, DynamicP
 }
 
 int32_t BlockSparseAttentionPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
-                                                    DynamicPluginTensorDesc const*, int32_t nbOutputs) noexcept {
+                                                    DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept {
     if (nbInputs != kNbInputs || nbOutputs != 1) return -1;
-    Dims const& q = in[kQ].desc.dims;
     // -1 means "not known yet" during building; the checks apply to what is known.
-    if (q.nbDims != 4 || (q.d[2] >= 0 && q.d[2] != mConfig.numHeads) || (q.d[3] >= 0 && q.d[3] != mConfig.headDim)) {
-        reportError("q must be [batch, L, num_heads, head_dim] with the node's num_heads and head_dim");
+    Dims const dims[kNbInputs + 1] = {in[kQ].desc.dims,      in[kK].desc.dims,       in[kV].desc.dims,
+                                      in[kTopology].desc.dims, in[kBudgets].desc.dims, in[kStepIndex].desc.dims,
+                                      out[0].desc.dims};
+    if (char const* error = shapeError(dims, mConfig)) {
+        reportError(error);
         return -1;
     }
     return 0;
@@ -102,9 +139,21 @@ size_t BlockSparseAttentionPlugin::getWorkspaceSize(DynamicPluginTensorDesc cons
     return saexport_bsa_workspace_size(mConfig.numHeads, static_cast<int>(inputs[kQ].max.d[1]), mConfig.blockSize);
 }
 
-int32_t BlockSparseAttentionPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const*,
-                                                  int32_t nbOutputs) noexcept {
-    if (nbInputs != kNbInputs || nbOutputs != 1 || in[kQ].dims.nbDims != 4 || in[kBudgets].dims.nbDims != 2) return -1;
+int32_t BlockSparseAttentionPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs,
+                                                  PluginTensorDesc const* out, int32_t nbOutputs) noexcept {
+    if (nbInputs != kNbInputs || nbOutputs != 1) return -1;
+    Dims const dims[kNbInputs + 1] = {in[kQ].dims,       in[kK].dims,         in[kV].dims, in[kTopology].dims,
+                                      in[kBudgets].dims, in[kStepIndex].dims, out[0].dims};
+    char const* error = shapeError(dims, mConfig);
+    for (int32_t i = 0; error == nullptr && i <= kOut; ++i) {
+        for (int32_t j = 0; j < dims[i].nbDims; ++j) {
+            if (dims[i].d[j] <= 0) error = "every extent must be known and positive when the plugin runs";
+        }
+    }
+    if (error != nullptr) {
+        reportError(error);
+        return -1;
+    }
     mShape.batch = static_cast<int32_t>(in[kQ].dims.d[0]);
     mShape.seqLen = static_cast<int32_t>(in[kQ].dims.d[1]);
     mShape.steps = static_cast<int32_t>(in[kBudgets].dims.d[0]);
@@ -158,23 +207,35 @@ IPluginV3* BlockSparseAttentionCreator::createPlugin(char const*, PluginFieldCol
                                                      TensorRTPhase phase) noexcept {
     BlockSparseAttentionConfig config;
     int32_t kernelAbi = -1;
+    // The ONNX parser passes only the attributes the node has (warning about the others), in getFieldNames' order.
+    bool seen[4] = {false, false, false, false};
     for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
         PluginField const& field = fc->fields[i];
+        if (field.name == nullptr) continue;
         bool ok = true;
         if (std::strcmp(field.name, "num_heads") == 0) {
-            ok = readInt(field, config.numHeads);
+            ok = seen[0] = readInt(field, config.numHeads);
         } else if (std::strcmp(field.name, "head_dim") == 0) {
-            ok = readInt(field, config.headDim);
+            ok = seen[1] = readInt(field, config.headDim);
         } else if (std::strcmp(field.name, "block_size") == 0) {
-            ok = readInt(field, config.blockSize);
+            ok = seen[2] = readInt(field, config.blockSize);
         } else if (std::strcmp(field.name, "scale") == 0) {
-            ok = field.type == PluginFieldType::kFLOAT32;
+            ok = seen[3] = field.type == PluginFieldType::kFLOAT32 && field.data != nullptr && field.length >= 1;
             if (ok) config.scale = *static_cast<float const*>(field.data);
         } else if (std::strcmp(field.name, "kernel_abi") == 0) {
             ok = readInt(field, kernelAbi);
         }  // plugin_version / plugin_namespace are the parser's; other fields are ignored
         if (!ok) {
-            reportError("a field has an unexpected type");
+            reportError("a field has an unexpected type or no value");
+            return nullptr;
+        }
+    }
+    static char const* const kMissing[] = {
+        "the node lacks the num_heads attribute", "the node lacks the head_dim attribute",
+        "the node lacks the block_size attribute", "the node lacks the scale attribute"};
+    for (int32_t i = 0; i < 4; ++i) {
+        if (!seen[i]) {
+            reportError(kMissing[i]);
             return nullptr;
         }
     }
