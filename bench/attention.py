@@ -16,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from saexport import kernels
-from saexport.topology.levels import kept_blocks, pack_levels, unpack_levels
+from saexport.levels import kept_blocks, pack_levels, unpack_levels
 
 SHAPES = {  # batch, heads, L, head_dim: Wan2.1 1.3B at 480p x 81 and 14B at 720p x 81
     "wan2.1": (1, 12, 32760, 128),

@@ -16,12 +16,14 @@ from timing import time_ms  # bench/timing.py: scripts run as python bench/<name
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from saexport import kernels
-from saexport.engines.scheduler import flow_shift_for
-from saexport.exporter.layout import parse_layout
 from saexport.exporter.onnx_export import build_sparse_dit, example_inputs
-from saexport.exporter.video_shape import parse_video_shape
+from saexport.layout import parse_layout
 from saexport.models.checkpoint import load_model
-from saexport.topology.calibration import calibration_embeddings
+from saexport.models.text_encoder import synthetic_embeddings
+from saexport.models.video_shape import parse_video_shape
+from saexport.runtime.schedule import flow_shift_for
+from saexport.topology.calibration import CalibrationLoop
+from saexport.topology.prompts import CalibrationSet
 from saexport.topology.standin import standin_budgets, standin_topology
 from saexport.topology.west import compute_topology
 
@@ -68,16 +70,18 @@ def main() -> None:
     for name, density, ms in rows:
         print(f"{name:28s} {density:8.3f} {ms:9.1f} {dense_ms / ms:8.2f}x")
     if not args.no_calibration:
-        embeddings = calibration_embeddings(p.text_len, loaded.transformer.config.text_dim, 1, 0, dtype)
+        text = synthetic_embeddings(p.text_len, loaded.transformer.config.text_dim, 2, 0)
+        prompts = CalibrationSet(text[:1], text[1:], "synthetic")
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        compute_topology(loaded, grid, 128, parse_layout("tile3d"), embeddings, [0], 2,
-                         flow_shift_for(video.height), 16, "cuda", progress=lambda it, **_: it)
+        compute_topology(loaded, grid, 128, parse_layout("tile3d"), prompts,
+                         CalibrationLoop((0,), 2, flow_shift_for(video.height)), 16, "cuda",
+                         progress=lambda it, **_: it)
         end.record()
         torch.cuda.synchronize()
-        print(f"WEST calibration: {start.elapsed_time(end) / 2:.0f} ms per prompt and step (dense forward + 16 "
-              "probed rows per block, all layers; includes the CPU-side rank update)")
+        print(f"WEST calibration: {start.elapsed_time(end) / 2:.0f} ms per prompt and step (two guided passes, each a "
+              "dense forward + 16 probed rows per block, all layers; includes the CPU-side rank update)")
 
 
 if __name__ == "__main__":

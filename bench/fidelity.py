@@ -22,20 +22,21 @@ from pathlib import Path
 
 import torch
 
+from saexport.artifacts import Budgets, Topology
 from saexport.demo.videos import scenes
-from saexport.engines.denoiser import TorchDenoiser
-from saexport.engines.sampler import sample
-from saexport.engines.scheduler import flow_shift_for
-from saexport.engines.video import latents_to_frames, write_video
-from saexport.exporter.layout import TokenLayout, parse_layout
-from saexport.exporter.sparse_dit import SparseWanDiT
-from saexport.exporter.video_shape import parse_video_shape
+from saexport.layout import TokenLayout, parse_layout
+from saexport.levels import density, levels_from_scores
 from saexport.models.checkpoint import load_model
+from saexport.models.dit import SparseWanDiT
 from saexport.models.text_encoder import encode_prompts
-from saexport.topology.calibration import calibration_set
+from saexport.models.video_shape import parse_video_shape
+from saexport.runtime.denoisers import TorchDenoiser
+from saexport.runtime.sampler import sample
+from saexport.runtime.schedule import flow_shift_for
+from saexport.runtime.video import latents_to_frames, write_video
+from saexport.topology.calibration import CalibrationLoop
 from saexport.topology.fast import DENSITY_GOALS, compute_fidelity, fit_budgets
-from saexport.topology.files import Budgets, Topology
-from saexport.topology.levels import density, levels_from_scores
+from saexport.topology.prompts import CalibrationSet, PromptSource
 from saexport.topology.west import compute_topology
 
 MODEL = "wan2.1-demo"
@@ -129,16 +130,20 @@ def main() -> None:
     video = parse_video_shape(args.resolution, args.frames, loaded.preset.codec)
     grid = video.token_grid(loaded.preset.patch_size)
     shift = flow_shift_for(video.height)
-    calibration, _ = calibration_set(loaded.preset, args.calibration_prompts, None, weights)
+    calibration = PromptSource(loaded.preset, args.calibration_prompts, None, weights).load()
     test_scenes = scenes(args.test_prompts, TEST_SEED, held_out=True)
     captions = [s.caption() for s in test_scenes]
     test_text = encode_prompts(weights, captions, max_length=loaded.preset.text_len)
     negative = encode_prompts(weights, [""], max_length=loaded.preset.text_len)
+    test_set = CalibrationSet(test_text, negative, "held-out captions")
     seeds = list(range(len(captions)))
 
+    def loop(seed: int) -> CalibrationLoop:
+        return CalibrationLoop((seed,), args.steps, shift, args.guidance)
+
     def west(layout: TokenLayout) -> Topology:
-        return compute_topology(loaded, grid, args.block_size, layout, calibration, [0], args.steps, shift,
-                                args.rows_per_block, args.device)
+        return compute_topology(loaded, grid, args.block_size, layout, calibration, loop(0), args.rows_per_block,
+                                args.device)
 
     tile, raster = parse_layout(args.layout), parse_layout("identity")
     maps = {"WEST": west(tile), "WEST raster": west(raster)}
@@ -149,10 +154,9 @@ def main() -> None:
                                      "random")
 
     # FAST's budgets are fitted on the calibration captions; every fidelity below is measured on the test set.
-    fitted = compute_fidelity(loaded, maps["WEST"], calibration, [1000], args.steps, shift, args.rows_per_block,
-                              args.device)
-    measured = {name: compute_fidelity(loaded, topo, test_text, [TEST_SEED], args.steps, shift, args.rows_per_block,
-                                       args.device) for name, topo in maps.items()}
+    fitted = compute_fidelity(loaded, maps["WEST"], calibration, loop(1000), args.rows_per_block, args.device)
+    measured = {name: compute_fidelity(loaded, topo, test_set, loop(TEST_SEED), args.rows_per_block, args.device)
+                for name, topo in maps.items()}
     configs: list[tuple[str, str, Budgets]] = [
         (f"FAST {preset}", "WEST", fit_budgets(maps["WEST"], fitted, preset)) for preset in DENSITY_GOALS]
     # The first FAST fixed the grading at g = 3; kept as a row to show what fitting g changes.

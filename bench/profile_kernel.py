@@ -6,7 +6,7 @@ import math
 import torch
 
 from saexport import kernels
-from saexport.topology.levels import pack_levels
+from saexport.levels import pack_levels
 
 
 def main() -> None:

@@ -19,12 +19,14 @@ import math
 
 import torch
 
-from saexport.engines.scheduler import flow_shift_for
-from saexport.exporter.layout import parse_layout
-from saexport.exporter.video_shape import parse_video_shape
+from saexport.layout import parse_layout
 from saexport.models.checkpoint import load_model
-from saexport.topology.calibration import SampledRows, calibration_embeddings, calibration_runs
+from saexport.models.text_encoder import synthetic_embeddings
+from saexport.models.video_shape import parse_video_shape
+from saexport.runtime.schedule import flow_shift_for
+from saexport.topology.calibration import CalibrationLoop, SampledRows, calibration_runs
 from saexport.topology.fast import DENSITY_GOALS, compute_fidelity, fit_budgets
+from saexport.topology.prompts import CalibrationSet
 from saexport.topology.transfer import transfer_topology
 from saexport.topology.west import compute_topology
 
@@ -54,7 +56,11 @@ def masks_at_density(levels: torch.Tensor, density: float) -> torch.Tensor:
     return levels.to(torch.int32) <= budget[..., None, None]
 
 
-def mass_recall(loaded, grid, block_size, layout, keep, embeddings, seeds, steps, flow_shift) -> float:
+def calibration_set(embeddings: torch.Tensor, negative: torch.Tensor) -> CalibrationSet:
+    return CalibrationSet(embeddings, negative, f"synthetic ({embeddings.shape[0]} prompts)")
+
+
+def mass_recall(loaded, grid, block_size, layout, keep, prompts: CalibrationSet, loop: CalibrationLoop) -> float:
     rows = SampledRows.draw(math.prod(grid), block_size, 8, seed=7)
     kept, total = [0.0], [0.0]
 
@@ -63,8 +69,8 @@ def mass_recall(loaded, grid, block_size, layout, keep, embeddings, seeds, steps
         kept[0] += float((masses * row_keep).sum())
         total[0] += float(masses.sum())
 
-    for _ in calibration_runs(loaded, grid, layout, block_size, rows, on_masses, embeddings, seeds, steps,
-                              flow_shift, "cpu", lambda runs, **_: runs, ""):
+    for _ in calibration_runs(loaded, grid, layout, block_size, rows, on_masses, prompts, loop, "cpu",
+                              lambda runs, **_: runs, ""):
         pass
     return kept[0] / total[0]
 
@@ -86,12 +92,14 @@ def main() -> None:
     grid = video.token_grid(loaded.preset.patch_size)
     layout = parse_layout("tile3d:1x4x4")
     shift = flow_shift_for(video.height)
-    text = calibration_embeddings(loaded.preset.text_len, loaded.transformer.config.text_dim, 12, 0, torch.float32)
-    calib, held_out = text[:8], text[8:]
+    text = synthetic_embeddings(loaded.preset.text_len, loaded.transformer.config.text_dim, 13, 0)
+    calib, held_out = calibration_set(text[:8], text[12:]), calibration_set(text[8:12], text[12:])
 
-    def west(embeddings, seeds):
-        return compute_topology(loaded, grid, args.block_size, layout, embeddings, seeds, args.steps, shift,
-                                rows_per_block=8)
+    def loop(seeds, shift=shift):
+        return CalibrationLoop(tuple(seeds), args.steps, shift)
+
+    def west(prompts, seeds):
+        return compute_topology(loaded, grid, args.block_size, layout, prompts, loop(seeds), rows_per_block=8)
 
     full = west(calib, [0, 1])
     keep = masks_at_density(full.levels, DENSITY)
@@ -99,10 +107,10 @@ def main() -> None:
     gen = torch.Generator().manual_seed(3)
     off_diagonal = (float(keep.float().mean()) - 1 / n) / (1 - 1 / n)  # same density once the diagonal is in
     random_keep = (torch.rand(keep.shape, generator=gen) < off_diagonal) | torch.eye(n, dtype=torch.bool)
-    west_recall = mass_recall(loaded, grid, args.block_size, layout, keep, held_out, [5, 6], args.steps, shift)
-    random_recall = mass_recall(loaded, grid, args.block_size, layout, random_keep, held_out, [5, 6], args.steps,
-                                shift)
-    half_a, half_b = west(calib[:4], [0]), west(calib[4:], [1])
+    west_recall = mass_recall(loaded, grid, args.block_size, layout, keep, held_out, loop([5, 6]))
+    random_recall = mass_recall(loaded, grid, args.block_size, layout, random_keep, held_out, loop([5, 6]))
+    half_a = west(calibration_set(calib.embeddings[:4], calib.negative), [0])
+    half_b = west(calibration_set(calib.embeddings[4:], calib.negative), [1])
     a, b = masks_at_density(half_a.levels, DENSITY), masks_at_density(half_b.levels, DENSITY)
     iou = float(((a & b).flatten(-2).sum(-1) / (a | b).flatten(-2).sum(-1)).mean())
     print(f"model {args.model} (attention made local, strength {args.strength}), grid {grid}, "
@@ -111,7 +119,7 @@ def main() -> None:
     print(f"attention mass kept on held-out prompts and seeds: WEST {west_recall:.3f}, random {random_recall:.3f}")
     print(f"IoU of 30% masks from disjoint calibration halves: {iou:.3f}")
 
-    fidelity = compute_fidelity(loaded, full, calib, [2], args.steps, shift, rows_per_block=8)
+    fidelity = compute_fidelity(loaded, full, calib, loop([2]), rows_per_block=8)
     for preset in DENSITY_GOALS:
         budgets = fit_budgets(full, fidelity, preset)
         print(f"FAST {preset:6s}: mean density {budgets.mean_density:.3f}, "
@@ -119,12 +127,11 @@ def main() -> None:
 
     small = parse_video_shape(args.transfer_from, args.frames)
     small_grid = small.token_grid(loaded.preset.patch_size)
-    source = compute_topology(loaded, small_grid, args.block_size, layout, calib, [0, 1], args.steps,
-                              flow_shift_for(small.height), rows_per_block=8)
+    source = compute_topology(loaded, small_grid, args.block_size, layout, calib,
+                              loop([0, 1], flow_shift_for(small.height)), rows_per_block=8)
     transferred = masks_at_density(transfer_topology(source, grid).levels, DENSITY)
     recall = float((transferred & keep).sum() / keep.sum())
-    transferred_mass = mass_recall(loaded, grid, args.block_size, layout, transferred, held_out, [5, 6], args.steps,
-                                   shift)
+    transferred_mass = mass_recall(loaded, grid, args.block_size, layout, transferred, held_out, loop([5, 6]))
     print(f"transfer {small_grid} -> {grid}: recall of the native 30% masks {recall:.3f} "
           f"(a random 30% mask: {float((random_keep & keep).sum() / keep.sum()):.3f}); attention mass kept on "
           f"held-out prompts {transferred_mass:.3f}")

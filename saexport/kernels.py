@@ -55,6 +55,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.saexport_bsa_forward.argtypes = [p, p, p, p, i, i, i, i, i, i, f, p, p, i, p, p, p]
 
 
+def current_gpu() -> tuple[str, tuple[int, int]] | None:
+    """This machine's GPU (name, compute capability), or None without one."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(), tuple(torch.cuda.get_device_capability())  # type: ignore[return-value]
+
+
 def supports(q: torch.Tensor, block_size: int) -> bool:
     return (q.is_cuda and q.dtype in _DTYPES and q.shape[-1] in SUPPORTED_HEAD_DIMS
             and block_size in SUPPORTED_BLOCK_SIZES and load_library() is not None)

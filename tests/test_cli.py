@@ -23,10 +23,10 @@ def test_export_verify_end_to_end(tmp_path):
 
 def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path):
     result = run("export", "--weights", str(tmp_path / "nowhere"), "--out", str(tmp_path))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "Error: weights path" in result.output and "does not exist" in result.output
     result = run("export", *TINY, "--frames", "80", "--out", str(tmp_path))
-    assert result.exit_code == 1 and "frames must be 4k+1" in result.output
+    assert result.exit_code == 2 and "frames must be 4k+1" in result.output
 
 
 def test_models_lists_presets():
@@ -51,7 +51,7 @@ def test_topology_budgets_export_chain(tmp_path):
     assert len(errors) == 2 and max(errors) < 1e-4
     result = run("export", *TINY, "--resolution", "64x48", "--frames", "9",
                  *files, "--out", str(tmp_path / "other"))
-    assert result.exit_code == 1 and "token grid" in result.output
+    assert result.exit_code == 2 and "token grid" in result.output
 
 
 def test_inspect_draws_pictures_and_measures_stability(tmp_path):
@@ -67,4 +67,4 @@ def test_inspect_draws_pictures_and_measures_stability(tmp_path):
     assert "IoU of 30%-density masks" in result.output and result.output.strip().endswith("1.000")
     result = run("inspect", "--topology", str(a / "topology.safetensors"), "--budgets", str(a / "budgets.safetensors"),
                  "--step", "3", "--out", str(tmp_path / "pictures"))
-    assert result.exit_code == 1 and "--step must be in [0, 3)" in result.output
+    assert result.exit_code == 2 and "--step must be in [0, 3)" in result.output

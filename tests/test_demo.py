@@ -7,15 +7,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from saexport.artifacts import Topology
 from saexport.cli import main
 from saexport.demo.train import TrainSettings, train
 from saexport.demo.videos import VOCABULARY, is_held_out, render, scenes
 from saexport.errors import SaexportError
 from saexport.models.checkpoint import load_model
 from saexport.models.presets import get_preset
-from saexport.models.text_encoder import calibration_prompts, encode_prompts
+from saexport.models.text_encoder import encode_prompts
 from saexport.models.word_encoder import WordEncoder
-from saexport.topology.files import Topology
+from saexport.topology.prompts import builtin_prompts
 
 DEMO = get_preset("wan2.1-demo")
 WEIGHTS = DEMO.bundled_weights
@@ -37,7 +38,7 @@ def test_held_out_captions_are_never_training_captions():
     test = scenes(20, seed=0, held_out=True)
     assert all(is_held_out(s.caption()) for s in test) and not any(is_held_out(c) for c in train_captions)
     assert not train_captions & {s.caption() for s in test}
-    calibration = calibration_prompts(WEIGHTS, 50)
+    calibration = builtin_prompts(DEMO, WEIGHTS, 50)
     assert len(set(calibration)) > 40 and not any(is_held_out(c) for c in calibration)
 
 
@@ -100,7 +101,7 @@ def test_build_and_generate_a_gif_with_the_demo_defaults(tmp_path):
     result = runner.invoke(main, ["build", *small, "--out", str(tmp_path)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     calibration = Topology.load(tmp_path / "topology.safetensors").calibration
-    assert "'text encoder'" in calibration["embeddings"]  # the demo's captions through its word encoder
+    assert "built-in prompts, text encoder" in calibration["embeddings"]  # the demo's captions, its encoder
     gif = tmp_path / "video.gif"
     result = runner.invoke(main, ["generate", "--artifacts", str(tmp_path), "--prompt",
                                   "a red circle moving left on blue stripes", "--upscale", "3", "--out", str(gif)],
@@ -110,4 +111,4 @@ def test_build_and_generate_a_gif_with_the_demo_defaults(tmp_path):
     assert frames.shape == (2, 48, 48, 3) and frames.std() > 10
     result = runner.invoke(main, ["generate", "--artifacts", str(tmp_path), "--prompt", "a red dragon",
                                   "--out", str(gif)])
-    assert result.exit_code == 1 and "does not know the words dragon" in result.output
+    assert result.exit_code == 2 and "does not know the words dragon" in result.output

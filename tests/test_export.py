@@ -3,14 +3,14 @@ import onnx
 import pytest
 import torch
 
-from saexport.engines.ort_session import ort_session, run_dit
-from saexport.engines.triton_repo import exported_video_height
+from saexport.artifacts import OnnxMetadata
 from saexport.errors import SaexportError
-from saexport.exporter.layout import parse_layout
 from saexport.exporter.onnx_export import INPUT_NAMES, build_sparse_dit, example_inputs, export_onnx
-from saexport.exporter.video_shape import parse_video_shape
+from saexport.layout import parse_layout
+from saexport.levels import unpack_levels
 from saexport.models.checkpoint import load_model
-from saexport.topology.levels import unpack_levels
+from saexport.models.video_shape import parse_video_shape
+from saexport.runtime.ort_session import ort_session, run_dit
 from saexport.topology.standin import standin_budgets, standin_topology
 from tests.conftest import rel_err
 
@@ -58,9 +58,10 @@ def test_export_passes_checker_and_follows_the_contract(tmp_path, resolution, fr
         assert torch.equal(unpack_levels(torch.from_numpy(topo)), topology.levels[layer].int())
         assert bud.dtype == np.int32 and bud.shape == (4, 4)
         assert torch.equal(torch.from_numpy(bud), budgets.levels[:, layer].int())
-    meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["random_weights"] == "true" and meta["topology_hash"] == topology.hash()
-    assert exported_video_height(exported.path) == video.height  # what `saexport triton` reads for the flow shift
+    meta = OnnxMetadata.read(exported.path)
+    assert meta.random_weights and meta.topology_hash == topology.hash() and meta.budgets_hash == budgets.hash()
+    assert (meta.width, meta.height, meta.frames) == (video.width, video.height, video.frames)
+    assert meta.steps == budgets.steps and meta == exported.metadata  # what `saexport triton` reads
 
 
 def test_onnxruntime_matches_pytorch_at_real_sparsity(tmp_path):

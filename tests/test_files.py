@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from saexport.artifacts import Budgets, Topology
 from saexport.errors import SaexportError
-from saexport.exporter.layout import parse_layout
-from saexport.topology.files import Budgets, Topology
+from saexport.layout import parse_layout
 from saexport.topology.standin import standin_budgets, standin_topology
 
 

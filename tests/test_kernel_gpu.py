@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from saexport import kernels
-from saexport.exporter.sparse_attention import block_sparse_attention, reference_block_sparse_attention
-from saexport.topology.levels import pack_levels
+from saexport.levels import pack_levels
+from saexport.models.attention_op import block_sparse_attention, reference_block_sparse_attention
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():

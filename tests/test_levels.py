@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from saexport.topology.levels import density, kept_blocks, levels_from_scores, pack_levels, unpack_levels
+from saexport.levels import density, kept_blocks, levels_from_scores, pack_levels, unpack_levels
 
 
 def test_pack_layout_is_little_endian_bytes_with_255_padding():

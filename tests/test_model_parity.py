@@ -3,9 +3,9 @@ import copy
 import pytest
 import torch
 
-from saexport.exporter.layout import TokenLayout, parse_layout
-from saexport.exporter.sparse_dit import SparseWanDiT
-from saexport.topology.levels import DENSE_LEVEL
+from saexport.layout import TokenLayout, parse_layout
+from saexport.levels import DENSE_LEVEL
+from saexport.models.dit import SparseWanDiT
 from saexport.topology.standin import standin_budgets, standin_topology
 from tests.conftest import rel_err
 

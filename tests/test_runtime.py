@@ -1,6 +1,6 @@
 """The runtime: Wan's sampler loop over the back ends, `saexport generate`, engine metadata checks."""
 
-import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,14 +9,14 @@ from click.testing import CliRunner
 from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file, save_file
 
+from saexport.artifacts import EngineMetadata, OnnxMetadata
 from saexport.cli import main
-from saexport.engines.denoiser import OnnxRuntimeDenoiser, TorchDenoiser, check_engine_metadata, import_tensorrt
-from saexport.engines.sampler import sample
 from saexport.errors import SaexportError
-from saexport.exporter.layout import parse_layout
 from saexport.exporter.onnx_export import build_sparse_dit, export_onnx
-from saexport.exporter.video_shape import parse_video_shape
-from saexport.topology.calibration import latent_shape_of
+from saexport.layout import parse_layout
+from saexport.models.video_shape import parse_video_shape
+from saexport.runtime.denoisers import OnnxRuntimeDenoiser, TorchDenoiser, check_engine_metadata, import_tensorrt
+from saexport.runtime.sampler import sample
 from saexport.topology.standin import standin_budgets, standin_topology
 from tests.conftest import rel_err
 
@@ -39,7 +39,7 @@ def artifacts(tiny, tmp_path):
 def test_onnxruntime_and_torch_sample_the_same_latents(artifacts):
     tiny, topology, budgets, folder = artifacts
     text, negative = torch.randn(1, 8, 32), torch.randn(1, 8, 32)
-    shape = latent_shape_of(tiny.transformer, topology.grid)
+    shape = VIDEO.latent_shape()
     seed = int(torch.randint(0, 1000, ()))
     torch_latents = sample(TorchDenoiser(build_sparse_dit(tiny, topology, budgets, VIDEO), 5), text, negative,
                            shape, 5, 3.0, seed, progress=lambda it, **_: it)
@@ -70,7 +70,7 @@ def test_generate_writes_latents_and_a_gif(artifacts, tmp_path):
     seed = tiny.weights_id.removeprefix("random:")
     result = runner.invoke(main, ["generate", "--random-weights", "--seed", str(int(seed) + 1), "--artifacts",
                                   str(folder), "--out", str(tmp_path / "x.safetensors")])
-    assert result.exit_code == 1 and "the artifacts were made from weights random:" in result.output
+    assert result.exit_code == 2 and "the artifacts were made from weights random:" in result.output
     for backend in ("onnxruntime", "torch"):
         result = runner.invoke(main, ["generate", "--random-weights", "--seed", seed, "--artifacts", str(folder),
                                       "--backend", backend, "--embeddings", str(embeddings),
@@ -89,14 +89,24 @@ def test_generate_writes_latents_and_a_gif(artifacts, tmp_path):
     assert frames.shape == (9, 64, 64, 3) and frames.std() > 0
 
 
-def test_engine_metadata_of_another_plugin_is_refused(tmp_path):
-    engine = tmp_path / "model.engine"
+def test_engine_metadata_of_another_plugin_or_gpu_is_refused(artifacts):
+    _, _, _, folder = artifacts
+    engine = folder / "model.engine"
     engine.write_bytes(b"not used")
     with pytest.raises(SaexportError, match="engine.json is missing"):
         check_engine_metadata(engine)
-    (tmp_path / "engine.json").write_text(json.dumps({"plugin_version": "1", "kernel_abi": 99}))
+    (folder / "engine.json").write_text("{}")
+    with pytest.raises(SaexportError, match="not an engine.json of this saexport"):
+        check_engine_metadata(engine)
+    written = EngineMetadata(onnx=OnnxMetadata.read(folder / "model.onnx"), tensorrt_version="10.16",
+                             plugin_version="1", kernel_abi=99, gpu_name="NVIDIA H100", gpu_capability=(9, 0),
+                             plugin_libraries=("libsaexport_trt_plugin.so",))
+    written.write(folder / "engine.json")
+    assert EngineMetadata.read(folder / "engine.json") == written
     with pytest.raises(SaexportError, match="kernel ABI 99; this saexport has 1 / 1: rebuild it"):
         check_engine_metadata(engine)
+    with pytest.raises(SaexportError, match=r"built for NVIDIA H100 \(\(9, 0\)\), this GPU is B \(\(10, 0\)\)"):
+        replace(written, kernel_abi=1).check_loadable(engine, "1", 1, ("B", (10, 0)))
 
 
 def test_without_tensorrt_the_engine_command_says_what_to_install(artifacts):
@@ -109,7 +119,7 @@ def test_without_tensorrt_the_engine_command_says_what_to_install(artifacts):
     _, _, _, folder = artifacts
     result = CliRunner().invoke(main, ["engine", "--onnx", str(folder / "model.onnx"), "--plugin", "x.so",
                                        "--out", str(folder)])
-    assert result.exit_code == 1 and "TensorRT is not installed" in result.output
+    assert result.exit_code == 2 and "TensorRT is not installed" in result.output
 
 
 PLUGIN = Path(__file__).resolve().parent.parent / "build" / "plugins" / "tensorrt" / "libsaexport_trt_plugin.so"
@@ -120,9 +130,9 @@ def test_tensorrt_engine_matches_torch(tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (NVIDIA TensorRT 10.x or 11.x)")
     if not torch.cuda.is_available() or not PLUGIN.is_file():
         pytest.skip(f"needs a GPU and the plugin built at {PLUGIN} (cmake -DTensorRT_ROOT=...)")
-    from saexport.engines.denoiser import TensorRTDenoiser
     from saexport.engines.tensorrt_build import build_engine
     from saexport.models.checkpoint import load_model
+    from saexport.runtime.denoisers import TensorRTDenoiser
 
     # head_dim 64 and blocks of 64: the kernel's smallest supported case, at a tiny width.
     loaded = load_model("wan2.1-small", random_weights=True, dtype=torch.bfloat16)

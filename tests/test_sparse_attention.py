@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from saexport.exporter.sparse_attention import block_sparse_attention, reference_block_sparse_attention
-from saexport.topology.levels import pack_levels
+from saexport.levels import pack_levels
+from saexport.models.attention_op import block_sparse_attention, reference_block_sparse_attention
 from tests.conftest import rel_err
 
 

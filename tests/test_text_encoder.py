@@ -7,7 +7,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from saexport.cli import main
-from saexport.models.text_encoder import CALIBRATION_PROMPTS, encode_prompts
+from saexport.models.presets import get_preset
+from saexport.models.text_encoder import encode_prompts
+from saexport.topology.prompts import CALIBRATION_PROMPTS, PromptSource
 
 WORDS = sorted({w.strip(".,").lower() for p in CALIBRATION_PROMPTS for w in p.split()})
 
@@ -48,9 +50,24 @@ def test_topology_calibrates_on_the_built_in_prompts(checkpoint, tmp_path):
         "--steps", "2", "--prompts", "3", "--rows-per-block", "4", "--device", "cpu",
         "--out", str(tmp_path / "out" / "topology.safetensors")])
     assert result.exit_code == 0, result.output
-    assert "calibration prompts: built-in prompts (3), text encoder of" in result.output
+    assert "calibration prompts: 3 built-in prompts, text encoder sha256" in result.output
     assert (tmp_path / "out" / "calibration_embeddings.safetensors").exists()
-    from saexport.topology.files import Topology
+    from saexport.artifacts import Topology
 
     calibration = Topology.load(tmp_path / "out" / "topology.safetensors").calibration
-    assert calibration["embeddings"].startswith("built-in prompts (3), text encoder of")
+    assert calibration["embeddings"] == PromptSource(get_preset("wan2.1-tiny"), 3, None, checkpoint).describe()
+    assert calibration["guidance"] == 5.0 and calibration["passes"] == ["cond", "uncond"]
+
+
+def test_a_copy_of_the_same_encoder_describes_the_same_calibration(checkpoint, tmp_path):
+    """Metadata from file contents, not modification times: two clones of a checkpoint give one topology hash."""
+    import os
+    import shutil
+
+    copy = shutil.copytree(checkpoint, tmp_path / "clone")
+    for file in (copy / "text_encoder").iterdir():
+        os.utime(file, ns=(1, 1))
+    preset = get_preset("wan2.1-tiny")
+    original, cloned = PromptSource(preset, 3, None, checkpoint), PromptSource(preset, 3, None, copy)
+    assert original.describe() == cloned.describe() and original.fingerprint() != cloned.fingerprint()
+    assert PromptSource(preset, 4, None, checkpoint).describe() != original.describe()

@@ -1,7 +1,7 @@
 import torch
 
-from saexport.exporter.layout import parse_layout
-from saexport.topology.files import Topology
+from saexport.artifacts import Topology
+from saexport.layout import parse_layout
 from saexport.topology.transfer import transfer_topology
 
 

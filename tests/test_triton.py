@@ -5,14 +5,13 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from saexport.engines.denoiser import OnnxRuntimeDenoiser
-from saexport.engines.sampler import sample
-from saexport.engines.triton_repo import write_triton_repository
-from saexport.exporter.layout import parse_layout
 from saexport.exporter.onnx_export import export_onnx
-from saexport.exporter.video_shape import parse_video_shape
-from saexport.topology.calibration import latent_shape_of
+from saexport.layout import parse_layout
+from saexport.models.video_shape import parse_video_shape
+from saexport.runtime.denoisers import OnnxRuntimeDenoiser
+from saexport.runtime.sampler import sample
 from saexport.topology.standin import standin_budgets, standin_topology
+from saexport.triton.repository import write_triton_repository
 from tests.conftest import rel_err
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] missing")
@@ -36,8 +35,7 @@ def test_tensorrt_repository_configs(exported, tmp_path):
     _, onnx_path = exported
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"a plan would be here")
-    repo = write_triton_repository(onnx_path, tmp_path / "repo", "wan", steps=3, flow_shift=3.0,
-                                   engine_path=engine, gpus=[0, 1])
+    repo = write_triton_repository(onnx_path, tmp_path / "repo", "wan", engine_path=engine, gpus=[0, 1])
     dit = parse(repo / "wan_dit" / "config.pbtxt")
     assert dit.platform == "tensorrt_plan" and dit.max_batch_size == 0
     assert [(i.name, i.data_type, list(i.dims)) for i in dit.input] == [
@@ -61,7 +59,7 @@ def test_server_answers_like_the_in_process_runtime(exported, tmp_path):
     from tests.triton_server import tritonserver
 
     tiny, onnx_path = exported
-    repo = write_triton_repository(onnx_path, tmp_path / "repo", "wan", steps=3, flow_shift=3.0)
+    repo = write_triton_repository(onnx_path, tmp_path / "repo", "wan")
     assert parse(repo / "wan_dit" / "config.pbtxt").backend == "python"
     prompt, negative = torch.randn(1, 8, 32), torch.randn(1, 8, 32)
     with tritonserver(repo, tmp_path) as address:
@@ -76,7 +74,7 @@ def test_server_answers_like_the_in_process_runtime(exported, tmp_path):
                   tensor("seed", np.array([7], np.int64), "INT64"),
                   tensor("guidance_scale", np.array([5.0], np.float32), "FP32")]
         served = torch.from_numpy(client.infer("wan_pipeline", inputs).as_numpy("latents"))
-    local = sample(OnnxRuntimeDenoiser(onnx_path, 3), prompt, negative, latent_shape_of(tiny.transformer, (2, 4, 4)),
+    local = sample(OnnxRuntimeDenoiser(onnx_path, 3), prompt, negative, VIDEO.latent_shape(),
                    3, 3.0, 7, 5.0, progress=lambda it, **_: it)
     assert served.shape == (1, 16, 2, 8, 8)
     assert rel_err(served, local) < 1e-5

@@ -1,11 +1,16 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
+from saexport.artifacts import Topology
 from saexport.errors import SaexportError
-from saexport.exporter.layout import parse_layout
-from saexport.topology.calibration import SampledRows, block_masses, calibration_embeddings
+from saexport.layout import parse_layout
+from saexport.levels import density
+from saexport.models.processors import block_masses
+from saexport.models.text_encoder import synthetic_embeddings
+from saexport.topology.calibration import CalibrationLoop, SampledRows
 from saexport.topology.fast import (
     DENSITY_GOALS,
     choose_levels,
@@ -15,9 +20,10 @@ from saexport.topology.fast import (
     fit_budgets,
     hellinger,
 )
-from saexport.topology.files import Topology
-from saexport.topology.levels import density
+from saexport.topology.prompts import CalibrationSet
 from saexport.topology.west import ThresholdMap, block_scores, compute_topology
+
+LOOP = CalibrationLoop(seeds=(0,), steps=4, flow_shift=3.0)  # guided, both passes measured: as generation runs
 
 
 def test_threshold_map_is_min_over_runs_of_rank_levels_with_kept_diagonal():
@@ -78,19 +84,19 @@ def test_choose_levels_takes_the_lowest_level_reaching_the_target():
 
 @pytest.fixture
 def calibrated(tiny):
-    embeddings = calibration_embeddings(tiny.preset.text_len, 32, prompts=2, seed=int(torch.randint(0, 99, ())),
-                                        dtype=torch.float32)
+    embeddings = synthetic_embeddings(tiny.preset.text_len, 32, prompts=3, seed=int(torch.randint(0, 99, ())))
+    prompts = CalibrationSet(embeddings[:2], embeddings[2:], "test")
     grid = (3, 4, 4)
-    topology = compute_topology(tiny, grid, 8, parse_layout("tile3d:1x2x4"), embeddings, [0], steps=4,
-                                flow_shift=3.0, rows_per_block=4, progress=lambda it, **_: it)
-    return tiny, embeddings, topology
+    topology = compute_topology(tiny, grid, 8, parse_layout("tile3d:1x2x4"), prompts, LOOP, rows_per_block=4,
+                                progress=lambda it, **_: it)
+    return tiny, prompts, topology
 
 
 def test_whole_chain_meets_every_density_goal(calibrated, tmp_path):
     tiny, embeddings, topology = calibrated
     assert topology.levels.shape == (2, 4, 6, 6)
     assert (topology.levels.diagonal(dim1=-2, dim2=-1) == 0).all()
-    fidelity = compute_fidelity(tiny, topology, embeddings, [1], steps=4, flow_shift=3.0, rows_per_block=4,
+    fidelity = compute_fidelity(tiny, topology, embeddings, replace(LOOP, seeds=(1,)), rows_per_block=4,
                                 progress=lambda it, **_: it)
     assert fidelity.shape == (4, 2, 4, 256)
     assert torch.all(fidelity[..., 1:] >= fidelity[..., :-1] - 1e-12)  # more kept, more faithful
@@ -111,15 +117,21 @@ def test_whole_chain_meets_every_density_goal(calibrated, tmp_path):
 
 def test_same_inputs_give_the_same_topology(calibrated):
     tiny, embeddings, topology = calibrated
-    again = compute_topology(tiny, (3, 4, 4), 8, parse_layout("tile3d:1x2x4"), embeddings, [0], steps=4,
-                             flow_shift=3.0, rows_per_block=4, progress=lambda it, **_: it)
+    again = compute_topology(tiny, (3, 4, 4), 8, parse_layout("tile3d:1x2x4"), embeddings, LOOP, rows_per_block=4,
+                             progress=lambda it, **_: it)
     assert torch.equal(again.levels, topology.levels) and again.hash() == topology.hash()
+    # The unconditional pass is measured too: probing the conditional pass alone gives another map.
+    cond_only = compute_topology(tiny, (3, 4, 4), 8, parse_layout("tile3d:1x2x4"), embeddings,
+                                 replace(LOOP, passes=("cond",)), rows_per_block=4, progress=lambda it, **_: it)
+    assert not torch.equal(cond_only.levels, topology.levels)
+    assert cond_only.calibration["passes"] == ["cond"] and topology.calibration["passes"] == ["cond", "uncond"]
 
 
 def test_empty_calibration_set_and_unknown_preset(calibrated):
     tiny, embeddings, topology = calibrated
     with pytest.raises(SaexportError, match="calibration set is empty"):
-        compute_topology(tiny, (3, 4, 4), 8, parse_layout("identity"), embeddings[:0], [0], 4, 3.0)
+        compute_topology(tiny, (3, 4, 4), 8, parse_layout("identity"),
+                         CalibrationSet(embeddings.embeddings[:0], embeddings.negative, "none"), LOOP)
     with pytest.raises(SaexportError, match="unknown fidelity preset 'ultra'"):
         fit_budgets(topology, torch.ones(4, 2, 4, 256, dtype=torch.float64), "ultra")
 
@@ -129,7 +141,7 @@ class Interrupt(Exception):
 
 
 def interrupt_after(steps: int):
-    """A progress wrapper that stops the calibration after `steps` yielded runs, as Ctrl-C would."""
+    """A progress wrapper that stops the calibration after `steps` yielded runs (passes), as Ctrl-C would."""
 
     def wrap(runs, **_):
         for count, run in enumerate(runs):
@@ -141,21 +153,22 @@ def interrupt_after(steps: int):
 
 
 def test_interrupted_calibration_resumes_and_gives_the_same_files(calibrated, tmp_path):
-    tiny, embeddings, full = calibrated  # 2 prompts x 1 seed x 4 steps, uninterrupted
-    args = (tiny, (3, 4, 4), 8, parse_layout("tile3d:1x2x4"), embeddings, [0], 4, 3.0, 4)
+    tiny, embeddings, full = calibrated  # 2 prompts x 1 seed x 4 steps x 2 passes, uninterrupted
+    args = (tiny, (3, 4, 4), 8, parse_layout("tile3d:1x2x4"), embeddings, LOOP, 4)
     checkpoint = tmp_path / "topology.safetensors.partial"
-    with pytest.raises(Interrupt):  # stops in the second trajectory, after the first has finished
-        compute_topology(*args, progress=interrupt_after(6), checkpoint_path=checkpoint)
+    with pytest.raises(Interrupt):  # stops in the second trajectory, after the first (8 passes) has finished
+        compute_topology(*args, progress=interrupt_after(10), checkpoint_path=checkpoint)
     assert checkpoint.exists()
     seen = []
     resumed = compute_topology(*args, progress=lambda runs, **_: (seen.append(r) or r for r in runs),
                                checkpoint_path=checkpoint)
-    assert [(r.prompt, r.step) for r in seen] == [(1, 0), (1, 1), (1, 2), (1, 3)]  # only the unfinished one
+    assert [(r.prompt, r.step, r.pass_name) for r in seen] == [  # only the unfinished trajectory
+        (1, step, pass_name) for step in range(4) for pass_name in ("cond", "uncond")]
     assert torch.equal(resumed.levels, full.levels) and not checkpoint.exists()
 
-    fidelity_args = (tiny, full, embeddings, [1], 4, 3.0, 4)
+    fidelity_args = (tiny, full, embeddings, replace(LOOP, seeds=(1,)), 4)
     whole = compute_fidelity(*fidelity_args, progress=lambda runs, **_: runs)
     with pytest.raises(Interrupt):
-        compute_fidelity(*fidelity_args, progress=interrupt_after(5), checkpoint_path=checkpoint)
+        compute_fidelity(*fidelity_args, progress=interrupt_after(10), checkpoint_path=checkpoint)
     assert torch.allclose(compute_fidelity(*fidelity_args, progress=lambda runs, **_: runs,
                                            checkpoint_path=checkpoint), whole)

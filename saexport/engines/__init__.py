@@ -1,1 +1,1 @@
-"""Engine building, runtime back ends, sampler and Triton repository."""
+"""TensorRT engine building from the exported ONNX, with the BlockSparseAttention plugin."""

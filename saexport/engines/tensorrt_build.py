@@ -8,21 +8,16 @@ always strongly typed, so no FP16/BF16 builder flags are ever set). Shapes are s
 from __future__ import annotations
 
 import ctypes
-import json
 from pathlib import Path
 
-import onnx
-import torch
 from tqdm import tqdm
 
 from saexport import kernels
-from saexport.atomic import atomic_path, write_text_atomic
-from saexport.engines.denoiser import import_tensorrt
+from saexport.artifacts import ArtifactFolder, EngineMetadata, OnnxMetadata
+from saexport.atomic import atomic_path
 from saexport.errors import SaexportError
-from saexport.exporter.onnx_op import PLUGIN_VERSION
-
-ENGINE_NAME = "model.engine"
-METADATA_NAME = "engine.json"
+from saexport.models.onnx_op import PLUGIN_VERSION
+from saexport.runtime.denoisers import import_tensorrt
 
 
 def _progress_monitor(trt):
@@ -55,7 +50,10 @@ def build_engine(
     version_compatible: bool = False,
 ) -> Path:
     trt = import_tensorrt()
-    onnx_path, plugin_library, out_dir = Path(onnx_path), Path(plugin_library), Path(out_dir)
+    onnx_path, plugin_library, folder = Path(onnx_path), Path(plugin_library), ArtifactFolder(Path(out_dir))
+    onnx_metadata = OnnxMetadata.read(onnx_path)
+    if onnx_metadata.dtype == "fp32":
+        raise SaexportError(f"{onnx_path} is an fp32 graph; the plugin runs fp16 and bf16: export with --dtype bf16")
     if not plugin_library.is_file():
         raise SaexportError(f"plugin library {plugin_library} not found (cmake -DTensorRT_ROOT=... && cmake --build)")
     ctypes.CDLL(str(plugin_library), mode=ctypes.RTLD_GLOBAL)  # registers BlockSparseAttention v1
@@ -73,7 +71,7 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
     config.progress_monitor = _progress_monitor(trt)
-    cache_path = Path(timing_cache) if timing_cache else out_dir / "timing.cache"
+    cache_path = Path(timing_cache) if timing_cache else folder.timing_cache
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     profile = builder.create_optimization_profile()  # static shapes: min = opt = max
@@ -88,30 +86,14 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise SaexportError("TensorRT failed to build the engine (see its log above)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder.root.mkdir(parents=True, exist_ok=True)
     with atomic_path(cache_path) as tmp:
         tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    with atomic_path(out_dir / ENGINE_NAME) as tmp:
+    with atomic_path(folder.engine) as tmp:
         tmp.write_bytes(memoryview(serialized))
-    write_text_atomic(out_dir / METADATA_NAME, json.dumps(engine_metadata(onnx_path, trt.__version__), indent=2))
-    return out_dir / ENGINE_NAME
-
-
-def engine_metadata(onnx_path: Path, tensorrt_version: str) -> dict:
-    """What a loader checks before deserialising: the ONNX's own metadata plus plugin, TensorRT and GPU."""
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
-    return {
-        "model": meta.get("model"),
-        "video": meta.get("video"),
-        "grid": json.loads(meta.get("grid", "null")),
-        "fidelity": meta.get("fidelity"),
-        "topology_hash": meta.get("topology_hash"),
-        "budgets_hash": meta.get("budgets_hash"),
-        "random_weights": json.loads(meta.get("random_weights", "false")),
-        "tensorrt_version": tensorrt_version,
-        "plugin_version": PLUGIN_VERSION,
-        "kernel_abi": kernels.ABI_VERSION,
-        "gpu_name": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "gpu_capability": list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None,
-    }
+    gpu = kernels.current_gpu()
+    EngineMetadata(onnx=onnx_metadata, tensorrt_version=trt.__version__, plugin_version=PLUGIN_VERSION,
+                   kernel_abi=kernels.ABI_VERSION, gpu_name=gpu[0] if gpu else None,
+                   gpu_capability=gpu[1] if gpu else None, plugin_libraries=(plugin_library.name,),
+                   version_compatible=version_compatible).write(folder.engine_metadata)
+    return folder.engine

@@ -1,1 +1,1 @@
-"""Sparse attention processors, token layout and ONNX export."""
+"""ONNX export of the sparse DiT and its verification in ONNX Runtime."""

@@ -1,8 +1,8 @@
-"""Export a `SparseWanDiT` to `model.onnx` (DESIGN.md, "The ONNX node" and the graph I/O)."""
+"""Export a `SparseWanDiT` to `model.onnx` (DESIGN.md, "The ONNX node" and the graph I/O), with the metadata
+of `artifacts.OnnxMetadata`."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -12,23 +12,22 @@ import onnx
 import torch
 
 import saexport
+from saexport.artifacts import ArtifactFolder, Budgets, OnnxMetadata, Topology
 from saexport.errors import SaexportError
-from saexport.exporter.onnx_op import register_schema, translate_block_sparse_attention
-from saexport.exporter.sparse_dit import SparseWanDiT
-from saexport.exporter.video_shape import VideoShape
-from saexport.models.checkpoint import LoadedModel
-from saexport.topology.files import Budgets, Topology
+from saexport.models.checkpoint import LoadedModel, dtype_name
+from saexport.models.dit import SparseWanDiT
+from saexport.models.onnx_op import register_schema, translate_block_sparse_attention
+from saexport.models.video_shape import VideoShape
 
 INPUT_NAMES = ["hidden_states", "timestep", "encoder_hidden_states", "step_index"]
 OUTPUT_NAMES = ["noise_pred"]
-ONNX_NAME = "model.onnx"
 EXTERNAL_DATA_LIMIT = 2 * 1024**3  # protobuf's limit for one file
 
 
 @dataclass(frozen=True)
 class ExportedModel:
     path: Path
-    metadata: dict[str, str]
+    metadata: OnnxMetadata
 
 
 def example_inputs(loaded: LoadedModel, video: VideoShape, dtype: torch.dtype, batch: int = 1) -> tuple:
@@ -79,38 +78,29 @@ def export_onnx(
             },
             optimize=True,
         )
-    metadata = {
-        "saexport_version": saexport.__version__,
-        "model": loaded.preset.name,
-        "config_hash": loaded.preset.config_hash(),
-        "weights_id": loaded.weights_id,
-        "random_weights": json.dumps(loaded.random_weights),
-        "video": video.describe(),
-        "grid": json.dumps(list(module.grid)),
-        "block_size": str(topology.block_size),
-        "layout": topology.layout.to_metadata(),
-        "topology_hash": topology.hash(),
-        "budgets_hash": budgets.hash(),
-        "fidelity": budgets.fidelity,
-        "mean_density": f"{budgets.mean_density:.4f}",
-        "dtype": str(dtype).removeprefix("torch."),
-        "batch": str(batch),
-    }
-    program.model.metadata_props.update(metadata)
+    metadata = OnnxMetadata(
+        model=loaded.preset.name, config_hash=loaded.preset.config_hash(), weights_id=loaded.weights_id,
+        random_weights=loaded.random_weights, width=video.width, height=video.height, frames=video.frames,
+        grid=module.grid, block_size=topology.block_size, layout=topology.layout.to_metadata(), steps=budgets.steps,
+        topology_hash=topology.hash(), budgets_hash=budgets.hash(), fidelity=budgets.fidelity,
+        mean_density=round(budgets.mean_density, 6), dtype=dtype_name(dtype), batch=batch,
+        saexport_version=saexport.__version__)
+    program.model.metadata_props.update(metadata.to_props())
 
     out_dir = Path(out_dir)
+    target = ArtifactFolder(out_dir).onnx
     out_dir.mkdir(parents=True, exist_ok=True)
     weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     external = weight_bytes > EXTERNAL_DATA_LIMIT * 0.9
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmp:
-        staged = Path(tmp) / ONNX_NAME
+        staged = Path(tmp) / target.name
         program.save(staged, external_data=external)
         if check:
             check_onnx(staged)
         # The data file first, the graph last: a model.onnx on disk always has its data beside it.
-        for produced in sorted(Path(tmp).iterdir(), key=lambda p: p.name == ONNX_NAME):
+        for produced in sorted(Path(tmp).iterdir(), key=lambda p: p.name == target.name):
             shutil.move(produced, out_dir / produced.name)
-    return ExportedModel(out_dir / ONNX_NAME, metadata)
+    return ExportedModel(target, metadata)
 
 
 def check_onnx(path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from saexport.errors import SaexportError
 from saexport.models.presets import ModelPreset, check_config_matches, get_preset
 from saexport.models.wan_keys import original_config_to_diffusers, original_to_diffusers_key
 
+log = logging.getLogger("saexport")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -49,6 +51,11 @@ class CheckpointLayout:
     files: list[Path]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """fp32, fp16 or bf16: the name the options and the artifacts use."""
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
 def parse_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
@@ -68,6 +75,8 @@ def load_model(
     if random_weights:
         if weights is not None:
             raise SaexportError("give either a weights path or --random-weights, not both")
+        log.warning("WARNING: %s has RANDOM WEIGHTS (seed %d): for speed measurements only; its outputs are noise.",
+                    model, seed)
         transformer = _build_meta(preset.config)
         state = _random_state(transformer, seed)
         _assign(transformer, state, dtype)

@@ -18,50 +18,40 @@ from saexport.errors import SaexportError
 from saexport.models.word_encoder import WordEncoder, is_word_encoder
 
 MAX_LENGTH = 512
-CALIBRATION_SEED = 1_000_003  # the demo's calibration captions: a draw of its own, never a held-out caption
-
-# A built-in calibration set: diverse subjects, motion, camera work, lighting and styles.
-CALIBRATION_PROMPTS = [
-    "A golden retriever runs across a sunny meadow, slow motion, shallow depth of field.",
-    "Aerial drone shot over a coastline at sunset, waves breaking on dark rocks.",
-    "A chef flips vegetables in a wok, flames rising, close-up, warm kitchen light.",
-    "Time-lapse of clouds rolling over snowy mountain peaks.",
-    "A neon-lit city street at night in the rain, people with umbrellas, reflections on the asphalt.",
-    "An astronaut floats inside a space station, Earth visible through the window.",
-    "A hummingbird hovers near a red flower, macro shot, wings blurred.",
-    "Two dancers perform a contemporary routine on an empty stage, spotlight from above.",
-    "A steam locomotive crosses a stone bridge in autumn, smoke trailing behind.",
-    "Watercolor animation of a paper boat drifting down a stream.",
-    "A cat knocks a glass off a kitchen table, handheld camera, comedic timing.",
-    "Underwater footage of a coral reef with schools of tropical fish.",
-    "A vintage car drives along a desert highway, dust clouds, wide shot.",
-    "Close-up of hands kneading dough on a floured wooden board.",
-    "A medieval knight in armor walks through a foggy forest.",
-    "Fireworks explode over a harbor, boats silhouetted against the sky.",
-    "A child blows dandelion seeds into the wind, backlit by the evening sun.",
-    "3D render of a glass sphere rolling across a checkerboard floor.",
-    "A surfer rides a large wave, camera following from the water.",
-    "Snow falls on a quiet village street lit by lanterns.",
-    "A panda eats bamboo in a zoo enclosure, static camera.",
-    "Ink dropped into water, swirling clouds of blue and black, macro.",
-    "A crowded train station at rush hour, people walking in all directions, top-down view.",
-    "An old man plays chess in a park, camera slowly dollying in.",
-]
+NEGATIVE_SEED = 2  # synthetic negative prompt, for models without a text encoder at hand
 
 
 def has_text_encoder(weights: Path) -> bool:
     return (weights / "text_encoder" / "config.json").is_file() and (weights / "tokenizer").is_dir()
 
 
-def calibration_prompts(weights: Path, count: int) -> list[str]:
-    """The built-in prompts for WEST/FAST calibration: real-world scenes for UMT5; for the demo model, training
-    captions (never its held-out test captions)."""
-    if is_word_encoder(weights):
-        from saexport.demo.videos import scenes
+def synthetic_embeddings(text_len: int, text_dim: int, prompts: int, seed: int) -> torch.Tensor:
+    """SYNTHETIC text embeddings (seeded normal, fp32), for models without a text encoder at hand."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(prompts, text_len, text_dim, generator=gen)
 
-        return [scene.caption() for scene in scenes(count, seed=CALIBRATION_SEED)]
-    return CALIBRATION_PROMPTS[:count]
 
+def read_embeddings(path: Path, text_dim: int) -> torch.Tensor:
+    """The `embeddings` tensor `[prompts, text_len, text_dim]` of a safetensors file (e.g. UMT5 outputs), fp32."""
+    if not path.is_file():
+        raise SaexportError(f"embeddings file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            embeddings = f.get_tensor("embeddings")
+    except (OSError, SafetensorError) as e:
+        raise SaexportError(f"{path}: not a safetensors file with an `embeddings` tensor ({e})") from None
+    if embeddings.dim() != 3 or embeddings.shape[-1] != text_dim:
+        raise SaexportError(f"{path}: embeddings must be [prompts, text_len, {text_dim}], "
+                            f"got {tuple(embeddings.shape)}")
+    return embeddings.float()
+
+
+def negative_embeddings(weights: Path | None, text_len: int, text_dim: int, cache: Path | None = None) -> torch.Tensor:
+    """The unconditional pass's embeddings `[1, text_len, text_dim]`: the empty prompt through the checkpoint's
+    text encoder, as Wan's pipeline encodes it by default; synthetic without one."""
+    if weights is not None and has_text_encoder(weights):
+        return encode_prompts(weights, [""], cache, max_length=text_len)
+    return synthetic_embeddings(text_len, text_dim, 1, NEGATIVE_SEED)
 
 
 def encode_prompts(weights: Path, prompts: list[str], cache: Path | None = None, device: str | torch.device = "cpu",

@@ -1,1 +1,1 @@
-"""WEST threshold maps, FAST budgets, and their file formats."""
+"""Calibration along the sampler's loop, WEST threshold maps, FAST budgets, resolution transfer, stand-ins."""

@@ -23,11 +23,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from saexport.artifacts import Budgets, Topology
 from saexport.errors import SaexportError
+from saexport.levels import DENSE_LEVEL, density
 from saexport.models.checkpoint import LoadedModel
-from saexport.topology.calibration import CalibrationCheckpoint, Run, SampledRows, calibration_key, calibration_runs
-from saexport.topology.files import Budgets, Topology
-from saexport.topology.levels import DENSE_LEVEL, density
+from saexport.topology.calibration import (
+    CalibrationCheckpoint,
+    CalibrationLoop,
+    Run,
+    SampledRows,
+    calibration_key,
+    calibration_runs,
+)
+from saexport.topology.prompts import CalibrationSet
 
 DENSITY_GOALS = {"high": 0.45, "medium": 0.30, "low": 0.20}
 GROWTHS = (0.0, 0.5, 1.0, 2.0, 3.0)  # candidate gradings g of the target curve
@@ -153,33 +161,31 @@ def fidelity_vs_density(topology: Topology, fidelity: torch.Tensor, stride: int 
 def compute_fidelity(
     loaded: LoadedModel,
     topology: Topology,
-    embeddings: torch.Tensor,
-    seeds: list[int],
-    steps: int,
-    flow_shift: float,
+    prompts: CalibrationSet,
+    loop: CalibrationLoop,
     rows_per_block: int = 16,
     device: str | torch.device = "cpu",
     progress: Callable = tqdm,
     checkpoint_path: Path | None = None,
 ) -> torch.Tensor:
-    """Mean fidelity `[steps, layers, heads, 256]` of every level of `topology` along the dense trajectory.
+    """Mean fidelity `[steps, layers, heads, 256]` of every level of `topology` along the dense sampler loop.
 
     With `checkpoint_path`, an interrupted measurement resumes from its last finished trajectory."""
     grid, block_size = topology.grid, topology.block_size
     seq_len = math.prod(grid)
     rows = SampledRows.draw(seq_len, block_size, rows_per_block, seed=1)  # rows WEST did not rank with
     row_levels = topology.levels[:, :, rows.block]  # [layers, heads, R, n]
-    table = FidelityTable(steps, topology.levels.shape[0], topology.levels.shape[1])
-    current = [Run(0, 0, 0)]  # the run whose forward pass the probes are seeing
+    table = FidelityTable(loop.steps, topology.levels.shape[0], topology.levels.shape[1])
+    current = [Run(0, 0, 0, "cond")]  # the run whose forward pass the probes are seeing
 
     def on_masses(layer: int, masses: torch.Tensor) -> None:
         table.add(current[0].step, layer, fidelity_curves(masses, row_levels[layer]))
 
-    key = calibration_key("FAST", topology.hash(), loaded.weights_id, embeddings, seeds, steps, flow_shift,
-                          rows_per_block)
+    key = calibration_key("FAST", topology.hash(), loaded.weights_id, prompts.embeddings, prompts.negative,
+                          loop.settings(), rows_per_block)
     checkpoint = CalibrationCheckpoint(checkpoint_path, key, {"sum": table.sum, "count": table.count})
-    for run in calibration_runs(loaded, grid, topology.layout, block_size, rows, on_masses, embeddings, seeds, steps,
-                                flow_shift, device, progress, "FAST fidelity", checkpoint):
+    for run in calibration_runs(loaded, grid, topology.layout, block_size, rows, on_masses, prompts, loop, device,
+                                progress, "FAST fidelity", checkpoint):
         current[0] = run
     checkpoint.remove()
     return table.mean()

@@ -16,9 +16,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from saexport.artifacts import Budgets, Topology  # noqa: E402
 from saexport.atomic import atomic_path  # noqa: E402
-from saexport.topology.files import Budgets, Topology  # noqa: E402
-from saexport.topology.levels import density, kept_blocks  # noqa: E402
+from saexport.levels import density, kept_blocks  # noqa: E402
 
 
 def _save(figure, path: Path) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from saexport.exporter.layout import TokenLayout
-from saexport.topology.files import Budgets, Topology
-from saexport.topology.levels import density, levels_from_scores
+from saexport.artifacts import Budgets, Topology
+from saexport.layout import TokenLayout
+from saexport.levels import density, levels_from_scores
 
 
 def standin_topology(

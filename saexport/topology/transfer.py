@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from saexport.topology.files import Topology
+from saexport.artifacts import Topology
 
 
 def covered_blocks(old_grid: tuple[int, int, int], new_grid: tuple[int, int, int], layout, block_size: int):

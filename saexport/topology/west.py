@@ -1,9 +1,10 @@
 """WEST: the threshold map of every layer and head (DESIGN.md, "The method in one page").
 
-For each calibration run i, block scores S_i(u, v) are the mean attention probability inside the block
-pair. A pair's level in run i is ceil(255 * rank_i / n^2) — the smallest density at which it enters
-the run's top pairs — and the map keeps the minimum over runs: a pair is kept at density p if any
-run needed it there. The diagonal is structural and always kept (level 0).
+For each calibration run i (one pass of one step of one prompt x seed trajectory), block scores S_i(u, v) are
+the mean attention probability inside the block pair. A pair's level in run i is the smallest level P at which
+it enters Top(S_i, P/255), the ceil(P n^2 / 255) best pairs: floor(255 (rank_i - 1) / n^2) + 1
+(`levels.levels_from_scores`). The map keeps the minimum over runs: a pair is kept at density p if any run
+needed it there. The diagonal is structural and always kept (level 0).
 """
 
 from __future__ import annotations
@@ -15,11 +16,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from saexport.exporter.layout import TokenLayout
+from saexport.artifacts import Topology
+from saexport.layout import TokenLayout
+from saexport.levels import levels_from_scores
 from saexport.models.checkpoint import LoadedModel
-from saexport.topology.calibration import CalibrationCheckpoint, SampledRows, calibration_key, calibration_runs
-from saexport.topology.files import Topology
-from saexport.topology.levels import levels_from_scores
+from saexport.topology.calibration import (
+    CalibrationCheckpoint,
+    CalibrationLoop,
+    SampledRows,
+    calibration_key,
+    calibration_runs,
+)
+from saexport.topology.prompts import CalibrationSet
 
 
 def block_scores(masses: torch.Tensor, rows: SampledRows, seq_len: int, block_size: int) -> torch.Tensor:
@@ -54,17 +62,14 @@ def compute_topology(
     grid: tuple[int, int, int],
     block_size: int,
     layout: TokenLayout,
-    embeddings: torch.Tensor,
-    seeds: list[int],
-    steps: int,
-    flow_shift: float,
+    prompts: CalibrationSet,
+    loop: CalibrationLoop,
     rows_per_block: int = 16,
     device: str | torch.device = "cpu",
-    settings: dict | None = None,
     progress: Callable = tqdm,
     checkpoint_path: Path | None = None,
 ) -> Topology:
-    """WEST over prompts x seeds x steps of the sampler's trajectory: every (run, layer) is one run of the rule.
+    """WEST over the passes of the sampler's loop for every prompt x seed: each (run, layer) is one run of the rule.
 
     With `checkpoint_path`, an interrupted calibration resumes from its last finished trajectory."""
     preset = loaded.preset
@@ -78,13 +83,13 @@ def compute_topology(
             threshold.add_run(layer, block_scores(sample, rows, seq_len, block_size))
 
     key = calibration_key("WEST", preset.config_hash(), loaded.weights_id, grid, block_size, layout.to_metadata(),
-                          embeddings, seeds, steps, flow_shift, rows_per_block)
+                          prompts.embeddings, prompts.negative, loop.settings(), rows_per_block)
     checkpoint = CalibrationCheckpoint(checkpoint_path, key, {"levels": threshold.levels})
-    for _ in calibration_runs(loaded, grid, layout, block_size, rows, on_masses, embeddings, seeds, steps,
-                              flow_shift, device, progress, "WEST calibration", checkpoint):
+    for _ in calibration_runs(loaded, grid, layout, block_size, rows, on_masses, prompts, loop, device, progress,
+                              "WEST calibration", checkpoint):
         pass  # the probes record during each forward pass
     checkpoint.remove()
-    calibration = {"method": "WEST", "prompts": int(embeddings.shape[0]), "seeds": list(seeds), "steps": steps,
-                   "flow_shift": flow_shift, "rows_per_block": rows_per_block, **(settings or {})}
+    calibration = {"method": "WEST", "prompts": int(prompts.embeddings.shape[0]), "embeddings": prompts.source,
+                   **loop.settings(), "rows_per_block": rows_per_block}
     return Topology(threshold.result(), preset.name, preset.config_hash(), loaded.weights_id, tuple(grid),
                     block_size, layout, calibration)

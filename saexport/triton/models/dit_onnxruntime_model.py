@@ -6,7 +6,7 @@ import os
 import torch
 import triton_python_backend_utils as pb_utils
 
-from saexport.engines.ort_session import ort_session, run_dit
+from saexport.runtime.ort_session import ort_session, run_dit
 
 INPUTS = ("hidden_states", "timestep", "encoder_hidden_states", "step_index")
 

@@ -14,8 +14,8 @@ import onnxruntime as ort
 import torch
 from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
-from saexport.exporter.onnx_op import OP_TYPE
-from saexport.exporter.sparse_attention import reference_block_sparse_attention
+from saexport.models.attention_op import reference_block_sparse_attention
+from saexport.models.onnx_op import OP_TYPE
 
 _registered = False
 

@@ -13,6 +13,33 @@ from saexport.errors import SaexportError
 from saexport.models.presets import LatentCodec
 
 FPS = 16  # Wan2.1's frame rate
+VIDEO_SUFFIXES = (".gif", ".mp4")
+OUTPUT_SUFFIXES = (".safetensors", *VIDEO_SUFFIXES)
+
+
+def check_output_path(path: Path, scale: int = 1) -> None:
+    """Before any sampling: a known suffix, a positive scale, and a parent that is a folder (or can be one)."""
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise SaexportError(f"write {path.name} as latents .safetensors or a video .gif / .mp4, not "
+                            f"'{path.suffix or '(no suffix)'}'")
+    if scale < 1:
+        raise SaexportError(f"the scale must be a positive integer, got {scale}")
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise SaexportError(f"cannot write {path}: {parent} is a file, not a folder")
+            break
+
+
+def write_output(latents: torch.Tensor, codec: LatentCodec, path: Path, vae_path: Path | None, scale: int) -> None:
+    """Latents `[1, channels, f, h, w]` as `.safetensors`, or decoded to a `.gif` / `.mp4`."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import save_file
+
+        with atomic_path(path) as tmp:
+            save_file({"latents": latents.contiguous()}, str(tmp))
+    else:
+        write_video(latents_to_frames(codec, latents, vae_path), path, scale=scale)
 
 
 def latents_to_frames(codec: LatentCodec, latents: torch.Tensor, vae_path: str | Path | None) -> np.ndarray:
@@ -50,12 +77,12 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = FPS, scale: int
     """GIF or MP4 by the extension; `scale` enlarges each frame (nearest neighbour) for tiny videos."""
     import imageio.v3 as iio
 
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise SaexportError(f"write videos as .gif or .mp4, not {path.suffix}")
     if scale < 1:
         raise SaexportError(f"the scale must be a positive integer, got {scale}")
     frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
-    path = Path(path)
-    if path.suffix.lower() not in (".gif", ".mp4"):
-        raise SaexportError(f"write videos as .gif or .mp4, not {path.suffix}")
     with atomic_path(path) as tmp:
         target = tmp.with_suffix(path.suffix)  # imageio picks the format by extension
         try:

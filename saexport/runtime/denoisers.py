@@ -8,14 +8,16 @@ step_index int32 `[1]` (the denoising step, which picks the budgets), text embed
 from __future__ import annotations
 
 import ctypes
-import json
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from saexport import kernels
+from saexport.artifacts import ArtifactFolder, EngineMetadata
 from saexport.errors import SaexportError
-from saexport.exporter.sparse_dit import SparseWanDiT
+from saexport.models.dit import WanDiT
+from saexport.models.onnx_op import PLUGIN_VERSION
 
 
 class Denoiser(Protocol):
@@ -29,11 +31,11 @@ class Denoiser(Protocol):
 
 
 class TorchDenoiser:
-    """The sparse DiT in PyTorch; on a GPU its attention runs the CUDA kernel library."""
+    """The DiT in PyTorch (sparse: on a GPU its attention runs the CUDA kernel library; or dense, or probed)."""
 
     name = "torch"
 
-    def __init__(self, model: SparseWanDiT, steps: int):
+    def __init__(self, model: WanDiT, steps: int):
         self.model = model.eval()
         self.steps = steps
         parameter = next(model.transformer.blocks.parameters())
@@ -51,7 +53,7 @@ class OnnxRuntimeDenoiser:
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | Path, steps: int):
-        from saexport.engines.ort_session import ort_session
+        from saexport.runtime.ort_session import ort_session
 
         path = Path(onnx_path)
         if not path.is_file():
@@ -64,7 +66,7 @@ class OnnxRuntimeDenoiser:
             raise SaexportError(f"{path} is a {elem} graph; the onnxruntime back end runs fp32 exports")
 
     def predict(self, latents, timestep, step_index, text_embeddings):
-        from saexport.engines.ort_session import run_dit
+        from saexport.runtime.ort_session import run_dit
 
         inputs = (latents.float().cpu(), timestep.float().cpu(), text_embeddings.float().cpu(),
                   step_index.to(torch.int32).cpu())
@@ -140,22 +142,10 @@ def import_tensorrt():
     return trt
 
 
-def check_engine_metadata(engine_path: Path) -> dict:
-    """Refuse an engine built for another plugin ABI or another GPU, before TensorRT fails obscurely."""
-    from saexport import kernels
-
-    meta_path = engine_path.with_name("engine.json")
-    if not meta_path.is_file():
-        raise SaexportError(f"{meta_path} is missing: engines are built by `saexport engine`")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("kernel_abi") != kernels.ABI_VERSION or meta.get("plugin_version") != "1":
-        raise SaexportError(f"{engine_path} was built with plugin version {meta.get('plugin_version')} / kernel "
-                            f"ABI {meta.get('kernel_abi')}; this saexport has 1 / {kernels.ABI_VERSION}: rebuild it")
-    if torch.cuda.is_available():
-        name, capability = torch.cuda.get_device_name(), list(torch.cuda.get_device_capability())
-        if meta.get("gpu_capability") != capability:
-            raise SaexportError(f"{engine_path} was built for {meta.get('gpu_name')} ({meta.get('gpu_capability')}), "
-                                f"this GPU is {name} ({capability}): rebuild the engine here")
+def check_engine_metadata(engine_path: Path) -> EngineMetadata:
+    """Refuse an engine built for another plugin version, kernel ABI or GPU, before TensorRT fails obscurely."""
+    meta = EngineMetadata.read(ArtifactFolder(engine_path.parent).engine_metadata)
+    meta.check_loadable(engine_path, PLUGIN_VERSION, kernels.ABI_VERSION, kernels.current_gpu())
     return meta
 
 

@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from saexport import kernels
-from saexport.topology.levels import kept_blocks, num_blocks, unpack_levels
+from saexport.levels import kept_blocks, num_blocks, unpack_levels
 
 OP_NAME = "saexport::block_sparse_attention"
 

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import onnx
 
+from saexport.artifacts import OnnxMetadata
 from saexport.errors import SaexportError
+from saexport.runtime.schedule import flow_shift_for
 
 TRITON_TYPES = {
     onnx.TensorProto.FLOAT: "TYPE_FP32",
@@ -50,15 +52,6 @@ def graph_io(onnx_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
         return TensorSpec(value.name, TRITON_TYPES[t.elem_type], tuple(d.dim_value for d in t.shape.dim))
 
     return [spec(v) for v in graph.input], [spec(v) for v in graph.output]
-
-
-def exported_video_height(onnx_path: Path) -> int:
-    """The pixel height of the video the graph was exported for (its `video` metadata, WIDTHxHEIGHTxFRAMES)."""
-    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-    try:
-        return int(props["video"].split("x")[1])
-    except (KeyError, IndexError, ValueError):
-        raise SaexportError(f"{onnx_path} has no saexport `video` metadata: export it with `saexport export`") from None
 
 
 def model_config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], *, platform: str | None = None,
@@ -92,14 +85,15 @@ def write_triton_repository(
     onnx_path: str | Path,
     out_dir: str | Path,
     name: str,
-    steps: int,
-    flow_shift: float,
     engine_path: str | Path | None = None,
     gpus: list[int] | None = None,
 ) -> Path:
     """Write the repository atomically (a temporary folder renamed into place). Without an engine, the DiT
-    model runs the ONNX in ONNX Runtime (CPU) behind the same interface."""
+    model runs the ONNX in ONNX Runtime (CPU) behind the same interface. The sampler's step count and flow
+    shift come from the graph's metadata: the budgets frozen into it were made for that many steps."""
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    metadata = OnnxMetadata.read(onnx_path)
+    steps, flow_shift = metadata.steps, flow_shift_for(metadata.height)
     inputs, outputs = graph_io(onnx_path)
     latents = outputs[0]
     if latents.dims[0] != 1:
@@ -151,7 +145,7 @@ def write_triton_repository(
 
 
 def _copy_model_py(source: str, version: Path) -> None:
-    text = resources.files("saexport.engines.triton_models").joinpath(source).read_text()
+    text = resources.files("saexport.triton.models").joinpath(source).read_text()
     (version / "model.py").write_text(text)
 
 

@@ -1,7 +1,8 @@
-"""`SparseWanDiT`: a Wan2.1 DiT with frozen block-sparse self-attention, for one static token grid.
+"""The Wan2.1 DiT as saexport runs it, for one static token grid: `WanDiT` (dense self-attention, or probed for
+calibration) and `SparseWanDiT` (frozen block-sparse self-attention, what is exported).
 
 The forward pass is diffusers' `WanTransformer3DModel.forward` for text-to-video, top to bottom,
-with three changes that the exported graph needs:
+with four changes that the exported graph needs:
 - `step_index` is an input, read by every layer's sparse attention to pick its budgets;
 - the token layout's permutation is applied after patch embedding and undone after the output
   projection; the RoPE tables are permuted alike;
@@ -16,9 +17,16 @@ from __future__ import annotations
 import torch
 from diffusers import WanTransformer3DModel
 
-from saexport.exporter.layout import TokenLayout
-from saexport.exporter.processor import LayerMasks, SparseSelfAttnProcessor, StepContext
-from saexport.topology.levels import pack_levels
+from saexport.layout import TokenLayout
+from saexport.levels import pack_levels
+from saexport.models.processors import (
+    DenseSelfAttnProcessor,
+    LayerMasks,
+    MassCallback,
+    ProbedSelfAttnProcessor,
+    SparseSelfAttnProcessor,
+    StepContext,
+)
 
 
 def rope_tables(transformer: WanTransformer3DModel, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,31 +47,17 @@ def patch_embed(conv: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     return patches @ conv.weight.flatten(1).t() + conv.bias
 
 
-class SparseWanDiT(torch.nn.Module):
-    def __init__(
-        self,
-        transformer: WanTransformer3DModel,
-        grid: tuple[int, int, int],
-        layout: TokenLayout,
-        topology_levels: torch.Tensor,  # uint8 [layers, heads, n, n], in the layout's token order
-        budget_levels: torch.Tensor,  # uint8 [steps, layers, heads]
-        block_size: int,
-    ):
+class WanDiT(torch.nn.Module):
+    """The DiT for `grid` in `layout`, with dense self-attention until `probe` or a subclass installs another."""
+
+    def __init__(self, transformer: WanTransformer3DModel, grid: tuple[int, int, int], layout: TokenLayout):
         super().__init__()
-        layers = len(transformer.blocks)
-        if topology_levels.shape[:2] != (layers, transformer.config.num_attention_heads):
-            raise ValueError(f"topology covers {tuple(topology_levels.shape[:2])} layers x heads, the model "
-                             f"{(layers, transformer.config.num_attention_heads)}")
         self.transformer = transformer
         self.grid = tuple(grid)
         self.layout = layout
-        self.block_size = block_size
         self.context = StepContext()
-        self.masks = torch.nn.ModuleList(
-            LayerMasks(pack_levels(topology_levels[i]), budget_levels[:, i]) for i in range(layers)
-        )
-        for block, masks in zip(transformer.blocks, self.masks, strict=True):
-            block.attn1.set_processor(SparseSelfAttnProcessor(masks, self.context, block_size))
+        for block in transformer.blocks:
+            block.attn1.set_processor(DenseSelfAttnProcessor())
 
         perm = layout.permutation(self.grid)
         cos, sin = rope_tables(transformer, self.grid)
@@ -71,6 +65,19 @@ class SparseWanDiT(torch.nn.Module):
         self.register_buffer("rope_sin", sin[:, perm].contiguous(), persistent=False)
         self.register_buffer("perm", perm, persistent=False)
         self.register_buffer("inverse_perm", perm.argsort(), persistent=False)
+
+    def probe(self, rows: torch.Tensor, block_size: int, on_masses: MassCallback) -> WanDiT:
+        """Hand every self-attention layer's block masses of the query `rows` (token positions in the layout's
+        order) to `on_masses` during each forward pass; attention stays dense."""
+        for layer, block in enumerate(self.transformer.blocks):
+            block.attn1.set_processor(ProbedSelfAttnProcessor(layer, rows, block_size, on_masses))
+        return self
+
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """`[channels, frames, height, width]` of the latents whose tokens form the grid."""
+        pt, ph, pw = self.transformer.config.patch_size
+        return (self.transformer.config.in_channels, self.grid[0] * pt, self.grid[1] * ph, self.grid[2] * pw)
+
 
     def forward(
         self,
@@ -109,3 +116,26 @@ class SparseWanDiT(torch.nn.Module):
         hidden_states = hidden_states.reshape(batch, frames, rows, cols, p_t, p_h, p_w, -1)
         hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+class SparseWanDiT(WanDiT):
+    def __init__(
+        self,
+        transformer: WanTransformer3DModel,
+        grid: tuple[int, int, int],
+        layout: TokenLayout,
+        topology_levels: torch.Tensor,  # uint8 [layers, heads, n, n], in the layout's token order
+        budget_levels: torch.Tensor,  # uint8 [steps, layers, heads]
+        block_size: int,
+    ):
+        super().__init__(transformer, grid, layout)
+        layers = len(transformer.blocks)
+        if topology_levels.shape[:2] != (layers, transformer.config.num_attention_heads):
+            raise ValueError(f"topology covers {tuple(topology_levels.shape[:2])} layers x heads, the model "
+                             f"{(layers, transformer.config.num_attention_heads)}")
+        self.block_size = block_size
+        self.masks = torch.nn.ModuleList(
+            LayerMasks(pack_levels(topology_levels[i]), budget_levels[:, i]) for i in range(layers)
+        )
+        for block, masks in zip(transformer.blocks, self.masks, strict=True):
+            block.attn1.set_processor(SparseSelfAttnProcessor(masks, self.context, block_size))

@@ -1,0 +1,336 @@
+"""The artifact contract (DESIGN.md, "Contracts"): every file saexport writes for another part to read, written
+and read here only.
+
+- `ArtifactFolder`: the names of the files in a build or export folder;
+- `Topology` and `Budgets`: `topology.safetensors` and `budgets.safetensors`. Metadata values are JSON strings;
+  a reader checks the format version and the tensors' shapes, and `check_*` refuse an artifact made for another
+  model, grid, block size or topology with a message saying which;
+- `OnnxMetadata`: the `metadata_props` of an exported `model.onnx`;
+- `EngineMetadata`: `engine.json`, what a loader checks before deserialising a TensorRT engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from saexport.atomic import atomic_path, write_text_atomic
+from saexport.errors import SaexportError
+from saexport.layout import TokenLayout, parse_layout
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ArtifactFolder:
+    """The files of a build or export folder. `saexport build` writes them all; `export` writes the topology,
+    budgets and ONNX; `engine` adds the engine; every back end of `generate` reads them from here."""
+
+    root: Path
+
+    @property
+    def topology(self) -> Path:
+        return self.root / "topology.safetensors"
+
+    @property
+    def budgets(self) -> Path:
+        return self.root / "budgets.safetensors"
+
+    @property
+    def onnx(self) -> Path:
+        return self.root / "model.onnx"  # + model.onnx.data beside it past 2 GB
+
+    @property
+    def engine(self) -> Path:
+        return self.root / "model.engine"
+
+    @property
+    def engine_metadata(self) -> Path:
+        return self.root / "engine.json"
+
+    @property
+    def timing_cache(self) -> Path:
+        return self.root / "timing.cache"
+
+    @property
+    def triton(self) -> Path:
+        return self.root / "triton"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "build.json"
+
+    @property
+    def calibration_embeddings(self) -> Path:
+        return self.root / "calibration_embeddings.safetensors"
+
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
+
+
+@dataclass
+class Topology:
+    """Threshold levels uint8 `[layers, heads, n, n]` for one model, token grid, block size and layout."""
+
+    levels: torch.Tensor
+    model: str
+    config_hash: str
+    weights_id: str
+    grid: tuple[int, int, int]
+    block_size: int
+    layout: TokenLayout
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": "topology",
+            "model": self.model,
+            "config_hash": self.config_hash,
+            "weights_id": self.weights_id,
+            "grid": list(self.grid),
+            "block_size": self.block_size,
+            "layout": self.layout.to_metadata(),
+            "calibration": self.calibration,
+        }
+
+    def hash(self) -> str:
+        return _content_hash(self.levels, self.metadata())
+
+    def save(self, path: str | Path) -> None:
+        _save(path, self.levels, self.metadata())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Topology:
+        levels, meta = _load(path, "topology")
+        try:
+            grid, block_size = tuple(int(x) for x in meta["grid"]), int(meta["block_size"])
+        except (KeyError, TypeError, ValueError):
+            raise SaexportError(f"{path}: the metadata has no valid grid and block_size") from None
+        if len(grid) != 3 or min(grid) < 1 or block_size < 1:
+            raise SaexportError(f"{path}: grid {grid} and block size {block_size} must be positive")
+        n = math.ceil(math.prod(grid) / block_size)
+        if levels.dim() != 4 or tuple(levels.shape[2:]) != (n, n):
+            raise SaexportError(f"{path}: levels must be [layers, heads, {n}, {n}] for grid {grid} and blocks of "
+                                f"{block_size}, got {list(levels.shape)}")
+        return cls(
+            levels=levels,
+            model=meta["model"],
+            config_hash=meta["config_hash"],
+            weights_id=meta["weights_id"],
+            grid=grid,  # type: ignore[arg-type]
+            block_size=block_size,
+            layout=parse_layout(meta["layout"]),
+            calibration=meta.get("calibration", {}),
+        )
+
+    def check_matches(self, model: str, config_hash: str, grid: tuple[int, int, int], block_size: int) -> None:
+        problems = []
+        if self.model != model or self.config_hash != config_hash:
+            problems.append(f"it was built for model {self.model} (config {self.config_hash}), "
+                            f"not {model} (config {config_hash})")
+        if tuple(self.grid) != tuple(grid):
+            problems.append(f"its token grid is {tuple(self.grid)}, the export's is {tuple(grid)} "
+                            "(resolution or frames differ)")
+        if self.block_size != block_size:
+            problems.append(f"its block size is {self.block_size}, not {block_size}")
+        if problems:
+            raise SaexportError("the topology does not fit this export: " + "; ".join(problems))
+
+
+@dataclass
+class Budgets:
+    """Budget levels uint8 `[steps, layers, heads]` tuned on one topology."""
+
+    levels: torch.Tensor
+    topology_hash: str
+    fidelity: str
+    curve: dict[str, Any] = field(default_factory=dict)
+    mean_density: float = 1.0
+
+    @property
+    def steps(self) -> int:
+        return self.levels.shape[0]
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": "budgets",
+            "topology_hash": self.topology_hash,
+            "fidelity": self.fidelity,
+            "curve": self.curve,
+            "mean_density": self.mean_density,
+        }
+
+    def hash(self) -> str:
+        return _content_hash(self.levels, self.metadata())
+
+    def save(self, path: str | Path) -> None:
+        _save(path, self.levels, self.metadata())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Budgets:
+        levels, meta = _load(path, "budgets")
+        if levels.dim() != 3 or levels.shape[0] < 1:
+            raise SaexportError(f"{path}: levels must be [steps, layers, heads], got {list(levels.shape)}")
+        return cls(levels, meta["topology_hash"], meta["fidelity"], meta.get("curve", {}),
+                   float(meta["mean_density"]))
+
+    def check_matches(self, topology: Topology, steps: int | None = None) -> None:
+        if self.topology_hash != topology.hash():
+            raise SaexportError("the budgets were tuned on another topology "
+                                f"({self.topology_hash[:12]}, this one is {topology.hash()[:12]}); rerun budgets")
+        layers, heads = topology.levels.shape[:2]
+        if tuple(self.levels.shape[1:]) != (layers, heads):
+            raise SaexportError(f"budgets cover {tuple(self.levels.shape[1:])} layers x heads, "
+                                f"the topology {(layers, heads)}")
+        if steps is not None and self.steps != steps:
+            raise SaexportError(f"budgets are for {self.steps} denoising steps, not {steps}")
+
+
+def _content_hash(levels: torch.Tensor, meta: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    digest.update(levels.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _save(path: str | Path, levels: torch.Tensor, meta: dict[str, Any]) -> None:
+    """Write a one-tensor safetensors file with a sorted header, so equal inputs give equal bytes.
+
+    (The safetensors library writes metadata in hash-map order, which changes from run to run.)
+    """
+    if levels.dtype != torch.uint8:
+        raise TypeError(f"levels must be uint8, got {levels.dtype}")
+    data = levels.contiguous().numpy().tobytes()
+    header = {
+        "__metadata__": {k: json.dumps(v, sort_keys=True) for k, v in meta.items()},
+        "levels": {"dtype": "U8", "shape": list(levels.shape), "data_offsets": [0, len(data)]},
+    }
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+
+
+def _load(path: str | Path, kind: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise SaexportError(f"{kind} file {path} does not exist")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        meta = {k: json.loads(v) for k, v in raw.items()}
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise SaexportError(f"{path} is not a readable {kind} file ({e})") from None
+    if meta.get("kind") != kind or "levels" not in tensors:
+        raise SaexportError(f"{path} is not a {kind} file (kind: {meta.get('kind')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise SaexportError(f"{path} has format version {meta.get('format_version')}, "
+                            f"this saexport reads version {FORMAT_VERSION}; regenerate it")
+    if tensors["levels"].dtype != torch.uint8:
+        raise SaexportError(f"{path}: levels must be uint8, got {tensors['levels'].dtype}")
+    return tensors["levels"], meta
+
+
+@dataclass(frozen=True)
+class OnnxMetadata:
+    """The `metadata_props` of an exported `model.onnx`: what made the graph, for the stages that read it."""
+
+    model: str
+    config_hash: str
+    weights_id: str
+    random_weights: bool
+    width: int
+    height: int
+    frames: int
+    grid: tuple[int, int, int]
+    block_size: int
+    layout: str
+    steps: int
+    topology_hash: str
+    budgets_hash: str
+    fidelity: str
+    mean_density: float
+    dtype: str  # fp32, fp16 or bf16
+    batch: int
+    saexport_version: str
+
+    def to_props(self) -> dict[str, str]:
+        return {k: json.dumps(v) if not isinstance(v, str) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def read(cls, onnx_path: str | Path) -> OnnxMetadata:
+        import onnx
+        from google.protobuf.message import DecodeError
+
+        try:
+            props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+        except (OSError, DecodeError) as e:
+            raise SaexportError(f"{onnx_path} is not a readable ONNX model ({e})") from None
+        try:
+            return cls.from_props(props)
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise SaexportError(f"{onnx_path} lacks saexport's metadata ({e}): export it with `saexport export` "
+                                "of this version") from None
+
+    @classmethod
+    def from_props(cls, props: dict[str, str]) -> OnnxMetadata:
+        values = {name: props[name] if f.type == "str" else json.loads(props[name])
+                  for name, f in cls.__dataclass_fields__.items()}
+        values["grid"] = tuple(values["grid"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class EngineMetadata:
+    """`engine.json` beside `model.engine`: the graph's metadata plus what the engine was built with and for.
+
+    A loader refuses an engine whose plugin version, kernel ABI or GPU differs from its own, before TensorRT
+    would fail obscurely."""
+
+    onnx: OnnxMetadata
+    tensorrt_version: str
+    plugin_version: str
+    kernel_abi: int
+    gpu_name: str | None
+    gpu_capability: tuple[int, int] | None
+    plugin_libraries: tuple[str, ...] = ()  # what must ship with the engine (Triton's plugins= option)
+    version_compatible: bool = False
+
+    def write(self, path: Path) -> None:
+        record = asdict(self)
+        record["onnx"] = self.onnx.to_props()
+        write_text_atomic(path, json.dumps(record, indent=2))
+
+    @classmethod
+    def read(cls, path: Path) -> EngineMetadata:
+        if not path.is_file():
+            raise SaexportError(f"{path} is missing: engines are built by `saexport engine`")
+        try:
+            record = json.loads(path.read_text())
+            onnx_meta = OnnxMetadata.from_props(record.pop("onnx"))
+            record["gpu_capability"] = tuple(record["gpu_capability"]) if record.get("gpu_capability") else None
+            record["plugin_libraries"] = tuple(record.get("plugin_libraries", ()))
+            return cls(onnx=onnx_meta, **record)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SaexportError(f"{path} is not an engine.json of this saexport ({e}): rebuild the engine") from None
+
+    def check_loadable(self, path: Path, plugin_version: str, kernel_abi: int,
+                       gpu: tuple[str, tuple[int, int]] | None) -> None:
+        """Refuse an engine of another plugin version, kernel ABI or GPU (`gpu`: this machine's name, capability)."""
+        if self.kernel_abi != kernel_abi or self.plugin_version != plugin_version:
+            raise SaexportError(f"{path} was built with plugin version {self.plugin_version} / kernel ABI "
+                                f"{self.kernel_abi}; this saexport has {plugin_version} / {kernel_abi}: rebuild it")
+        if gpu is not None and self.gpu_capability != gpu[1]:
+            raise SaexportError(f"{path} was built for {self.gpu_name} ({self.gpu_capability}), this GPU is "
+                                f"{gpu[0]} ({gpu[1]}): rebuild the engine here")

@@ -1,0 +1,52 @@
+"""`saexport`: one module per command group; commands are imported when asked for, so `--help` is instant.
+
+Every command prints progress through `logging.getLogger("saexport")` (`-v` for more, `-q` for warnings only)
+and ends a user's error as one line `error: <what and how to fix it>` with exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import click
+
+# command -> (module, function): imported when the command runs or its help is shown.
+COMMANDS = {
+    "models": ("saexport.cli.info", "models"),
+    "topology": ("saexport.cli.calibrate", "topology"),
+    "transfer": ("saexport.cli.calibrate", "transfer"),
+    "budgets": ("saexport.cli.calibrate", "budgets"),
+    "inspect": ("saexport.cli.calibrate", "inspect"),
+    "export": ("saexport.cli.export", "export"),
+    "engine": ("saexport.cli.export", "engine"),
+    "triton": ("saexport.cli.export", "triton"),
+    "build": ("saexport.cli.build", "build"),
+    "generate": ("saexport.cli.generate", "generate"),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[name]
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="saexport")
+@click.option("-v", "--verbose", count=True, help="More detail (-vv: debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
+def main(verbose: int, quiet: bool) -> None:
+    """Export Wan2.1 with ScalingAttention block-sparse attention to ONNX, TensorRT and Triton."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[saexport] %(message)s"))
+    log = logging.getLogger("saexport")
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False

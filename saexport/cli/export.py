@@ -1,0 +1,107 @@
+"""`saexport export | engine | triton`: the ONNX graph, the TensorRT engine, the Triton model repository."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from saexport.cli.options import (
+    clear_errors,
+    dtype_option,
+    int_list,
+    model_options,
+    model_source,
+    stage,
+    video_options,
+)
+from saexport.errors import SaexportError
+
+log = logging.getLogger("saexport")
+
+
+@click.command()
+@model_options
+@video_options
+@dtype_option
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Batch of the static graph.")
+@click.option("--topology", "topology_path", type=click.Path(path_type=Path),
+              help="topology.safetensors (default: a stand-in, until calibration has run).")
+@click.option("--budgets", "budgets_path", type=click.Path(path_type=Path), help="budgets.safetensors.")
+@click.option("--block-size", type=int, help="Block size of a stand-in topology. Default: the model's.")
+@click.option("--layout", help="Token layout of a stand-in topology. Default: the model's.")
+@click.option("--steps", type=click.IntRange(min=1), help="Denoising steps of stand-in budgets. Default: the model's.")
+@click.option("--density", default=0.3, show_default=True, type=click.FloatRange(0, 1),
+              help="Mean density of stand-in budgets.")
+@click.option("--verify", is_flag=True, help="Run the ONNX in ONNX Runtime and compare with PyTorch (fp32); "
+                                            "fails when they disagree.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@clear_errors
+def export(model, weights, random_weights, seed, resolution, frames, dtype_name, batch, topology_path, budgets_path,
+           block_size, layout, steps, density, verify, out_dir) -> None:
+    """Export the sparse DiT to OUT/model.onnx (one BlockSparseAttention node per layer), with the topology and
+    budgets it freezes beside it."""
+    from saexport.artifacts import Budgets, Topology
+    from saexport.pipeline import Models, make_export, make_standins, resolve_run, video_of
+
+    source = model_source(model, weights, random_weights, seed)
+    run = resolve_run(model, resolution=resolution, frames=frames, dtype=dtype_name, block_size=block_size,
+                      layout=layout, steps=steps)
+    if verify and run.dtype != "fp32":
+        raise SaexportError("--verify runs ONNX Runtime on the CPU: export with --dtype fp32")
+    if (topology_path is None) != (budgets_path is None):
+        raise SaexportError("give --topology and --budgets together")
+    models = Models(source)
+    if topology_path is not None:
+        topology, budgets = Topology.load(topology_path), Budgets.load(budgets_path)
+    else:
+        log.warning("WARNING: no --topology given: using a STAND-IN topology and budgets (not calibrated; they keep "
+                    "the graph's shape, not the model's quality).")
+        topology, budgets = make_standins(models, run, density)
+    video = video_of(source, run)
+    with stage(f"exporting ONNX ({video.describe()}, {run.dtype}, mean density {budgets.mean_density:.2f})"):
+        exported = make_export(models, run, topology, budgets, out_dir, batch)
+    click.echo(f"wrote {exported.path}")
+    if verify:
+        from saexport.exporter.verify import verify_onnx
+
+        with stage("verifying in ONNX Runtime"):
+            errors = verify_onnx(models.get(), topology, budgets, video, exported.path, batch)
+        for step, err in errors.items():
+            click.echo(f"step {step}: relative error ONNX Runtime vs PyTorch {err:.2e}")
+
+
+@click.command()
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(path_type=Path), help="model.onnx from export.")
+@click.option("--plugin", "plugin_library", required=True, type=click.Path(path_type=Path),
+              help="libsaexport_trt_plugin.so (the plugin_dynamic library with --version-compatible).")
+@click.option("--workspace-gib", default=8.0, show_default=True)
+@click.option("--timing-cache", type=click.Path(path_type=Path), help="Default: OUT/timing.cache, reused.")
+@click.option("--version-compatible", is_flag=True, help="Version-compatible engine with the plugin serialized.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@clear_errors
+def engine(onnx_path, plugin_library, workspace_gib, timing_cache, version_compatible, out_dir) -> None:
+    """Build a TensorRT engine (OUT/model.engine + engine.json) from the exported ONNX."""
+    from saexport.pipeline import make_engine
+
+    with stage("building the TensorRT engine"):
+        path = make_engine(onnx_path, plugin_library, out_dir, workspace_gib=workspace_gib, timing_cache=timing_cache,
+                           version_compatible=version_compatible)
+    click.echo(f"wrote {path}")
+
+
+@click.command()
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(path_type=Path), help="model.onnx from export.")
+@click.option("--engine", "engine_path", type=click.Path(path_type=Path),
+              help="model.engine; without it the DiT runs the ONNX in ONNX Runtime (CPU).")
+@click.option("--name", default="wan", show_default=True, help="Model name prefix.")
+@click.option("--gpus", default="0", show_default=True, help="Comma-separated GPU ids of the instance group.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@clear_errors
+def triton(onnx_path, engine_path, name, gpus, out_dir) -> None:
+    """Write a Triton model repository: NAME_dit and NAME_pipeline (BLS sampler loop, the graph's step count)."""
+    from saexport.pipeline import make_triton
+
+    repo = make_triton(onnx_path, out_dir, name, engine_path, int_list(gpus, "--gpus"))
+    click.echo(f"wrote {repo} (see {repo / 'README.md'})")

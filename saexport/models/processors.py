@@ -1,0 +1,131 @@
+"""Wan's self-attention as the static-grid DiT runs it: q/k/v exactly as diffusers computes them (projections,
+RMSNorm across heads, RoPE from the DiT's fp32 tables), then one of three attentions:
+
+- `DenseSelfAttnProcessor`: scaled-dot-product attention over all tokens;
+- `SparseSelfAttnProcessor`: `saexport::block_sparse_attention` with the layer's frozen masks;
+- `ProbedSelfAttnProcessor`: dense, and for a few sampled query rows the softmax over all keys summed per key
+  block (*block masses* `[batch, heads, rows, n]`) handed to a callback: what WEST and FAST calibrate from,
+  without ever holding an L x L matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from saexport.models import attention_op  # noqa: F401  (registers the op)
+
+MassCallback = Callable[[int, torch.Tensor], None]  # (layer, block masses [batch, heads, rows, n])
+
+
+class StepContext:
+    """The denoising step of the forward pass in flight, shared by every layer's processor.
+
+    Set by `SparseWanDiT.forward` before the blocks run: diffusers' blocks do not forward extra
+    arguments to their attention processors.
+    """
+
+    step_index: torch.Tensor | None = None
+
+
+class LayerMasks(torch.nn.Module):
+    """One layer's packed INT32 topology `[heads, n, ceil(n/4)]` and budgets `[steps, heads]`.
+
+    Buffers, so that `.to(device)` moves them and the ONNX exporter writes them as initializers.
+    """
+
+    def __init__(self, topology: torch.Tensor, budgets: torch.Tensor):
+        super().__init__()
+        self.register_buffer("topology", topology.to(torch.int32).contiguous())
+        self.register_buffer("budgets", budgets.to(torch.int32).contiguous())
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's RoPE on interleaved pairs; cos/sin are the per-pair tables `[1, L, 1, head_dim/2]` (fp32)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).float().unbind(-1)
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+def project_qkv(attn, hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor]):
+    """Wan's self-attention q, k, v `[batch, L, heads, head_dim]`: projections, RMSNorm across heads, RoPE."""
+    query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+    value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+    return apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb), value
+
+
+def check_self_attention_call(encoder_hidden_states, attention_mask, rotary_emb) -> None:
+    if encoder_hidden_states is not None or attention_mask is not None or rotary_emb is None:
+        raise ValueError("this processor serves Wan's self-attention (with RoPE) only")
+
+
+def _output(attn, out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`[batch, L, heads, head_dim]` -> the layer's output projection."""
+    return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(like)))
+
+
+def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def block_masses(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, block_size: int, chunk: int = 512):
+    """Softmax of the sampled rows over all keys, summed per key block: fp32 `[batch, heads, R, n]`."""
+    batch, seq_len, heads, dim = q.shape
+    n = math.ceil(seq_len / block_size)
+    keys = k.transpose(1, 2).float()  # [B, H, L, D]
+    out = []
+    for start in range(0, rows.numel(), chunk):
+        idx = rows[start:start + chunk].to(q.device)
+        logits = q[:, idx].transpose(1, 2).float() @ keys.transpose(-1, -2) / math.sqrt(dim)
+        probs = torch.softmax(logits, dim=-1)
+        probs = F.pad(probs, (0, n * block_size - seq_len))
+        out.append(probs.unflatten(-1, (n, block_size)).sum(-1))
+    return torch.cat(out, dim=2)
+
+
+class DenseSelfAttnProcessor:
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        check_self_attention_call(encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = project_qkv(attn, hidden_states, rotary_emb)
+        return _output(attn, dense_attention(query, key, value), query)
+
+
+class ProbedSelfAttnProcessor:
+    """Dense attention (so the trajectory is the dense model's); block masses of `rows` to `on_masses`."""
+
+    def __init__(self, layer: int, rows: torch.Tensor, block_size: int, on_masses: MassCallback):
+        self.layer, self.rows, self.block_size, self.on_masses = layer, rows, block_size, on_masses
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        check_self_attention_call(encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = project_qkv(attn, hidden_states, rotary_emb)
+        self.on_masses(self.layer, block_masses(query, key, self.rows, self.block_size))
+        return _output(attn, dense_attention(query, key, value), query)
+
+
+class SparseSelfAttnProcessor:
+    def __init__(self, masks: LayerMasks, context: StepContext, block_size: int):
+        self.masks = masks
+        self.context = context
+        self.block_size = block_size
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        check_self_attention_call(encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = project_qkv(attn, hidden_states, rotary_emb)
+        out = torch.ops.saexport.block_sparse_attention(
+            query, key, value, self.masks.topology, self.masks.budgets, self.context.step_index,
+            self.block_size, 1.0 / math.sqrt(query.shape[-1]),
+        )
+        return _output(attn, out, query)

@@ -1,0 +1,318 @@
+"""The pipeline's stages, shared by `saexport build` and every single-stage command:
+
+    weights ─► topology (WEST) ─► budgets (FAST) ─► export (ONNX) ─► engine (TensorRT) ─► triton
+
+Each `make_*` function is one stage: inputs in, artifact files out. `saexport topology`, `budgets`, `export`,
+`engine` and `triton` call one each; `run_build` calls them all in order, as stages keyed by a hash of their
+inputs (the keys of the stages before them included). `OUT/build.json` records the key and outputs of every
+finished stage; a stage whose key and outputs are unchanged is not run again, an interrupted build resumes at its
+first unfinished stage, and a changed input reruns only the stages that depend on it. Because both paths run the
+same functions on the same settings, a build and the single-stage commands write byte-identical artifacts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from saexport.artifacts import ArtifactFolder, Budgets, Topology
+from saexport.atomic import write_text_atomic
+from saexport.errors import SaexportError
+from saexport.layout import parse_layout
+from saexport.models.checkpoint import LoadedModel, detect_layout, load_model, parse_dtype, resolve_weights
+from saexport.models.presets import ModelPreset, RunDefaults, get_preset
+from saexport.models.video_shape import VideoShape, parse_video_shape, video_of_grid
+from saexport.runtime.sampler import DEFAULT_GUIDANCE, PASSES
+from saexport.runtime.schedule import flow_shift_for
+
+log = logging.getLogger("saexport")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Which model: a preset and its checkpoint (or random weights, for speed measurements only)."""
+
+    model: str
+    weights: Path | None = None
+    random_weights: bool = False
+    seed: int = 0
+
+    @property
+    def preset(self) -> ModelPreset:
+        return get_preset(self.model)
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return None if self.random_weights else resolve_weights(self.preset, self.weights)
+
+    def fingerprint(self) -> list | str:
+        """Cheap to compute on every build (hashing 28 GB is not): names, sizes and modification times."""
+        if self.checkpoint is None:
+            return f"random:{self.seed}"
+        return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in detect_layout(self.checkpoint).files]
+
+
+class Models:
+    """Each precision of the model loaded once per command, whichever stages ask for it."""
+
+    def __init__(self, source: ModelSource):
+        self.source = source
+        self._loaded: dict[torch.dtype, LoadedModel] = {}
+
+    def get(self, dtype: torch.dtype = torch.float32) -> LoadedModel:
+        if dtype not in self._loaded:
+            log.info("loading %s (%s)", self.source.model, str(dtype).removeprefix("torch."))
+            self._loaded[dtype] = load_model(self.source.model, self.source.checkpoint, dtype=dtype,
+                                             random_weights=self.source.random_weights, seed=self.source.seed)
+        return self._loaded[dtype]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How WEST and FAST calibrate: the prompts, and the sampler loop they walk (as generation runs it)."""
+
+    prompts: int = 4
+    embeddings_file: Path | None = None
+    seeds: tuple[int, ...] = (0,)
+    rows_per_block: int = 16
+    guidance: float = DEFAULT_GUIDANCE
+    passes: tuple[str, ...] = PASSES
+    device: str = "cpu"
+
+    def prompt_source(self, source: ModelSource):
+        from saexport.topology.prompts import PromptSource
+
+        return PromptSource(source.preset, self.prompts, self.embeddings_file, source.checkpoint)
+
+    def loop(self, steps: int, video: VideoShape):
+        from saexport.topology.calibration import CalibrationLoop
+
+        return CalibrationLoop(tuple(self.seeds), steps, flow_shift_for(video.height), self.guidance,
+                               tuple(self.passes))
+
+    def fingerprint(self, source: ModelSource) -> list:
+        """What the topology depends on besides the model and grid (the device is not: results are the same)."""
+        return [self.prompt_source(source).fingerprint(), list(self.seeds), self.rows_per_block, self.guidance,
+                list(self.passes)]
+
+
+def resolve_run(model: str, **given) -> RunDefaults:
+    """The model's run defaults (resolution, frames, block size, layout, steps, dtype), overridden by the options
+    given (those not None), checked before any compute."""
+    run = replace(get_preset(model).defaults, **{k: v for k, v in given.items() if v is not None})
+    if run.block_size < 1:
+        raise SaexportError(f"--block-size must be a positive number of tokens, got {run.block_size}")
+    if run.steps < 1:
+        raise SaexportError(f"--steps must be at least 1, got {run.steps}")
+    parse_dtype(run.dtype)
+    parse_layout(run.layout)
+    return run
+
+
+def video_of(source: ModelSource, run: RunDefaults) -> VideoShape:
+    return parse_video_shape(run.resolution, run.frames, source.preset.codec)
+
+
+def partial_path(out_path: Path) -> Path:
+    """Where an interrupted calibration keeps its progress; rerunning the same command resumes from it."""
+    return out_path.with_name(out_path.name + ".partial")
+
+
+def calibration_set(models: Models, calibration: Calibration, out_path: Path):
+    """The calibration prompts, encoded (cached beside `out_path`), and said where they come from."""
+    prompts = calibration.prompt_source(models.source)
+    prompts.check()
+    encoded = prompts.load(cache=out_path.with_name(ArtifactFolder(out_path.parent).calibration_embeddings.name))
+    if prompts.kind == "synthetic":
+        log.warning("note: %d SYNTHETIC prompt embeddings (seeded normal): give --calib-embeddings, or a checkpoint "
+                    "with text_encoder/, for real prompts", calibration.prompts)
+    else:
+        log.info("calibration prompts: %s", encoded.source)
+    return encoded
+
+
+def make_topology(models: Models, run: RunDefaults, calibration: Calibration, out_path: Path) -> Topology:
+    """WEST: calibrate the dense model along the sampler's loop; write the threshold map to `out_path`."""
+    from saexport.topology.west import compute_topology
+
+    source = models.source
+    video = video_of(source, run)
+    topology = compute_topology(models.get(), video.token_grid(source.preset.patch_size), run.block_size,
+                                parse_layout(run.layout), calibration_set(models, calibration, out_path),
+                                calibration.loop(run.steps, video),
+                                calibration.rows_per_block, calibration.device, checkpoint_path=partial_path(out_path))
+    topology.save(out_path)
+    return topology
+
+
+def make_budgets(models: Models, topology_path: Path, fidelity: str, calibration: Calibration, steps: int,
+                 out_path: Path) -> Budgets:
+    """FAST: measure every level's fidelity along the sampler's loop; fit the preset's budgets to `out_path`."""
+    from saexport.topology.fast import DENSITY_GOALS, compute_fidelity, fit_budgets
+
+    if fidelity not in DENSITY_GOALS:
+        raise SaexportError(f"unknown fidelity preset '{fidelity}'; use one of {', '.join(DENSITY_GOALS)}")
+    source = models.source
+    topology = Topology.load(topology_path)
+    topology.check_matches(source.preset.name, source.preset.config_hash(), topology.grid, topology.block_size)
+    video = video_of_grid(topology.grid, source.preset.patch_size, source.preset.codec)
+    table = compute_fidelity(models.get(), topology, calibration_set(models, calibration, out_path),
+                             calibration.loop(steps, video),
+                             calibration.rows_per_block, calibration.device, checkpoint_path=partial_path(out_path))
+    budgets = fit_budgets(topology, table, fidelity)
+    budgets.save(out_path)
+    return budgets
+
+
+def make_export(models: Models, run: RunDefaults, topology: Topology, budgets: Budgets, out_dir: Path,
+                batch: int = 1):
+    """The sparse DiT as `out_dir/model.onnx`, with the topology and budgets it freezes beside it, so the folder
+    is complete for every back end of `generate`."""
+    from saexport.exporter.onnx_export import export_onnx
+
+    folder = ArtifactFolder(out_dir)
+    for artifact, path in ((topology, folder.topology), (budgets, folder.budgets)):
+        if not path.is_file() or type(artifact).load(path).hash() != artifact.hash():
+            artifact.save(path)
+    dtype = parse_dtype(run.dtype)
+    return export_onnx(models.get(dtype), topology, budgets, video_of(models.source, run), out_dir, dtype, batch)
+
+
+def make_standins(models: Models, run: RunDefaults, density: float) -> tuple[Topology, Budgets]:
+    """A STAND-IN topology and budgets (not calibrated): the graph's shape, not the model's quality."""
+    from saexport.topology.standin import standin_budgets, standin_topology
+
+    loaded, preset = models.get(), models.source.preset
+    grid = video_of(models.source, run).token_grid(preset.patch_size)
+    topology = standin_topology(preset.name, preset.config_hash(), loaded.weights_id, preset.num_layers,
+                                preset.num_heads, grid, run.block_size, parse_layout(run.layout))
+    return topology, standin_budgets(topology, run.steps, density)
+
+
+def make_engine(onnx_path: Path, plugin: Path, out_dir: Path, **options) -> Path:
+    from saexport.engines.tensorrt_build import build_engine
+
+    return build_engine(onnx_path, plugin, out_dir, **options)
+
+
+def make_triton(onnx_path: Path, out_dir: Path, name: str, engine_path: Path | None, gpus: list[int]) -> Path:
+    from saexport.triton.repository import write_triton_repository
+
+    return write_triton_repository(onnx_path, out_dir, name, engine_path=engine_path, gpus=gpus)
+
+
+def engine_unavailable(plugin: Path | None, dtype: str) -> str | None:
+    """Why the engine stage cannot run here, or None."""
+    from saexport.runtime.denoisers import import_tensorrt
+
+    try:
+        import_tensorrt()
+    except SaexportError as e:
+        return str(e)
+    if plugin is None or not plugin.is_file():
+        return "no --plugin library given (build it with cmake -DTensorRT_ROOT=...)"
+    if dtype == "fp32":
+        return "the plugin runs fp16 and bf16 graphs: build with --dtype bf16 or fp16"
+    return None
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    source: ModelSource
+    run: RunDefaults
+    calibration: Calibration = Calibration()
+    fidelity: str = "high"
+    plugin: Path | None = None
+    triton_name: str = "wan"
+    gpus: tuple[int, ...] = (0,)
+
+
+@dataclass
+class Manifest:
+    path: Path
+    stages: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        if not path.is_file():
+            return cls(path)
+        try:
+            return cls(path, json.loads(path.read_text())["stages"])
+        except (json.JSONDecodeError, KeyError):
+            raise SaexportError(f"{path} is corrupt: delete it to rebuild every stage") from None
+
+    def is_current(self, name: str, key: str) -> bool:
+        entry = self.stages.get(name)
+        return (entry is not None and entry["key"] == key
+                and all((self.path.parent / output).exists() for output in entry["outputs"]))
+
+    def record(self, name: str, key: str, outputs: list[str]) -> None:
+        self.stages[name] = {"key": key, "outputs": outputs}
+        write_text_atomic(self.path, json.dumps({"stages": self.stages}, indent=2))
+
+
+def stage_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def run_build(settings: BuildSettings, out_dir: str | Path, echo: Callable[[str], None] = print) -> dict[str, str]:
+    """Run the stages that are not current. Returns each stage's fate: "ran", "current" or "skipped: why"."""
+    folder = ArtifactFolder(Path(out_dir))
+    folder.root.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest.load(folder.manifest)
+    source, run, calibration = settings.source, settings.run, settings.calibration
+    preset = source.preset
+    video = video_of(source, run)
+    grid = video.token_grid(preset.patch_size)
+    models = Models(source)
+    fates: dict[str, str] = {}
+
+    def stage(name: str, key: str, outputs: list[Path], make: Callable[[], object]) -> None:
+        if manifest.is_current(name, key):
+            fates[name] = "current"
+            echo(f"[build] {name}: up to date")
+            return
+        echo(f"[build] {name}: running")
+        make()
+        manifest.record(name, key, [folder.relative(path) for path in outputs])
+        fates[name] = "ran"
+
+    topology_key = stage_key("topology", preset.name, preset.config_hash(), source.fingerprint(), grid,
+                             run.block_size, run.layout, run.steps, calibration.fingerprint(source))
+    stage("topology", topology_key, [folder.topology],
+          lambda: make_topology(models, run, calibration, folder.topology))
+
+    budgets_key = stage_key("budgets", topology_key, settings.fidelity)
+    stage("budgets", budgets_key, [folder.budgets],
+          lambda: make_budgets(models, folder.topology, settings.fidelity, calibration, run.steps, folder.budgets))
+
+    export_key = stage_key("export", budgets_key, run.dtype)
+    stage("export", export_key, [folder.onnx], lambda: make_export(
+        models, run, Topology.load(folder.topology), Budgets.load(folder.budgets), folder.root))
+
+    engine_key, engine_path = None, None
+    skip = engine_unavailable(settings.plugin, run.dtype)
+    if skip:
+        fates["engine"] = f"skipped: {skip}"
+        echo(f"[build] engine: skipped ({skip}); the ONNX and a Triton repository on ONNX Runtime are built")
+    else:
+        from saexport.runtime.denoisers import import_tensorrt
+
+        plugin = settings.plugin
+        engine_key = stage_key("engine", export_key, [plugin.name, plugin.stat().st_size, plugin.stat().st_mtime_ns],
+                               import_tensorrt().__version__)
+        stage("engine", engine_key, [folder.engine, folder.engine_metadata],
+              lambda: make_engine(folder.onnx, plugin, folder.root))
+        engine_path = folder.engine
+
+    triton_key = stage_key("triton", export_key, engine_key, settings.triton_name, list(settings.gpus))
+    stage("triton", triton_key, [folder.triton], lambda: make_triton(
+        folder.onnx, folder.triton, settings.triton_name, engine_path, list(settings.gpus)))
+    return fates
+

@@ -1,0 +1,1 @@
+"""The runtime: the one sampler loop, its schedule, the Denoiser back ends, generation and video output."""

@@ -1,0 +1,125 @@
+"""`saexport generate`: an artifact folder and a back end -> Wan2.1's sampler loop -> latents or a video.
+
+Every back end reads the same folder (`artifacts.ArtifactFolder`): `torch` the topology and budgets (with the
+checkpoint they were made from), `onnxruntime` the ONNX, `tensorrt` the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from saexport.artifacts import ArtifactFolder, Budgets, Topology
+from saexport.errors import SaexportError
+from saexport.models.checkpoint import load_model, parse_dtype, resolve_weights
+from saexport.models.dit import SparseWanDiT
+from saexport.models.presets import ModelPreset, get_preset
+from saexport.models.text_encoder import (
+    encode_prompts,
+    has_text_encoder,
+    negative_embeddings,
+    read_embeddings,
+    synthetic_embeddings,
+)
+from saexport.models.video_shape import VideoShape, video_of_grid
+from saexport.runtime.denoisers import Denoiser, OnnxRuntimeDenoiser, TensorRTDenoiser, TorchDenoiser
+from saexport.runtime.sampler import DEFAULT_GUIDANCE, sample
+from saexport.runtime.schedule import flow_shift_for
+from saexport.runtime.video import check_output_path, write_output
+
+log = logging.getLogger("saexport")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+PROMPT_SEED = 1  # synthetic prompt embeddings, when neither a prompt nor a file is given
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """What a folder holds for generation: its topology and budgets and the model and video they were made for."""
+
+    folder: ArtifactFolder
+    topology: Topology
+    budgets: Budgets
+    preset: ModelPreset
+    video: VideoShape
+
+    @classmethod
+    def open(cls, root: Path) -> Artifacts:
+        folder = ArtifactFolder(root)
+        topology, budgets = Topology.load(folder.topology), Budgets.load(folder.budgets)
+        budgets.check_matches(topology)
+        preset = get_preset(topology.model)
+        return cls(folder, topology, budgets, preset, video_of_grid(topology.grid, preset.patch_size, preset.codec))
+
+
+def open_denoiser(artifacts: Artifacts, backend: str, weights: Path | None, random_weights: bool, seed: int,
+                  dtype: str, plugin: Path | None) -> Denoiser:
+    """The back end over the folder's artifacts; `torch` loads the checkpoint they were made from."""
+    steps = artifacts.budgets.steps
+    if backend == "torch":
+        topo, preset = artifacts.topology, artifacts.preset
+        loaded = load_model(preset.name, weights, dtype=parse_dtype(dtype), random_weights=random_weights, seed=seed)
+        topo.check_matches(preset.name, preset.config_hash(), topo.grid, topo.block_size)
+        if loaded.weights_id != topo.weights_id:
+            raise SaexportError(f"the artifacts were made from weights {topo.weights_id[:16]}, these are "
+                                f"{loaded.weights_id[:16]}: pass the same --weights (or --random-weights --seed)")
+        model = SparseWanDiT(loaded.transformer, topo.grid, topo.layout, topo.levels, artifacts.budgets.levels,
+                             topo.block_size)
+        return TorchDenoiser(model.to("cuda" if torch.cuda.is_available() else "cpu"), steps)
+    if backend == "onnxruntime":
+        return OnnxRuntimeDenoiser(artifacts.folder.onnx, steps)
+    if backend == "tensorrt":
+        if plugin is None:
+            raise SaexportError("--backend tensorrt needs --plugin PATH/libsaexport_trt_plugin.so")
+        return TensorRTDenoiser(artifacts.folder.engine, plugin, steps)
+    raise SaexportError(f"unknown back end '{backend}'; use one of {', '.join(BACKENDS)}")
+
+
+def prompt_embeddings(preset: ModelPreset, weights: Path | None, prompt: str | None, negative_prompt: str,
+                      embeddings_file: Path | None, negative_file: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 `[1, text_len, text_dim]` of the prompt and of the negative prompt: text through the checkpoint's text
+    encoder, or embeddings from files, or synthetic (said so)."""
+    text_len, text_dim = preset.text_len, preset.config["text_dim"]
+    if prompt is not None:
+        if weights is None or not has_text_encoder(weights):
+            raise SaexportError("--prompt needs --weights with a text encoder (text_encoder/ and tokenizer/)")
+        log.info("encoding the prompts with the checkpoint's text encoder")
+        text, negative = encode_prompts(weights, [prompt, negative_prompt], max_length=text_len).split(1)
+        return text, negative
+    if embeddings_file is None:
+        log.warning("note: SYNTHETIC prompt embeddings (seeded normal); give --prompt or --embeddings")
+        text = synthetic_embeddings(text_len, text_dim, 1, PROMPT_SEED)
+    else:
+        text = read_embeddings(embeddings_file, text_dim)
+        if text.shape[0] != 1:
+            raise SaexportError(f"{embeddings_file}: one prompt expected, got {text.shape[0]}")
+    negative = (read_embeddings(negative_file, text_dim)[:1] if negative_file is not None
+                else negative_embeddings(weights, text.shape[1], text_dim))
+    return text, negative
+
+
+def generate(root: Path, out_path: Path, backend: str = "torch", *, model: str | None = None,
+             weights: Path | None = None, random_weights: bool = False, seed: int = 0, dtype: str = "fp32",
+             plugin: Path | None = None, prompt: str | None = None, negative_prompt: str = "",
+             embeddings_file: Path | None = None, negative_file: Path | None = None, steps: int | None = None,
+             guidance: float = DEFAULT_GUIDANCE, sample_seed: int = 0, vae: Path | None = None,
+             upscale: int = 1) -> Path:
+    """Run the sampler on the folder's artifacts and write `out_path` (.safetensors latents, or .gif / .mp4)."""
+    check_output_path(out_path, upscale)
+    artifacts = Artifacts.open(root)
+    preset = artifacts.preset
+    if model is not None and model != preset.name:
+        raise SaexportError(f"the artifacts are for {preset.name}, not --model {model}")
+    if weights is None and not random_weights:
+        weights = resolve_weights(preset, None) if preset.bundled_weights else None
+    if steps is not None and steps != artifacts.budgets.steps:
+        raise SaexportError(f"the budgets are for {artifacts.budgets.steps} steps; sample with --steps "
+                            f"{artifacts.budgets.steps} or rerun `saexport budgets` for this step count")
+    text, negative = prompt_embeddings(preset, weights, prompt, negative_prompt, embeddings_file, negative_file)
+    denoiser = open_denoiser(artifacts, backend, weights, random_weights, seed, dtype, plugin)
+    latents = sample(denoiser, text, negative, artifacts.video.latent_shape(), artifacts.budgets.steps,
+                     flow_shift_for(artifacts.video.height), sample_seed, guidance)
+    write_output(latents, preset.codec, out_path, vae, upscale)
+    return out_path

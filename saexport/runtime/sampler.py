@@ -1,0 +1,85 @@
+"""Wan2.1's sampler loop over any `Denoiser`: diffusers' UniPC (flow matching) with classifier-free guidance.
+
+`sampling_loop` is the one loop: generation drains it (`sample`), and calibration walks it, learning from each
+event which step and pass its probes are about to see, so it measures exactly what generation runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+
+import torch
+from tqdm import tqdm
+
+from saexport.errors import SaexportError
+from saexport.runtime.denoisers import Denoiser
+from saexport.runtime.schedule import wan_scheduler
+
+DEFAULT_GUIDANCE = 5.0
+PASSES = ("cond", "uncond")  # the passes of a guided step, in the order they run
+
+
+def sampling_loop(
+    denoiser: Denoiser,
+    text_embeddings: torch.Tensor,  # [batch, text_len, text_dim]
+    negative_embeddings: torch.Tensor,  # [1 or batch, text_len, text_dim]
+    latent_shape: tuple[int, int, int, int],
+    steps: int,
+    flow_shift: float,
+    seed: int | Sequence[int],  # one per prompt of the batch
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    progress: Callable = tqdm,
+) -> Generator[tuple[int, str], None, torch.Tensor]:
+    """Denoise seeded noise into latents `[batch, *latent_shape]` (fp32, returned on the CPU).
+
+    Yields `(step, pass)` just before each prediction runs (the prediction runs when the next event is asked
+    for) and returns the latents. Guidance runs two passes per step (conditional, unconditional), each with
+    the step's index, so the sparse attention uses the budgets tuned for that step. Latents stay on the
+    denoiser's device for the whole loop; the noise is drawn on the CPU, per seed, so that a seed means the
+    same video on every back end and in any batch.
+    """
+    if steps != denoiser.steps:
+        raise SaexportError(f"the budgets are for {denoiser.steps} steps; sample with --steps {denoiser.steps} "
+                            "or rerun `saexport budgets` for this step count")
+    scheduler = wan_scheduler(flow_shift)
+    scheduler.set_timesteps(steps)
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    if len(seeds) != text_embeddings.shape[0]:
+        raise SaexportError(f"{text_embeddings.shape[0]} prompts need as many seeds, got {len(seeds)}")
+    device = denoiser.device
+    latents = torch.cat([torch.randn(1, *latent_shape, generator=torch.Generator().manual_seed(s))
+                         for s in seeds]).to(device)
+    text_embeddings = text_embeddings.to(device)
+    negative_embeddings = negative_embeddings.to(device).expand_as(text_embeddings)
+    for step, t in enumerate(progress(scheduler.timesteps, desc=f"sampling ({denoiser.name})", unit="step")):
+        timestep = t.reshape(1).float().to(device).expand(latents.shape[0])
+        step_index = torch.tensor([step], dtype=torch.int32, device=device)
+        yield step, "cond"
+        noise = denoiser.predict(latents, timestep, step_index, text_embeddings).float()
+        if guidance_scale != 1.0:
+            yield step, "uncond"
+            uncond = denoiser.predict(latents, timestep, step_index, negative_embeddings).float()
+            noise = uncond + guidance_scale * (noise - uncond)
+        latents = scheduler.step(noise, t, latents).prev_sample
+    return latents.cpu()
+
+
+def sample(
+    denoiser: Denoiser,
+    text_embeddings: torch.Tensor,
+    negative_embeddings: torch.Tensor,
+    latent_shape: tuple[int, int, int, int],
+    steps: int,
+    flow_shift: float,
+    seed: int | Sequence[int],
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    progress: Callable = tqdm,
+) -> torch.Tensor:
+    """`sampling_loop` run to its end: the latents `[batch, *latent_shape]` (fp32, on the CPU)."""
+    loop = sampling_loop(denoiser, text_embeddings, negative_embeddings, latent_shape, steps, flow_shift, seed,
+                         guidance_scale, progress)
+    while True:
+        try:
+            next(loop)
+        except StopIteration as finished:
+            return finished.value

@@ -1,0 +1,1 @@
+"""The Triton Inference Server model repository and the Python-backend models it ships."""
