@@ -145,6 +145,20 @@ PRESETS: dict[str, ModelPreset] = {
                                  dtype="fp32"),
             bundled_weights=Path(__file__).resolve().parent.parent / "demo" / "weights",
         ),
+        # The fidelity benchmark's model: trained like wan2.1-demo but on local, non-periodic videos (textured
+        # objects, saexport/demo/objects.py) at 16,384 tokens (16x32x32), cut into 256 blocks of 64 per row as
+        # Wan2.1 480p is into 256 blocks of 128. 18.1M parameters: its fp16 weights stay under 36 MB.
+        ModelPreset(
+            "wan2.1-eval",
+            "5 layers, 8 heads x 64, trained on procedural videos of textured objects (pixels, 64x64x16)",
+            _wan_config(num_attention_heads=8, attention_head_dim=64, in_channels=3, out_channels=3, text_dim=64,
+                        ffn_dim=1024, num_layers=5),
+            text_len=32,
+            codec=PIXELS,
+            defaults=RunDefaults(resolution="64x64", frames=16, block_size=64, layout="tile3d:4x4x4", steps=20,
+                                 dtype="bf16"),
+            bundled_weights=Path(__file__).resolve().parent.parent / "demo" / "eval_weights",
+        ),
         ModelPreset(
             "wan2.1-small",
             "4 layers, 8 heads x 64: a small Wan2.1 for CPU experiments",

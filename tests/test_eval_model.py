@@ -1,0 +1,102 @@
+"""The evaluation model: its videos (textured objects, local content), its training script's resumable runs,
+and its shipped weights."""
+
+from __future__ import annotations
+
+import torch
+
+from saexport.demo.objects import MAX_WORDS, VOCABULARY, ObjectSpec, Scene, is_held_out, render, scenes
+from saexport.demo.train import TrainSettings, train
+from saexport.models.checkpoint import load_model
+from saexport.models.presets import get_preset
+from saexport.models.word_encoder import WordEncoder
+
+EVAL = get_preset("wan2.1-eval")
+
+
+def test_videos_follow_their_captions_and_seeds():
+    batch = scenes(8, seed=3)
+    assert [s.caption() for s in batch] == [s.caption() for s in scenes(8, seed=3)]
+    for scene in batch:
+        assert 2 <= len(scene.objects) <= 4
+        colours = [o.colour for o in scene.objects]
+        assert len(set(colours)) == len(colours) and scene.background not in colours  # a checker finds each one
+    a, b = render(batch, 5, 24, 32, seed=1), render(batch, 5, 24, 32, seed=1)
+    assert a.shape == (8, 3, 5, 24, 32) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1 and a.std() > 0.2
+    assert (a[:, :, 1:] - a[:, :, :-1]).abs().mean() > 1e-3  # things move
+    assert not torch.equal(a, render(batch, 5, 24, 32, seed=2))  # the seed places them
+    # One scene at two resolutions: the low-resolution stage of training sees the same videos, smaller.
+    large, small = render(batch, 3, 64, 64, seed=1), render(batch, 3, 32, 32, seed=1)
+    pooled = torch.nn.functional.avg_pool3d(large, (1, 2, 2))
+    assert (pooled - small).abs().mean() < 0.05
+
+
+def test_captions_use_the_closed_vocabulary_and_fit_the_text_encoder():
+    captions = [s.caption() for s in scenes(300, seed=0)]
+    assert all(set(c.split()) <= set(VOCABULARY) for c in captions)
+    assert max(len(c.split()) for c in captions) <= MAX_WORDS <= EVAL.text_len
+    encoded = WordEncoder(list(VOCABULARY), EVAL.config["text_dim"], EVAL.text_len).encode(captions[:5])
+    assert encoded.shape == (5, EVAL.text_len, EVAL.config["text_dim"])
+    assert len(set(captions)) > 290  # a large caption space: held-out captions are new combinations
+
+
+def test_held_out_captions_are_never_training_captions():
+    train_captions = {s.caption() for s in scenes(500, seed=0)}
+    test = scenes(30, seed=0, held_out=True)
+    assert all(is_held_out(s.caption()) for s in test) and not any(is_held_out(c) for c in train_captions)
+    assert not train_captions & {s.caption() for s in test}
+
+
+def test_objects_move_as_captioned_under_a_pan():
+    """The truth a caption checker relies on: an object's screen motion follows its caption even while the
+    camera pans the other way, and a later object is drawn over an earlier one."""
+    scene = Scene((ObjectSpec("circle", "red", "right"), ObjectSpec("square", "blue", "up")), "green", "clouds",
+                  pan="right")  # the picture moves left, slower than the objects
+    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+
+    def centre(mask: torch.Tensor, frame: int) -> tuple[float, float]:
+        weight = mask[frame].float()
+        return float((weight * xs).sum() / weight.sum()), float((weight * ys).sum() / weight.sum())
+
+    for seed in range(4):
+        video = (render([scene], 16, 64, 64, seed=seed)[0] + 1) / 2  # [3, frames, H, W]
+        red = (video[0] > 0.6) & (video[1] < 0.3) & (video[2] < 0.3)
+        blue = (video[2] > 0.6) & (video[0] < 0.3)
+        assert centre(red, -1)[0] > centre(red, 0)[0] + 5
+        assert centre(blue, -1)[1] < centre(blue, 0)[1] - 5
+
+
+def test_noise_backgrounds_are_not_periodic():
+    """Pixels far apart (8 to 32 of 64) barely correlate on noise backgrounds: nothing repeats across the frame."""
+    batch = [s for s in scenes(80, seed=1) if s.kind == "noise"][:12]
+    frame = render(batch, 1, 64, 64, seed=0)[:, :, 0]
+    peaks = []
+    for d in range(8, 33):
+        for a, b in ((frame[..., :, :-d], frame[..., :, d:]), (frame[..., :-d, :], frame[..., d:, :])):
+            a, b = a - a.mean((-2, -1), keepdim=True), b - b.mean((-2, -1), keepdim=True)
+            peaks.append(((a * b).mean((-2, -1)) / (a.std((-2, -1)) * b.std((-2, -1)))).mean(1).abs())
+    assert torch.stack(peaks).amax(0).mean() < 0.35
+
+
+def test_training_resumes_exactly_and_writes_sharded_weights(tmp_path):
+    """Two calls of a resumable run give the weights one call gives; weights over SHARD_BYTES are sharded."""
+
+    def settings() -> TrainSettings:
+        return TrainSettings(frames=2, height=16, width=16, batch=2, low_height=8, low_width=8, low_batch=2,
+                             low_steps=2, steps=1, warmup=1, eval_videos=2, eval_every=1)
+
+    whole = train(settings(), tmp_path / "whole", "cpu", None, 0, model="wan2.1-eval", resume_dir=tmp_path / "a")
+    first = train(settings(), tmp_path / "split", "cpu", None, 0, model="wan2.1-eval", resume_dir=tmp_path / "b",
+                  call_steps=2)
+    assert (first["status"], first["steps_run"]) == ("paused", 2)
+    second = train(TrainSettings(), tmp_path / "split", "cpu", None, 0, model="wan2.1-eval",
+                   resume_dir=tmp_path / "b")  # the saved settings win
+    assert (whole["status"], second["status"], second["steps_run"]) == ("finished", "finished", 3)
+    assert [e["loss"] for e in second["held_out_loss"]] == [e["loss"] for e in whole["held_out_loss"]]
+    assert len(second["calls"]) == 2
+    shards = sorted((tmp_path / "split" / "transformer").glob("*.safetensors"))
+    assert len(shards) == 3 and all(f.stat().st_size <= 15 * 2**20 for f in shards)
+    a, b = load_model("wan2.1-eval", tmp_path / "whole"), load_model("wan2.1-eval", tmp_path / "split")
+    assert all(torch.equal(x, y) for x, y in zip(a.transformer.state_dict().values(),
+                                                 b.transformer.state_dict().values(), strict=True))
