@@ -1,0 +1,173 @@
+"""Is a trained model's attention local, as a real video DiT's is? Per head, the attention mass WEST's map keeps.
+
+WEST is calibrated on a few training captions (one seed, the sampler's whole trajectory); then, on held-out
+captions and other seeds (never calibrated on), every head's sampled query rows are probed along the dense
+trajectory and the share of their softmax mass that falls in the blocks WEST's map keeps at 10/20/30/50% of the
+blocks is summed. Diffuse attention keeps about the density itself; local attention keeps much more. The
+issue's target for an evaluation model: the median head keeps >= 0.9 at 30%. Writes `locality.json` (every
+head), `locality.md` (the table) and `locality_maps.png` (the threshold maps and 30% masks of six heads, from
+the least to the most local at 30%) to --out.
+
+    python bench/locality.py --model wan2.1-eval --device cuda --out out/locality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from saexport.demo import VIDEO_MODULES, captions
+from saexport.layout import parse_layout
+from saexport.models.checkpoint import load_model, parse_dtype
+from saexport.models.text_encoder import encode_prompts, negative_embeddings
+from saexport.models.video_shape import parse_video_shape
+from saexport.runtime.schedule import flow_shift_for
+from saexport.topology.calibration import CalibrationLoop, SampledRows, calibration_runs
+from saexport.topology.prompts import CALIBRATION_SEED, CalibrationSet
+from saexport.topology.west import compute_topology
+
+DENSITIES = (0.1, 0.2, 0.3, 0.5)
+TEST_SEED = 11  # held-out captions to test on; calibration uses the captions `saexport topology` draws
+ROWS_SEED = 7  # the probed rows differ from WEST's (seed 0): the measure is on rows it never saw
+
+
+def masks_at_density(levels: torch.Tensor, density: float) -> torch.Tensor:
+    """Per (layer, head): the level whose mask keeps the fraction closest to `density`; bool [L, H, n, n]."""
+    flat = levels.flatten(-2).to(torch.int32)
+    count = max(1, round(density * flat.shape[-1]))
+    budget = flat.sort(-1).values[..., count - 1]  # [layers, heads]
+    return levels.to(torch.int32) <= budget[..., None, None]
+
+
+def mass_kept(loaded, grid, block_size, layout, keep: torch.Tensor, prompts: CalibrationSet, loop: CalibrationLoop,
+              rows_per_block: int, device: str) -> torch.Tensor:
+    """Share of the probed rows' attention mass inside each mask: `[densities, layers, heads]`, over all runs."""
+    rows = SampledRows.draw(math.prod(grid), block_size, rows_per_block, seed=ROWS_SEED)
+    row_keep = keep[:, :, :, rows.block].to(device)  # [D, L, H, R, n]
+    kept = torch.zeros(keep.shape[:3], dtype=torch.float64, device=device)
+    total = torch.zeros(keep.shape[1:3], dtype=torch.float64, device=device)
+
+    def on_masses(layer: int, masses: torch.Tensor) -> None:  # [batch, heads, R, n]
+        masses = masses.double().sum(0)
+        kept[:, layer] += (masses * row_keep[:, layer]).sum((-2, -1))
+        total[layer] += masses.sum((-2, -1))
+
+    for _ in calibration_runs(loaded, grid, layout, block_size, rows, on_masses, prompts, loop, device,
+                              lambda runs, **_: runs, ""):
+        pass  # the probes record during each forward pass
+    return (kept / total).cpu()
+
+
+def summary(values: torch.Tensor) -> dict[str, float]:
+    q = torch.quantile(values.flatten().double(), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
+    return dict(zip(("min", "q25", "median", "q75", "max"), (round(float(v), 4) for v in q), strict=True))
+
+
+def _colour(levels: np.ndarray) -> np.ndarray:
+    """uint8 levels -> RGB through viridis' end points and three stops between (low level = kept early)."""
+    stops = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+    position = levels.astype(np.float64) / 255 * (len(stops) - 1)
+    low = np.floor(position).astype(int).clip(0, len(stops) - 2)
+    frac = (position - low)[..., None]
+    return (stops[low] * (1 - frac) + stops[low + 1] * frac).astype(np.uint8)
+
+
+def maps_png(levels: torch.Tensor, keep30: torch.Tensor, fractions30: torch.Tensor, path: Path) -> None:
+    """Six heads from the least to the most local at 30%: threshold map (top; dark = kept at low density)
+    and the 30% mask (bottom; white = kept)."""
+    order = fractions30.flatten().argsort()
+    picks = [int(order[round(i * (len(order) - 1) / 5)]) for i in range(6)]
+    heads = levels.shape[1]
+    n, gap, label = levels.shape[-1], 12, 28
+    size = max(n, 192)
+    sheet = Image.new("RGB", (6 * (size + gap) + gap, 2 * size + 3 * gap + label), "white")
+    draw = ImageDraw.Draw(sheet)
+    for column, flat in enumerate(picks):
+        layer, head = divmod(flat, heads)
+        x = gap + column * (size + gap)
+        tile = Image.fromarray(_colour(levels[layer, head].numpy())).resize((size, size), Image.NEAREST)
+        mask = Image.fromarray((keep30[layer, head].numpy() * 255).astype(np.uint8)).resize((size, size),
+                                                                                            Image.NEAREST)
+        draw.text((x, gap), f"layer {layer} head {head}: {float(fractions30.flatten()[flat]):.3f} at 30%",
+                  fill="black")
+        sheet.paste(tile, (x, gap + label))
+        sheet.paste(mask.convert("RGB"), (x, 2 * gap + label + size))
+    sheet.save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="wan2.1-eval", choices=sorted(VIDEO_MODULES))
+    parser.add_argument("--weights", type=Path, help="Checkpoint folder (default: the model's shipped weights).")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", help="Precision of the probed dense model.")
+    parser.add_argument("--resolution", help="Default: the model's.")
+    parser.add_argument("--frames", type=int, help="Default: the model's.")
+    parser.add_argument("--steps", type=int, help="Sampler steps (default: the model's).")
+    parser.add_argument("--calib-prompts", type=int, default=8)
+    parser.add_argument("--test-prompts", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=2, help="Seeds per held-out caption.")
+    parser.add_argument("--rows-per-block", type=int, default=8)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    loaded = load_model(args.model, args.weights, dtype=parse_dtype(args.dtype))
+    preset, run = loaded.preset, loaded.preset.defaults
+    video = parse_video_shape(args.resolution or run.resolution, args.frames or run.frames, preset.codec)
+    grid, layout, block_size = video.token_grid(preset.patch_size), parse_layout(run.layout), run.block_size
+    steps, shift = args.steps or run.steps, flow_shift_for(video.height)
+    calibration = captions(args.model, args.calib_prompts, CALIBRATION_SEED)
+    test = captions(args.model, args.test_prompts, TEST_SEED, held_out=True)
+    negative = negative_embeddings(loaded.path, preset.text_len, preset.config["text_dim"])
+
+    def encode(captions: list[str]) -> CalibrationSet:
+        embeddings = encode_prompts(loaded.path, captions, max_length=preset.text_len)
+        return CalibrationSet(embeddings, negative, f"{len(captions)} captions, text encoder of {loaded.path}")
+
+    # The sampler's loop as generation runs it (guidance: both passes measured).
+    topology = compute_topology(loaded, grid, block_size, layout, encode(calibration),
+                                CalibrationLoop((0,), steps, shift), rows_per_block=args.rows_per_block,
+                                device=args.device, progress=lambda runs, **_: runs)
+    keep = torch.stack([masks_at_density(topology.levels, d) for d in DENSITIES])  # [D, L, H, n, n]
+    seeds = [1000 + i for i in range(args.seeds)]
+    fractions = mass_kept(loaded, grid, block_size, layout, keep, encode(test),
+                          CalibrationLoop(tuple(seeds), steps, shift), args.rows_per_block, args.device)  # [D, L, H]
+
+    table = {f"{d:.0%}": {"blocks_kept": round(float(keep[i].float().mean()), 4), **summary(fractions[i]),
+                          "median_per_layer": [round(float(v), 4) for v in fractions[i].median(-1).values]}
+             for i, d in enumerate(DENSITIES)}
+    record = {"model": args.model, "weights": loaded.source, "weights_id": loaded.weights_id, "grid": list(grid),
+              "block_size": block_size, "blocks_per_row": keep.shape[-1], "layout": run.layout, "steps": steps,
+              "flow_shift": shift, "dtype": args.dtype, "calibration_captions": calibration,
+              "test_captions": test, "test_seeds": seeds, "rows_per_block": args.rows_per_block,
+              "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+              "seconds": round(time.perf_counter() - started, 1), "mass_kept": table,
+              "per_head": {f"{d:.0%}": fractions[i].tolist() for i, d in enumerate(DENSITIES)}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "locality.json").write_text(json.dumps(record, indent=1))
+    lines = [f"{args.model}: attention mass kept by WEST's map on {len(test)} held-out captions x {len(seeds)} "
+             f"seeds ({len(calibration)} calibration captions, 1 seed), {steps} steps, grid {tuple(grid)}, "
+             f"{keep.shape[-1]} blocks of {block_size} per row, {run.layout}, {args.dtype}; over "
+             f"{fractions[0].numel()} heads ({fractions.shape[1]} layers x {fractions.shape[2]} heads)", "",
+             "| blocks kept | min | q25 | median | q75 | max | median per layer |", "|---|---|---|---|---|---|---|"]
+    for name, row in table.items():
+        per_layer = " ".join(f"{v:.3f}" for v in row["median_per_layer"])
+        lines.append(f"| {name} ({row['blocks_kept']:.3f}) | {row['min']:.3f} | {row['q25']:.3f} | "
+                     f"{row['median']:.3f} | {row['q75']:.3f} | {row['max']:.3f} | {per_layer} |")
+    (args.out / "locality.md").write_text("\n".join(lines) + "\n")
+    maps_png(topology.levels, keep[DENSITIES.index(0.3)], fractions[DENSITIES.index(0.3)],
+             args.out / "locality_maps.png")
+    print("\n".join(lines))
+    print(f"{record['seconds']} s on {record['device']}")
+
+
+if __name__ == "__main__":
+    main()
