@@ -73,9 +73,6 @@ class ArtifactFolder:
     def calibration_embeddings(self) -> Path:
         return self.root / "calibration_embeddings.safetensors"
 
-    def relative(self, path: Path) -> str:
-        return str(path.relative_to(self.root))
-
 
 @dataclass
 class Topology:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -115,8 +117,27 @@ def resolve_run(model: str, **given) -> RunDefaults:
     return run
 
 
-def video_of(source: ModelSource, run: RunDefaults) -> VideoShape:
-    return parse_video_shape(run.resolution, run.frames, source.preset.codec)
+def video_of(source: ModelSource, run: RunDefaults, device: str = "cpu") -> VideoShape:
+    """The run's video, refused before any compute when one forward pass of it cannot fit in `device`'s memory."""
+    video = parse_video_shape(run.resolution, run.frames, source.preset.codec)
+    check_fits_in_memory(source.preset, video, device)
+    return video
+
+
+def check_fits_in_memory(preset: ModelPreset, video: VideoShape, device: str) -> None:
+    """A lower bound of one batch-1 forward's activations (the FFN's hidden layer beside a few residual-width
+    tensors, fp32) against the device's memory: a video that cannot fit is an error, not an allocation failure."""
+    tokens = math.prod(video.token_grid(preset.patch_size))
+    width = preset.num_heads * preset.head_dim
+    need = tokens * (preset.config["ffn_dim"] + 8 * width) * 4
+    if device.startswith("cuda") and torch.cuda.is_available():
+        have, where = torch.cuda.get_device_properties(torch.device(device)).total_memory, "the GPU"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
+    if need > have:
+        raise SaexportError(f"a {video.describe()} video is {tokens} tokens; one forward pass of {preset.name} needs "
+                            f"at least {need / 2**30:.0f} GiB and {where} has {have / 2**30:.0f} GiB: choose a smaller "
+                            "--resolution or --frames")
 
 
 def partial_path(out_path: Path) -> Path:
@@ -142,7 +163,7 @@ def make_topology(models: Models, run: RunDefaults, calibration: Calibration, ou
     from saexport.topology.west import compute_topology
 
     source = models.source
-    video = video_of(source, run)
+    video = video_of(source, run, calibration.device)
     topology = compute_topology(models.get(), video.token_grid(source.preset.patch_size), run.block_size,
                                 parse_layout(run.layout), calibration_set(models, calibration, out_path),
                                 calibration.loop(run.steps, video),
@@ -162,6 +183,7 @@ def make_budgets(models: Models, topology_path: Path, fidelity: str, calibration
     topology = Topology.load(topology_path)
     topology.check_matches(source.preset.name, source.preset.config_hash(), topology.grid, topology.block_size)
     video = video_of_grid(topology.grid, source.preset.patch_size, source.preset.codec)
+    check_fits_in_memory(source.preset, video, calibration.device)
     table = compute_fidelity(models.get(), topology, calibration_set(models, calibration, out_path),
                              calibration.loop(steps, video),
                              calibration.rows_per_block, calibration.device, checkpoint_path=partial_path(out_path))
@@ -188,7 +210,7 @@ def make_standins(models: Models, run: RunDefaults, density: float) -> tuple[Top
     """A STAND-IN topology and budgets (not calibrated): the graph's shape, not the model's quality."""
     from saexport.topology.standin import standin_budgets, standin_topology
 
-    loaded, preset = models.get(), models.source.preset
+    loaded, preset = models.get(parse_dtype(run.dtype)), models.source.preset  # the export's precision: one load
     grid = video_of(models.source, run).token_grid(preset.patch_size)
     topology = standin_topology(preset.name, preset.config_hash(), loaded.weights_id, preset.num_layers,
                                 preset.num_heads, grid, run.block_size, parse_layout(run.layout))
@@ -233,8 +255,31 @@ class BuildSettings:
     gpus: tuple[int, ...] = (0,)
 
 
+def content_digest(path: Path) -> str:
+    """A file's or folder's content hash: all of a file under 1 GiB; past that its size and first and last MiB
+    (hashing a 28 GB graph on every build would cost minutes); a folder, its files' digests by relative path."""
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file())
+        return stage_key([(str(f.relative_to(path)), content_digest(f)) for f in files])
+    digest, size = hashlib.sha256(), path.stat().st_size
+    with open(path, "rb") as f:
+        if size < 2**30:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        else:
+            digest.update(f.read(1 << 20))
+            f.seek(size - (1 << 20))
+            digest.update(f.read())
+            digest.update(str(size).encode())
+    return digest.hexdigest()
+
+
 @dataclass
 class Manifest:
+    """`build.json`: each finished stage's key and its outputs' content digests. A stage is current only when its
+    key matches and every output still has the digest it was written with, so a file changed since (by hand, or
+    by another build) is rebuilt rather than trusted."""
+
     path: Path
     stages: dict[str, dict] = field(default_factory=dict)
 
@@ -243,17 +288,24 @@ class Manifest:
         if not path.is_file():
             return cls(path)
         try:
-            return cls(path, json.loads(path.read_text())["stages"])
-        except (json.JSONDecodeError, KeyError):
-            raise SaexportError(f"{path} is corrupt: delete it to rebuild every stage") from None
+            stages = json.loads(path.read_text())["stages"]
+            if not all(isinstance(entry["outputs"], dict) for entry in stages.values()):
+                raise KeyError("outputs")
+            return cls(path, stages)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise SaexportError(f"{path} is corrupt or from an older saexport: delete it to rebuild every "
+                                "stage") from None
 
     def is_current(self, name: str, key: str) -> bool:
         entry = self.stages.get(name)
-        return (entry is not None and entry["key"] == key
-                and all((self.path.parent / output).exists() for output in entry["outputs"]))
+        if entry is None or entry["key"] != key:
+            return False
+        outputs = {self.path.parent / output: digest for output, digest in entry["outputs"].items()}
+        return all(path.exists() and content_digest(path) == digest for path, digest in outputs.items())
 
-    def record(self, name: str, key: str, outputs: list[str]) -> None:
-        self.stages[name] = {"key": key, "outputs": outputs}
+    def record(self, name: str, key: str, outputs: list[Path]) -> None:
+        root = self.path.parent
+        self.stages[name] = {"key": key, "outputs": {str(p.relative_to(root)): content_digest(p) for p in outputs}}
         write_text_atomic(self.path, json.dumps({"stages": self.stages}, indent=2))
 
 
@@ -280,7 +332,7 @@ def run_build(settings: BuildSettings, out_dir: str | Path, echo: Callable[[str]
             return
         echo(f"[build] {name}: running")
         make()
-        manifest.record(name, key, [folder.relative(path) for path in outputs])
+        manifest.record(name, key, outputs)
         fates[name] = "ran"
 
     topology_key = stage_key("topology", preset.name, preset.config_hash(), source.fingerprint(), grid,

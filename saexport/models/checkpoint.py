@@ -193,6 +193,10 @@ def _check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     ]
     if wrong:
         raise SaexportError(f"{source}: shape mismatch ({len(wrong)}): " + "; ".join(wrong[:5]))
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise SaexportError(f"{source}: non-finite values (NaN or Inf) in {len(broken)} weight tensors: "
+                            f"{', '.join(broken[:5])}; the checkpoint is corrupt")
 
 
 def _build_meta(config: dict[str, Any]) -> WanTransformer3DModel:

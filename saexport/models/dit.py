@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from diffusers import WanTransformer3DModel
 
+from saexport.errors import SaexportError
 from saexport.layout import TokenLayout
 from saexport.levels import pack_levels
 from saexport.models.processors import (
@@ -33,6 +34,10 @@ def rope_tables(transformer: WanTransformer3DModel, grid: tuple[int, int, int]) 
     """Per-pair cos/sin `[1, L, 1, head_dim/2]` (fp32, raster order), from diffusers' own RoPE."""
     pt, ph, pw = transformer.config.patch_size
     frames, height, width = grid
+    if max(grid) > transformer.config.rope_max_seq_len:
+        raise SaexportError(f"the token grid {tuple(grid)} is longer on an axis than the model's RoPE tables "
+                            f"(rope_max_seq_len {transformer.config.rope_max_seq_len} in its config): choose a smaller "
+                            "--resolution or --frames")
     shape_probe = torch.empty(1, 1, frames * pt, height * ph, width * pw)  # the RoPE reads only its shape
     cos, sin = transformer.rope.to("cpu")(shape_probe)
     return cos[..., 0::2].float().contiguous(), sin[..., 1::2].float().contiguous()

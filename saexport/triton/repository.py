@@ -93,6 +93,9 @@ def write_triton_repository(
     shift come from the graph's metadata: the budgets frozen into it were made for that many steps."""
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     metadata = OnnxMetadata.read(onnx_path)
+    if engine_path is None and metadata.dtype != "fp32":
+        raise SaexportError(f"{onnx_path} is a {metadata.dtype} graph: without an engine the DiT runs in ONNX "
+                            "Runtime, which runs fp32 graphs; give --engine, or export with --dtype fp32")
     steps, flow_shift = metadata.steps, flow_shift_for(metadata.height)
     inputs, outputs = graph_io(onnx_path)
     latents = outputs[0]
