@@ -105,7 +105,8 @@ def choose_levels(fidelity: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 def fit_budgets(topology: Topology, fidelity: torch.Tensor, preset: str, growths: tuple[float, ...] = GROWTHS,
                 iterations: int = 60) -> Budgets:
-    """The budgets of the grading that keeps the most fidelity at the preset's density goal."""
+    """FAST v1: the budgets of the grading that keeps the most fidelity at the preset's density goal.
+    (v2, which maximises a weighted proxy at the goal, is `topology.allocation.fit_budgets_v2`.)"""
     if preset not in DENSITY_GOALS:
         raise SaexportError(f"unknown fidelity preset '{preset}'; use one of {', '.join(DENSITY_GOALS)}")
     goal = DENSITY_GOALS[preset]
@@ -113,8 +114,8 @@ def fit_budgets(topology: Topology, fidelity: torch.Tensor, preset: str, growths
     close = [fit for fit in fits if abs(fit[3] - goal) <= 0.01] or fits  # gradings that reach the goal
     curve, levels, achieved, mean = max(close, key=lambda fit: fit[2])
     return Budgets(levels, topology.hash(), fidelity=preset,
-                   curve={"delta0": curve.delta0, "growth": curve.growth, "density_goal": goal,
-                          "mean_fidelity": achieved,
+                   curve={"rule": "v1", "proxy": "hellinger", "delta0": curve.delta0, "growth": curve.growth,
+                          "density_goal": goal, "mean_fidelity": achieved,
                           "candidates": [[fit[0].growth, round(fit[2], 5), round(fit[3], 4)] for fit in fits],
                           "fidelity_vs_density": fidelity_vs_density(topology, fidelity)},
                    mean_density=mean)

@@ -1,0 +1,192 @@
+"""FAST v2: budgets that maximise a weighted quality proxy at the density goal (DESIGN.md, "The method in one page").
+
+Per (step s, layer l, head h) entry the budget is the level P maximising
+
+    w[s, l] * Q[s, l, h, P] - lambda * density[l, h, P],
+
+where Q is a quality proxy measured for every level along the calibration loop (higher is better: 1 - Hellinger,
+or 1 - the relative error of the attention output; `topology.quality`), w a per-step and per-layer sensitivity
+measured end to end (`topology.sensitivity`; uniform by default) and density[l, h, P] the fraction of the head's
+block pairs whose level is <= P. The entries are independent given lambda, and the table's mean density falls as
+lambda grows, so lambda is bisected until the mean density meets the preset's goal (`DENSITY_GOALS`). This is the
+Lagrangian relaxation of "maximise the mean of w Q subject to the mean density <= goal": its solutions lie on the
+convex hull of each entry's (density, w Q) curve; the entries that are indifferent at the final lambda (their
+choice differs between the two ends of the bisection) are then moved up one by one, best value per block first,
+while the goal allows, so the table lands on the goal instead of one hull vertex below it.
+
+Dense warm-up steps: the first `warmup` steps are fixed at level 255 (density 1) and counted inside the goal, so
+the other steps share what is left. `warmup="auto"` tries 0 .. S // 3 warm-up steps and keeps the count whose
+budgets score best: by `judge(budgets)` when given (e.g. minus the final latent error against dense,
+`topology.sensitivity.latent_error_judge`), else by the proxy objective. Without a judge the objective can only
+favour warm-up where the relaxation is inexact: forcing entries dense is a constraint on the same objective, so an
+end-to-end judge is what makes the choice meaningful.
+
+Ties between levels (same objective) go to the lowest level: levels that no block pair has keep the same mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from saexport.artifacts import Budgets, Topology
+from saexport.errors import SaexportError
+from saexport.levels import DENSE_LEVEL, density
+from saexport.topology.fast import DENSITY_GOALS, LEVELS
+
+WARMUP_AUTO = "auto"
+
+
+def level_densities(topology_levels: torch.Tensor) -> torch.Tensor:
+    """Fraction of each head's block pairs kept at every level: `[layers, heads, n, n]` -> float64 `[L, H, 256]`."""
+    layers, heads = topology_levels.shape[:2]
+    budgets = torch.arange(LEVELS, dtype=torch.uint8).view(-1, 1, 1).expand(-1, layers, heads)
+    return density(topology_levels, budgets).permute(1, 2, 0).contiguous()
+
+
+@dataclass(frozen=True)
+class Allocation:
+    levels: torch.Tensor  # uint8 [S, L, H]
+    lam: float  # the Lagrange multiplier: value per unit of density at the margin
+    density: float  # achieved mean density of the whole table (warm-up included)
+    objective: float  # mean over every entry of w * Q at its level (warm-up included)
+    warmup_steps: int
+
+
+def levels_at(value: torch.Tensor, densities: torch.Tensor, lam: float) -> torch.Tensor:
+    """Per entry the level maximising `value - lam * density` (lowest level on ties): value `[S, L, H, 256]`,
+    densities `[L, H, 256]` -> int64 `[S, L, H]`."""
+    return (value - lam * densities.unsqueeze(0)).argmax(-1)
+
+
+def allocate(quality: torch.Tensor, weights: torch.Tensor, densities: torch.Tensor, goal: float,
+             warmup_steps: int = 0, iterations: int = 100) -> Allocation:
+    """The v2 allocation of the module's docstring. quality `[S, L, H, 256]`, weights `[S, L]`, densities
+    `[L, H, 256]` (`level_densities`), goal: the table's mean density, warm-up steps included."""
+    steps, layers, heads, levels = quality.shape
+    if levels != LEVELS or tuple(weights.shape) != (steps, layers) or tuple(densities.shape) != (layers, heads,
+                                                                                                   LEVELS):
+        raise SaexportError(f"quality {tuple(quality.shape)}, weights {tuple(weights.shape)} and densities "
+                            f"{tuple(densities.shape)} do not describe one [steps, layers, heads, 256] table")
+    if not 0 <= warmup_steps <= steps:
+        raise SaexportError(f"warm-up steps must be within 0..{steps}, got {warmup_steps}")
+    if not torch.isfinite(quality).all() or not torch.isfinite(weights).all():
+        raise SaexportError("the quality table or the weights hold non-finite values")
+    value = (weights.double()[:, :, None, None] * quality.double())[warmup_steps:]  # the free entries
+    dens = densities.double()
+    entries = steps * layers * heads
+    budget = goal * entries - warmup_steps * layers * heads  # total density the free entries may use
+    free = value.shape[0] * layers * heads
+    minimum = float(dens[..., 0].sum()) * value.shape[0]
+    if free and budget < minimum - 1e-9:
+        raise SaexportError(f"{warmup_steps} dense warm-up steps leave the other steps {budget / free:.3f} of "
+                            f"blocks, below the topology's minimum {minimum / free:.3f}")
+
+    def total(choice: torch.Tensor) -> float:
+        return float(dens.unsqueeze(0).expand_as(value).gather(-1, choice.unsqueeze(-1)).sum())
+
+    if free == 0:
+        choice, lam = torch.zeros(0, layers, heads, dtype=torch.int64), 0.0
+    else:
+        low, high = 0.0, 1.0
+        choice_low = levels_at(value, dens, low)
+        if total(choice_low) <= budget:  # the best levels already fit: lambda = 0
+            choice, lam = choice_low, 0.0
+        else:
+            while total(levels_at(value, dens, high)) > budget + 1e-9 and high < 1e15:
+                high *= 2
+            for _ in range(iterations):
+                mid = (low + high) / 2
+                if total(levels_at(value, dens, mid)) > budget + 1e-9:
+                    low = mid
+                else:
+                    high = mid
+            choice, lam = _fill(value, dens, levels_at(value, dens, low), levels_at(value, dens, high), budget), high
+    warm = torch.full((warmup_steps, layers, heads), DENSE_LEVEL, dtype=torch.int64)
+    table = torch.cat([warm, choice]).to(torch.uint8)
+    chosen = (weights.double()[:, :, None] * quality.double().gather(-1, table.long().unsqueeze(-1)).squeeze(-1))
+    achieved = float(dens.unsqueeze(0).expand(steps, -1, -1, -1).gather(-1, table.long().unsqueeze(-1)).mean())
+    return Allocation(table, float(lam), achieved, float(chosen.mean()), warmup_steps)
+
+
+def _fill(value: torch.Tensor, dens: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+          budget: float) -> torch.Tensor:
+    """From the choice at the high end of the bisection (within budget), move the entries that differ at the low
+    end to their low-end level, most value per unit of density first, while the total stays within budget."""
+    expanded = dens.unsqueeze(0).expand_as(value)
+    d_low = expanded.gather(-1, low.unsqueeze(-1)).squeeze(-1)
+    d_high = expanded.gather(-1, high.unsqueeze(-1)).squeeze(-1)
+    v_low = value.gather(-1, low.unsqueeze(-1)).squeeze(-1)
+    v_high = value.gather(-1, high.unsqueeze(-1)).squeeze(-1)
+    extra = (d_low - d_high).flatten()
+    movable = (extra > 0).nonzero().flatten()
+    if movable.numel() == 0:
+        return high
+    ratio = (v_low - v_high).flatten()[movable] / extra[movable]
+    order = movable[ratio.argsort(descending=True, stable=True)]
+    used = float(d_high.sum())
+    choice = high.clone().flatten()
+    for index in order.tolist():
+        if used + float(extra[index]) > budget + 1e-9:
+            continue
+        used += float(extra[index])
+        choice[index] = low.flatten()[index]
+    return choice.view_as(high)
+
+
+def fit_budgets_v2(
+    topology: Topology,
+    quality: torch.Tensor,
+    preset: str,
+    weights: torch.Tensor | None = None,
+    proxy: str = "output",
+    warmup: int | str = 0,
+    max_warmup: int | None = None,
+    judge: Callable[[Budgets], float] | None = None,
+    iterations: int = 100,
+) -> Budgets:
+    """FAST v2 budgets at the preset's density goal (the module's docstring).
+
+    quality `[S, L, H, 256]` (higher is better; `proxy` names it in the file), weights `[S, L]` (None: uniform),
+    warmup: a number of dense warm-up steps, or "auto" to choose among 0..`max_warmup` (default S // 3) the count
+    whose budgets score best by `judge` (higher is better) or else by the objective."""
+    if preset not in DENSITY_GOALS:
+        raise SaexportError(f"unknown fidelity preset '{preset}'; use one of {', '.join(DENSITY_GOALS)}")
+    goal = DENSITY_GOALS[preset]
+    steps, layers = quality.shape[:2]
+    if tuple(quality.shape[1:3]) != tuple(topology.levels.shape[:2]):
+        raise SaexportError(f"the quality table covers {tuple(quality.shape[1:3])} layers x heads, the topology "
+                            f"{tuple(topology.levels.shape[:2])}")
+    weights = torch.ones(steps, layers, dtype=torch.float64) if weights is None else weights.double()
+    densities = level_densities(topology.levels)
+
+    def budgets_of(allocation: Allocation, candidates: list | None = None) -> Budgets:
+        curve = {"rule": "v2", "proxy": proxy, "density_goal": goal, "lambda": allocation.lam,
+                 "warmup": warmup, "warmup_steps": allocation.warmup_steps, "objective": allocation.objective,
+                 "achieved_density": allocation.density,
+                 "weights": [[float(f"{x:.5g}") for x in row] for row in weights.tolist()]}
+        if candidates is not None:
+            curve["warmup_candidates"] = candidates
+        return Budgets(allocation.levels, topology.hash(), fidelity=preset, curve=curve,
+                       mean_density=allocation.density)
+
+    if warmup != WARMUP_AUTO:
+        if not isinstance(warmup, int) or isinstance(warmup, bool):
+            raise SaexportError(f"warm-up must be a number of steps or '{WARMUP_AUTO}', got {warmup!r}")
+        return budgets_of(allocate(quality, weights, densities, goal, warmup, iterations))
+    last = steps // 3 if max_warmup is None else min(max_warmup, steps)
+    best, candidates = None, []
+    for count in range(last + 1):
+        try:
+            allocation = allocate(quality, weights, densities, goal, count, iterations)
+        except SaexportError:
+            break  # more warm-up steps leave even less: infeasible from here on
+        score = judge(budgets_of(allocation)) if judge is not None else allocation.objective
+        candidates.append([count, round(allocation.objective, 6), round(allocation.density, 5), float(score)])
+        if best is None or score > best[0]:
+            best = (score, allocation)
+    if best is None:
+        raise SaexportError("no warm-up count meets the density goal")
+    return budgets_of(best[1], candidates)
