@@ -73,6 +73,14 @@ class ArtifactFolder:
     def calibration_embeddings(self) -> Path:
         return self.root / "calibration_embeddings.safetensors"
 
+    def holds_only_artifacts(self) -> bool:
+        """Everything in the folder is a file saexport writes there (or a hidden temporary of one): a folder of
+        single-stage outputs, or of an older saexport without an owner marker."""
+        known = {path.name for path in (self.topology, self.budgets, self.onnx, self.engine, self.engine_metadata,
+                                        self.timing_cache, self.triton, self.manifest, self.calibration_embeddings)}
+        return all(entry.name in known or entry.name.startswith(".") or entry.name.endswith((".partial", ".data"))
+                   or entry.name.startswith("calibration_embeddings.") for entry in self.root.iterdir())
+
 
 @dataclass
 class Topology:

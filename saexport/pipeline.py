@@ -26,6 +26,7 @@ import torch
 from saexport.artifacts import ArtifactFolder, Budgets, Topology
 from saexport.atomic import write_text_atomic
 from saexport.errors import SaexportError
+from saexport.folders import FolderLock, check_writable_file_target, claim_output_folder
 from saexport.layout import parse_layout
 from saexport.models.checkpoint import LoadedModel, detect_layout, load_model, parse_dtype, resolve_weights
 from saexport.models.presets import ModelPreset, RunDefaults, get_preset
@@ -140,6 +141,12 @@ def check_fits_in_memory(preset: ModelPreset, video: VideoShape, device: str) ->
                             "--resolution or --frames")
 
 
+def open_output_folder(root: Path, owner: str) -> Path:
+    """Claim `root` for `owner` before any compute: a new or empty folder, one marked as `owner`'s, or one holding
+    only saexport's artifacts (single-stage outputs, or an older build). Anything else is refused, never touched."""
+    return claim_output_folder(root, owner, adopt=lambda folder: ArtifactFolder(folder).holds_only_artifacts())
+
+
 def partial_path(out_path: Path) -> Path:
     """Where an interrupted calibration keeps its progress; rerunning the same command resumes from it."""
     return out_path.with_name(out_path.name + ".partial")
@@ -162,6 +169,7 @@ def make_topology(models: Models, run: RunDefaults, calibration: Calibration, ou
     """WEST: calibrate the dense model along the sampler's loop; write the threshold map to `out_path`."""
     from saexport.topology.west import compute_topology
 
+    check_writable_file_target(out_path, (".safetensors",))
     source = models.source
     video = video_of(source, run, calibration.device)
     topology = compute_topology(models.get(), video.token_grid(source.preset.patch_size), run.block_size,
@@ -179,6 +187,7 @@ def make_budgets(models: Models, topology_path: Path, fidelity: str, calibration
 
     if fidelity not in DENSITY_GOALS:
         raise SaexportError(f"unknown fidelity preset '{fidelity}'; use one of {', '.join(DENSITY_GOALS)}")
+    check_writable_file_target(out_path, (".safetensors",), inputs=[topology_path])
     source = models.source
     topology = Topology.load(topology_path)
     topology.check_matches(source.preset.name, source.preset.config_hash(), topology.grid, topology.block_size)
@@ -314,9 +323,16 @@ def stage_key(*parts) -> str:
 
 
 def run_build(settings: BuildSettings, out_dir: str | Path, echo: Callable[[str], None] = print) -> dict[str, str]:
-    """Run the stages that are not current. Returns each stage's fate: "ran", "current" or "skipped: why"."""
-    folder = ArtifactFolder(Path(out_dir))
-    folder.root.mkdir(parents=True, exist_ok=True)
+    """Run the stages that are not current. Returns each stage's fate: "ran", "current" or "skipped: why".
+
+    The folder is claimed for `build` before any compute and locked while the stages run: a second build on it
+    refuses, naming the first."""
+    folder = ArtifactFolder(open_output_folder(Path(out_dir), "build"))
+    with FolderLock(folder.root):
+        return _run_stages(settings, folder, echo)
+
+
+def _run_stages(settings: BuildSettings, folder: ArtifactFolder, echo: Callable[[str], None]) -> dict[str, str]:
     manifest = Manifest.load(folder.manifest)
     source, run, calibration = settings.source, settings.run, settings.calibration
     preset = source.preset

@@ -138,3 +138,131 @@ def test_generate_checks_its_output_before_sampling(built, tmp_path):
     (tmp_path / "file").write_text("a file")
     assert_user_error(run("generate", *TINY, "--artifacts", built.root, "--out", tmp_path / "file" / "x.gif"),
                       "is a file, not a folder")
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): (p.stat().st_mode, p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_triton_never_destroys_a_build_folder_or_the_current_folder(built, tmp_path, monkeypatch):
+    (built.root / "my notes.txt").write_text("keep me")
+    before = snapshot(built.root)
+    result = run("triton", "--onnx", built.onnx, "--out", built.root)
+    assert_user_error(result, str(built.root))
+    assert snapshot(built.root) == before
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "thesis.tex").write_text("years of work")
+    monkeypatch.chdir(workdir)
+    assert_user_error(run("triton", "--onnx", built.onnx, "--out", "."), "current folder")
+    assert (workdir / "thesis.tex").read_text() == "years of work" and len(list(workdir.iterdir())) == 1
+    (built.root / "my notes.txt").unlink()
+
+
+def test_a_triton_repository_is_replaced_whole_and_readable_by_others(built, tmp_path):
+    repo = tmp_path / "repo"
+    assert run("triton", "--onnx", built.onnx, "--out", repo).exit_code == 0
+    assert repo.stat().st_mode & 0o777 == 0o777 & ~current_umask()
+    first = snapshot(repo)
+    assert run("triton", "--onnx", built.onnx, "--name", "other", "--out", repo).exit_code == 0
+    assert (repo / "other_dit").is_dir() and not (repo / "wan_dit").exists()  # replaced, not merged
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left beside it
+    (repo / "extra.txt").write_text("a user's file")
+    assert_user_error(run("triton", "--onnx", built.onnx, "--out", repo), "extra.txt")
+    assert (repo / "extra.txt").exists() and first != snapshot(repo)
+
+
+def current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_second_build_on_a_locked_folder_refuses_naming_the_first(tmp_path):
+    """Two builds into one --out at once: the second refuses with the first's pid; the folder stays consistent."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom saexport.folders import FolderLock, claim_output_folder\n"
+        f"lock = FolderLock(claim_output_folder({str(out)!r}, 'build'))\nlock.acquire()\n"
+        "print('held', flush=True)\ntime.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = run("build", *TINY, *GRID, "--steps", "2", "--prompts", "1", "--device", "cpu", "--dtype", "fp32",
+                     "--out", out)
+        assert_user_error(result, f"pid {holder.pid}", "wait for it or use another --out")
+        assert not (out / "build.json").exists() and not (out / "topology.safetensors").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_an_output_changed_since_the_build_is_rebuilt_not_trusted(built, tmp_path):
+    settings = BuildSettings(source=ModelSource("wan2.1-tiny", random_weights=True),
+                             run=resolve_run("wan2.1-tiny", resolution="64x64", frames=9, block_size=8,
+                                             layout="tile3d:1x2x4", steps=3, dtype="fp32"),
+                             calibration=Calibration(prompts=1, rows_per_block=4, guidance=1.0), fidelity="low")
+    budgets = built.budgets.read_bytes()
+    from saexport.artifacts import Budgets
+
+    other = Budgets.load(built.budgets)
+    other.levels[0] = 255  # another valid budgets file, written over the build's by hand
+    other.save(built.budgets)
+    fates = run_build(settings, built.root, echo=lambda _: None)
+    assert fates["topology"] == "current" and fates["budgets"] == "ran"
+    assert built.budgets.read_bytes() == budgets
+
+
+def test_a_killed_exports_staging_is_cleaned_by_the_next_export(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    assert run("export", *TINY, *GRID, "--steps", "2", "--dtype", "fp32", "--out", out).exit_code == 0
+    subprocess.run([sys.executable, "-c", (
+        "import os, signal\nfrom saexport.folders import temporary_folder\n"
+        f"with temporary_folder({str(out)!r}, '.export-') as tmp:\n"
+        "    (tmp / 'model.onnx.data').write_bytes(b'x' * 4096)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")])
+    assert [p.name for p in out.iterdir() if p.name.startswith(".export-")]  # SIGKILL left it
+    assert run("export", *TINY, *GRID, "--steps", "2", "--dtype", "fp32", "--out", out).exit_code == 0
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".export-")]
+
+
+def test_an_interrupted_calibration_says_it_resumes_and_ctrl_c_says_how(tmp_path, monkeypatch):
+    import saexport.topology.west as west
+
+    original = west.calibration_runs
+
+    def interrupted(*args, **kwargs):
+        for count, run_ in enumerate(original(*args, **kwargs)):
+            if count == 3:  # one trajectory (2 steps x 1 pass) done, the next begun
+                raise KeyboardInterrupt
+            yield run_
+
+    topology = ["topology", *TINY, *GRID, "--steps", "2", "--prompts", "2", "--calib-guidance", "1",
+                "--device", "cpu", "--out", tmp_path / "t.safetensors"]
+    monkeypatch.setattr(west, "calibration_runs", interrupted)
+    result = run(*topology)
+    assert result.exit_code == 130 and "interrupted — rerun the same command to resume" in result.output
+    monkeypatch.undo()
+    result = run(*topology)
+    assert result.exit_code == 0 and "resuming: 1 of 2 calibration runs done" in result.output
+
+
+def test_a_checkpoint_of_another_architecture_names_the_preset_or_says_none_matches(tmp_path):
+    from saexport.models.checkpoint import load_model
+
+    loaded = load_model("wan2.1-tiny", random_weights=True)
+    loaded.transformer.save_pretrained(tmp_path / "tiny" / "transformer")
+    assert_user_error(run("export", "--model", "wan2.1-small", "--weights", tmp_path / "tiny", "--out",
+                          tmp_path / "a"), "Pass --model wan2.1-tiny.")
+    loaded.transformer.register_to_config(ffn_dim=96)
+    loaded.transformer.save_pretrained(tmp_path / "odd" / "transformer")
+    assert_user_error(run("export", "--model", "wan2.1-tiny", "--weights", tmp_path / "odd", "--out", tmp_path / "b"),
+                      "ffn_dim: checkpoint has 96", "It matches none of the presets saexport knows")

@@ -43,7 +43,8 @@ def export(model, weights, random_weights, seed, resolution, frames, dtype_name,
     """Export the sparse DiT to OUT/model.onnx (one BlockSparseAttention node per layer), with the topology and
     budgets it freezes beside it."""
     from saexport.artifacts import Budgets, Topology
-    from saexport.pipeline import Models, make_export, make_standins, resolve_run, video_of
+    from saexport.folders import FolderLock
+    from saexport.pipeline import Models, make_export, make_standins, open_output_folder, resolve_run, video_of
 
     source = model_source(model, weights, random_weights, seed)
     run = resolve_run(model, resolution=resolution, frames=frames, dtype=dtype_name, block_size=block_size,
@@ -52,6 +53,7 @@ def export(model, weights, random_weights, seed, resolution, frames, dtype_name,
         raise SaexportError("--verify runs ONNX Runtime on the CPU: export with --dtype fp32")
     if (topology_path is None) != (budgets_path is None):
         raise SaexportError("give --topology and --budgets together")
+    out_dir = open_output_folder(out_dir, "export")
     models = Models(source)
     if topology_path is not None:
         topology, budgets = Topology.load(topology_path), Budgets.load(budgets_path)
@@ -60,7 +62,8 @@ def export(model, weights, random_weights, seed, resolution, frames, dtype_name,
                     "the graph's shape, not the model's quality).")
         topology, budgets = make_standins(models, run, density)
     video = video_of(source, run)
-    with stage(f"exporting ONNX ({video.describe()}, {run.dtype}, mean density {budgets.mean_density:.2f})"):
+    with FolderLock(out_dir), stage(f"exporting ONNX ({video.describe()}, {run.dtype}, mean density "
+                                    f"{budgets.mean_density:.2f})"):
         exported = make_export(models, run, topology, budgets, out_dir, batch)
     click.echo(f"wrote {exported.path}")
     if verify:

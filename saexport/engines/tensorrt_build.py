@@ -7,7 +7,6 @@ always strongly typed, so no FP16/BF16 builder flags are ever set). Shapes are s
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 from tqdm import tqdm
@@ -17,7 +16,7 @@ from saexport.artifacts import ArtifactFolder, EngineMetadata, OnnxMetadata
 from saexport.atomic import atomic_path
 from saexport.errors import SaexportError
 from saexport.models.onnx_op import PLUGIN_VERSION
-from saexport.runtime.denoisers import import_tensorrt
+from saexport.runtime.denoisers import import_tensorrt, load_plugin_library
 
 
 def _progress_monitor(trt):
@@ -54,9 +53,7 @@ def build_engine(
     onnx_metadata = OnnxMetadata.read(onnx_path)
     if onnx_metadata.dtype == "fp32":
         raise SaexportError(f"{onnx_path} is an fp32 graph; the plugin runs fp16 and bf16: export with --dtype bf16")
-    if not plugin_library.is_file():
-        raise SaexportError(f"plugin library {plugin_library} not found (cmake -DTensorRT_ROOT=... && cmake --build)")
-    ctypes.CDLL(str(plugin_library), mode=ctypes.RTLD_GLOBAL)  # registers BlockSparseAttention v1
+    load_plugin_library(trt, plugin_library)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0

@@ -4,7 +4,6 @@ of `artifacts.OnnxMetadata`."""
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 import saexport
 from saexport.artifacts import ArtifactFolder, Budgets, OnnxMetadata, Topology
 from saexport.errors import SaexportError
+from saexport.folders import clean_stale, temporary_folder
 from saexport.models.checkpoint import LoadedModel, dtype_name
 from saexport.models.dit import SparseWanDiT
 from saexport.models.onnx_op import register_schema, translate_block_sparse_attention
@@ -21,6 +21,7 @@ from saexport.models.video_shape import VideoShape
 
 INPUT_NAMES = ["hidden_states", "timestep", "encoder_hidden_states", "step_index"]
 OUTPUT_NAMES = ["noise_pred"]
+STAGING_PREFIX = ".export-"
 EXTERNAL_DATA_LIMIT = 2 * 1024**3  # protobuf's limit for one file
 
 
@@ -92,7 +93,8 @@ def export_onnx(
     out_dir.mkdir(parents=True, exist_ok=True)
     weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     external = weight_bytes > EXTERNAL_DATA_LIMIT * 0.9
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmp:
+    clean_stale(out_dir, STAGING_PREFIX)  # what a killed export left (gigabytes for 14B)
+    with temporary_folder(out_dir, STAGING_PREFIX) as tmp:
         staged = Path(tmp) / target.name
         program.save(staged, external_data=external)
         if check:

@@ -185,7 +185,9 @@ def check_config_matches(preset: ModelPreset, config: dict[str, Any], source: st
         if k in config and _normalise(config[k]) != _normalise(preset.config[k])
     ]
     if diffs:
-        raise SaexportError(
-            f"{source} is not a {preset.name} checkpoint ({preset.description}): " + "; ".join(diffs)
-            + ". Pass the matching --model."
-        )
+        matching = [other.name for other in PRESETS.values() if all(
+            _normalise(config[k]) == _normalise(other.config[k]) for k in ARCHITECTURE_FIELDS if k in config)]
+        hint = (f"Pass --model {' or '.join(matching)}." if matching
+                else f"It matches none of the presets saexport knows ({', '.join(PRESETS)}).")
+        raise SaexportError(f"{source} is not a {preset.name} checkpoint ({preset.description}): "
+                            + "; ".join(diffs) + ". " + hint)

@@ -84,12 +84,12 @@ class TensorRTDenoiser:
     def __init__(self, engine_path: str | Path, plugin_library: str | Path, steps: int, cuda_graph: bool = False):
         trt = import_tensorrt()
         engine_path, plugin_library = Path(engine_path), Path(plugin_library)
-        check_engine_metadata(engine_path)
-        if not plugin_library.is_file():
-            raise SaexportError(f"plugin library {plugin_library} not found (build it: cmake -DTensorRT_ROOT=...)")
-        ctypes.CDLL(str(plugin_library), mode=ctypes.RTLD_GLOBAL)  # static registration with TensorRT
+        metadata = check_engine_metadata(engine_path)
+        load_plugin_library(trt, plugin_library)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
+        if metadata.version_compatible:
+            self.runtime.engine_host_code_allowed = True  # the plugin's code is serialised inside the engine
         self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise SaexportError(f"TensorRT could not load {engine_path} (see its log above)")
@@ -140,6 +140,16 @@ def import_tensorrt():
         raise SaexportError("TensorRT is not installed: install NVIDIA TensorRT 10.x or 11.x with its Python "
                             "bindings (pip install tensorrt) on a machine with an NVIDIA GPU") from None
     return trt
+
+
+def load_plugin_library(trt, path: Path) -> None:
+    """Register `BlockSparseAttention` with TensorRT: the static library registers itself when loaded; the
+    dynamic one (`getCreators`, for version-compatible engines) goes through the plugin registry's loader."""
+    if not path.is_file():
+        raise SaexportError(f"plugin library {path} not found (build it: cmake -DTensorRT_ROOT=...)")
+    library = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    if hasattr(library, "getCreators"):
+        trt.get_plugin_registry().load_library(str(path))
 
 
 def check_engine_metadata(engine_path: Path) -> EngineMetadata:

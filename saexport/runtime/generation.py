@@ -14,6 +14,7 @@ import torch
 
 from saexport.artifacts import ArtifactFolder, Budgets, Topology
 from saexport.errors import SaexportError
+from saexport.folders import check_writable_file_target
 from saexport.models.checkpoint import load_model, parse_dtype, resolve_weights
 from saexport.models.dit import SparseWanDiT
 from saexport.models.presets import ModelPreset, get_preset
@@ -28,7 +29,7 @@ from saexport.models.video_shape import VideoShape, video_of_grid
 from saexport.runtime.denoisers import Denoiser, OnnxRuntimeDenoiser, TensorRTDenoiser, TorchDenoiser
 from saexport.runtime.sampler import DEFAULT_GUIDANCE, sample
 from saexport.runtime.schedule import flow_shift_for
-from saexport.runtime.video import check_output_path, write_output
+from saexport.runtime.video import OUTPUT_SUFFIXES, write_output
 
 log = logging.getLogger("saexport")
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -107,7 +108,7 @@ def generate(root: Path, out_path: Path, backend: str = "torch", *, model: str |
              guidance: float = DEFAULT_GUIDANCE, sample_seed: int = 0, vae: Path | None = None,
              upscale: int = 1) -> Path:
     """Run the sampler on the folder's artifacts and write `out_path` (.safetensors latents, or .gif / .mp4)."""
-    check_output_path(out_path, upscale)
+    check_writable_file_target(out_path, OUTPUT_SUFFIXES)
     artifacts = Artifacts.open(root)
     preset = artifacts.preset
     if model is not None and model != preset.name:

@@ -17,20 +17,6 @@ VIDEO_SUFFIXES = (".gif", ".mp4")
 OUTPUT_SUFFIXES = (".safetensors", *VIDEO_SUFFIXES)
 
 
-def check_output_path(path: Path, scale: int = 1) -> None:
-    """Before any sampling: a known suffix, a positive scale, and a parent that is a folder (or can be one)."""
-    if path.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise SaexportError(f"write {path.name} as latents .safetensors or a video .gif / .mp4, not "
-                            f"'{path.suffix or '(no suffix)'}'")
-    if scale < 1:
-        raise SaexportError(f"the scale must be a positive integer, got {scale}")
-    for parent in (path.parent, *path.parent.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise SaexportError(f"cannot write {path}: {parent} is a file, not a folder")
-            break
-
-
 def write_output(latents: torch.Tensor, codec: LatentCodec, path: Path, vae_path: Path | None, scale: int) -> None:
     """Latents `[1, channels, f, h, w]` as `.safetensors`, or decoded to a `.gif` / `.mp4`."""
     if path.suffix.lower() == ".safetensors":

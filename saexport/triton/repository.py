@@ -11,9 +11,7 @@ Shapes and types come from the exported graph, so the configs match the engine b
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,6 +20,7 @@ import onnx
 
 from saexport.artifacts import OnnxMetadata
 from saexport.errors import SaexportError
+from saexport.folders import check_output_folder, staged_folder
 from saexport.runtime.schedule import flow_shift_for
 
 TRITON_TYPES = {
@@ -88,10 +87,12 @@ def write_triton_repository(
     engine_path: str | Path | None = None,
     gpus: list[int] | None = None,
 ) -> Path:
-    """Write the repository atomically (a temporary folder renamed into place). Without an engine, the DiT
+    """Write the repository atomically (a staging folder swapped into place). Without an engine, the DiT
     model runs the ONNX in ONNX Runtime (CPU) behind the same interface. The sampler's step count and flow
     shift come from the graph's metadata: the budgets frozen into it were made for that many steps."""
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    sources = [onnx_path, *([Path(engine_path)] if engine_path is not None else [])]
+    check_output_folder(out_dir, "triton", sources)  # before anything is read or written
     metadata = OnnxMetadata.read(onnx_path)
     if engine_path is None and metadata.dtype != "fp32":
         raise SaexportError(f"{onnx_path} is a {metadata.dtype} graph: without an engine the DiT runs in ONNX "
@@ -104,9 +105,9 @@ def write_triton_repository(
     dit, pipeline = f"{name}_dit", f"{name}_pipeline"
     text_spec = next(s for s in inputs if s.name == "encoder_hidden_states")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    # Built beside the target and swapped in: the old repository stays whole until the new one is complete, and
+    # only a folder this command wrote (marked as the triton repository's) is ever replaced.
+    with staged_folder(out_dir, "triton", sources) as staging:
         version = staging / dit / "1"
         version.mkdir(parents=True)
         if engine_path is not None:
@@ -139,11 +140,6 @@ def write_triton_repository(
             "dtype": DTYPE_NAMES[inputs[0].data_type],
         }, indent=2))
         (staging / "README.md").write_text(_readme(name, text_spec, latents, engine_path is not None))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
