@@ -266,3 +266,17 @@ def test_a_checkpoint_of_another_architecture_names_the_preset_or_says_none_matc
     loaded.transformer.save_pretrained(tmp_path / "odd" / "transformer")
     assert_user_error(run("export", "--model", "wan2.1-tiny", "--weights", tmp_path / "odd", "--out", tmp_path / "b"),
                       "ffn_dim: checkpoint has 96", "It matches none of the presets saexport knows")
+
+
+def test_a_corrupt_graph_and_a_full_disk_are_one_line_errors(built, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for artifact in (built.topology, built.budgets):
+        (broken / artifact.name).write_bytes(artifact.read_bytes())
+    (broken / "model.onnx").write_bytes(built.onnx.read_bytes()[:5000])  # truncated
+    assert_user_error(run("generate", *TINY, "--artifacts", broken, "--backend", "onnxruntime", "--out",
+                          tmp_path / "x.safetensors"), "ONNX Runtime cannot load", "model.onnx")
+    # /dev/full: every write fails with ENOSPC, as on a full disk.
+    result = run("generate", *TINY, "--artifacts", built.root, "--backend", "onnxruntime", "--out", "/dev/full")
+    assert_user_error(result)
+    assert "/dev/full" in result.output

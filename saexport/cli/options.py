@@ -39,6 +39,10 @@ def clear_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except SaexportError as e:
             raise UserError(str(e)) from None
+        except OSError as e:  # ENOSPC, EACCES, ENOTDIR, ... while writing: the file and the fix, in one line
+            from saexport.folders import os_error_message
+
+            raise UserError(os_error_message(e, action="read or write")) from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted — rerun the same command to resume", err=True)
             raise SystemExit(130) from None

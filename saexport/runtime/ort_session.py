@@ -12,12 +12,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
+from saexport.errors import SaexportError
 from saexport.models.attention_op import reference_block_sparse_attention
 from saexport.models.onnx_op import OP_TYPE
 
 _registered = False
+_LOAD_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph, ort_state.InvalidProtobuf,
+                ort_state.NoSuchFile, ort_state.NotImplemented, ort_state.RuntimeException)
 
 
 def _register_custom_op() -> None:
@@ -51,7 +55,11 @@ def ort_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.register_custom_ops_library(get_library_path())
     options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except _LOAD_ERRORS as e:
+        raise SaexportError(f"ONNX Runtime cannot load {path} ({str(e).splitlines()[0]}): export it again with "
+                            "`saexport export --dtype fp32`") from None
 
 
 def run_dit(session: ort.InferenceSession, inputs: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
