@@ -21,6 +21,7 @@ COMMANDS = {
     "export": ("saexport.cli.export", "export"),
     "engine": ("saexport.cli.export", "engine"),
     "triton": ("saexport.cli.export", "triton"),
+    "verify": ("saexport.cli.export", "verify"),
     "build": ("saexport.cli.build", "build"),
     "generate": ("saexport.cli.generate", "generate"),
 }

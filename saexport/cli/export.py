@@ -67,12 +67,52 @@ def export(model, weights, random_weights, seed, resolution, frames, dtype_name,
         exported = make_export(models, run, topology, budgets, out_dir, batch)
     click.echo(f"wrote {exported.path}")
     if verify:
-        from saexport.exporter.verify import verify_onnx
+        from saexport.exporter.verify import verify_graph
 
         with stage("verifying in ONNX Runtime"):
-            errors = verify_onnx(models.get(), topology, budgets, video, exported.path, batch)
-        for step, err in errors.items():
-            click.echo(f"step {step}: relative error ONNX Runtime vs PyTorch {err:.2e}")
+            report = verify_graph(models.get(), topology, budgets, video, exported.path, batch)
+        show_verification(report)
+
+
+def show_verification(report) -> None:
+    for runner, error in report.max_errors.items():
+        click.echo(f"{runner} vs torch: max relative error {error:.2e}")
+    for command in report.commands:
+        click.echo(f"  {command}")
+    if not report.passed:
+        raise SaexportError("the exported graph disagrees with PyTorch beyond the tolerance (see above)")
+
+
+@click.command()
+@model_options
+@click.option("--artifacts", required=True, type=click.Path(path_type=Path),
+              help="An export or build folder with an fp32 model.onnx.")
+@click.option("--atol", default=1e-4, show_default=True, help="Absolute tolerance.")
+@click.option("--rtol", default=1e-3, show_default=True, help="Relative tolerance.")
+@click.option("--save", "save_dir", type=click.Path(path_type=Path),
+              help="Folder for inputs.json / outputs.json (polygraphy's format) and the equivalent command lines.")
+@click.option("--plugin", "plugin_library", type=click.Path(path_type=Path),
+              help="Plugin library, for the printed polygraphy / trtexec command lines.")
+@clear_errors
+def verify(model, weights, random_weights, seed, artifacts, atol, rtol, save_dir, plugin_library) -> None:
+    """Compare the exported graph with the PyTorch model on polygraphy's runners (torch vs ONNX Runtime); exits
+    non-zero when they disagree."""
+    from saexport.exporter.verify import verify_graph
+    from saexport.pipeline import Models
+    from saexport.runtime.generation import Artifacts
+
+    opened = Artifacts.open(artifacts)
+    model_given = click.get_current_context().get_parameter_source("model") != click.core.ParameterSource.DEFAULT
+    if model_given and model != opened.preset.name:
+        raise SaexportError(f"the artifacts are for {opened.preset.name}, not --model {model}")
+    loaded = Models(model_source(opened.preset.name, weights, random_weights, seed)).get()
+    if loaded.weights_id != opened.topology.weights_id:
+        raise SaexportError(f"the artifacts were made from weights {opened.topology.weights_id[:16]}, these are "
+                            f"{loaded.weights_id[:16]}: pass the same --weights (or --random-weights --seed)")
+    with stage("verifying on polygraphy's runners"):
+        report = verify_graph(loaded, opened.topology, opened.budgets, opened.video, opened.folder.onnx, atol=atol,
+                              rtol=rtol, save_dir=save_dir, plugin=plugin_library)
+    show_verification(report)
 
 
 @click.command()

@@ -1,37 +1,119 @@
-"""`export --verify`: the exported graph in ONNX Runtime against the PyTorch module it came from (fp32, CPU)."""
+"""`saexport verify` and `export --verify`: the exported graph against the PyTorch model it came from, on
+polygraphy's runners and Comparator.
+
+Runners, one after the other on the same inputs (random, seeded; the first and the last denoising step):
+the PyTorch sparse DiT (the reference, `TorchDiTRunner`), ONNX Runtime on the fp32 graph (the custom op through
+onnxruntime-extensions), and TensorRT on the engine where TensorRT, an engine and the plugin are present.
+Inputs and outputs are saved in polygraphy's JSON format, so `polygraphy run ... --load-inputs --load-outputs`
+and `trtexec` can repeat the comparison elsewhere; the equivalent command lines are returned.
+"""
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner
+from polygraphy.common import TensorMetadata
+from polygraphy.comparator import Comparator, CompareFunc
 
-from saexport.artifacts import Budgets, Topology
+from saexport.artifacts import ArtifactFolder, Budgets, OnnxMetadata, Topology
 from saexport.errors import SaexportError
-from saexport.exporter.onnx_export import build_sparse_dit, example_inputs
+from saexport.exporter.onnx_export import INPUT_NAMES, OUTPUT_NAMES, build_sparse_dit, example_inputs
 from saexport.models.checkpoint import LoadedModel
 from saexport.models.video_shape import VideoShape
-from saexport.runtime.ort_session import ort_session, run_dit
+from saexport.runtime.ort_session import ort_session
 
-TOLERANCE = 1e-4  # relative error; fp32 on both sides lands near 1e-6
+ATOL, RTOL = 1e-4, 1e-3  # fp32 on both sides lands near 1e-6 relative
 
 
-def verify_onnx(loaded: LoadedModel, topology: Topology, budgets: Budgets, video: VideoShape, onnx_path: Path,
-                batch: int = 1, tolerance: float = TOLERANCE) -> dict[int, float]:
-    """Relative error of ONNX Runtime against PyTorch at the first and last step (random inputs); an error past
-    `tolerance`."""
-    session = ort_session(onnx_path)
-    module = build_sparse_dit(loaded, topology, budgets, video)
-    errors = {}
-    for step in sorted({0, budgets.steps - 1}):
-        inputs = list(example_inputs(loaded, video, torch.float32, batch))
-        inputs[3] = torch.tensor([step], dtype=torch.int32)
-        got = run_dit(session, inputs)
+class TorchDiTRunner(BaseRunner):
+    """polygraphy runner of the PyTorch sparse DiT (polygraphy's own PytRunner assumes CUDA and tuple outputs)."""
+
+    def __init__(self, module: torch.nn.Module, input_metadata: TensorMetadata, name: str = "torch"):
+        super().__init__(name=name, prefix="saexport-torch-runner")
+        self.module, self.input_metadata = module.eval(), input_metadata
+
+    def activate_impl(self):
+        pass
+
+    def get_input_metadata_impl(self):
+        return self.input_metadata
+
+    def infer_impl(self, feed_dict):
+        inputs = [torch.from_numpy(np.ascontiguousarray(feed_dict[name])) for name in INPUT_NAMES]
+        start = time.perf_counter()
         with torch.no_grad():
-            want = module(*inputs)
-        errors[step] = float((got - want).norm() / want.norm())
-    worst = max(errors.values())
-    if not worst <= tolerance:  # NaN fails too
-        raise SaexportError(f"{onnx_path} disagrees with PyTorch: relative error {worst:.2e} > {tolerance:.0e} "
-                            f"(per step: {', '.join(f'{s}: {e:.2e}' for s, e in errors.items())})")
-    return errors
+            out = self.module(*inputs)
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict([(OUTPUT_NAMES[0], out.numpy())])
+
+    def deactivate_impl(self):
+        pass
+
+
+@dataclass
+class Verification:
+    passed: bool
+    max_errors: dict[str, float]  # runner -> max relative error of noise_pred against the reference
+    commands: list[str] = field(default_factory=list)
+
+
+def verification_feeds(loaded: LoadedModel, video: VideoShape, steps: int, batch: int, seed: int = 0) -> list[dict]:
+    """One feed per checked step (the first and the last): random inputs, never zeros, fp32."""
+    torch.manual_seed(seed)
+    feeds = []
+    for step in sorted({0, steps - 1}):
+        tensors = list(example_inputs(loaded, video, torch.float32, batch))
+        tensors[3] = torch.tensor([step], dtype=torch.int32)
+        feeds.append(OrderedDict((name, t.numpy()) for name, t in zip(INPUT_NAMES, tensors, strict=True)))
+    return feeds
+
+
+def verify_graph(loaded: LoadedModel, topology: Topology, budgets: Budgets, video: VideoShape, onnx_path: Path,
+                 batch: int = 1, atol: float = ATOL, rtol: float = RTOL, save_dir: Path | None = None,
+                 plugin: Path | None = None) -> Verification:
+    """Compare the runners; an error past `atol` + `rtol` (or NaN) is a failed verification (not raised)."""
+    if OnnxMetadata.read(onnx_path).dtype != "fp32":
+        raise SaexportError(f"{onnx_path} is not an fp32 graph: ONNX Runtime runs fp32 exports (export with --dtype "
+                            "fp32 to verify it; a bf16 graph is verified through its engine)")
+    module = build_sparse_dit(loaded, topology, budgets, video)
+    feeds = verification_feeds(loaded, video, budgets.steps, batch)
+    metadata = TensorMetadata()
+    for name, value in feeds[0].items():
+        metadata.add(name, value.dtype, value.shape)
+    runners = [TorchDiTRunner(module, metadata), OnnxrtRunner(lambda: ort_session(onnx_path), name="onnxruntime")]
+    paths = {}
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        paths = {"save_inputs_path": str(save_dir / "inputs.json"), "save_outputs_path": str(save_dir / "outputs.json")}
+    results = Comparator.run(runners, data_loader=feeds, **paths)
+    accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
+    reference = results[0][1]
+    errors = {}
+    for runner_name, iterations in list(results.items())[1:]:
+        worst = 0.0
+        for want, got in zip(reference, iterations, strict=True):
+            a, b = want[OUTPUT_NAMES[0]], got[OUTPUT_NAMES[0]]
+            worst = max(worst, float(np.linalg.norm(b - a) / np.linalg.norm(a))) if np.isfinite(b).all() else np.inf
+        errors[runner_name] = worst
+    verification = Verification(bool(accuracy), errors)
+    if save_dir is not None:
+        verification.commands = equivalent_commands(onnx_path, save_dir, atol, rtol, plugin)
+    return verification
+
+
+def equivalent_commands(onnx_path: Path, save_dir: Path, atol: float, rtol: float, plugin: Path | None) -> list[str]:
+    """Where TensorRT exists: polygraphy on the engine against the saved reference outputs, and trtexec."""
+    plugin_path = plugin or Path("libsaexport_trt_plugin.so")
+    return [
+        f"polygraphy run {onnx_path} --trt --plugins {plugin_path} --load-inputs {save_dir / 'inputs.json'} "
+        f"--load-outputs {save_dir / 'outputs.json'} --atol {atol} --rtol {rtol}",
+        f"trtexec --onnx={onnx_path} --staticPlugins={plugin_path} --stronglyTyped "
+        f"--saveEngine={ArtifactFolder(onnx_path.parent).engine}",
+    ]
