@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from saexport.artifacts import ArtifactFolder, Budgets, Topology
@@ -29,7 +30,7 @@ from saexport.models.video_shape import VideoShape, video_of_grid
 from saexport.runtime.denoisers import Denoiser, OnnxRuntimeDenoiser, TensorRTDenoiser, TorchDenoiser
 from saexport.runtime.sampler import DEFAULT_GUIDANCE, sample
 from saexport.runtime.schedule import flow_shift_for
-from saexport.runtime.video import OUTPUT_SUFFIXES, write_output
+from saexport.runtime.video import OUTPUT_SUFFIXES, latents_to_frames, write_output
 
 log = logging.getLogger("saexport")
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -101,6 +102,45 @@ def prompt_embeddings(preset: ModelPreset, weights: Path | None, prompt: str | N
     return text, negative
 
 
+class SparsePipeline:
+    """Prompt and seed in, video frames out, over an artifact folder and a back end: what `saexport.load` returns.
+
+    The text encoder, the back end and the latent codec are opened once; each call runs Wan2.1's sampler loop.
+    """
+
+    def __init__(self, root: str | Path, backend: str = "torch", *, weights: Path | None = None,
+                 random_weights: bool = False, seed: int = 0, dtype: str = "fp32", plugin: Path | None = None,
+                 vae: Path | None = None, model: str | None = None):
+        self.artifacts = Artifacts.open(Path(root))
+        preset = self.artifacts.preset
+        if model is not None and model != preset.name:
+            raise SaexportError(f"the artifacts are for {preset.name}, not --model {model}")
+        if weights is None and not random_weights and preset.bundled_weights:
+            weights = resolve_weights(preset, None)
+        self.weights, self.vae = weights, vae
+        self.denoiser = open_denoiser(self.artifacts, backend, weights, random_weights, seed, dtype, plugin)
+
+    @property
+    def steps(self) -> int:
+        return self.artifacts.budgets.steps
+
+    def latents(self, prompt: str | None = None, seed: int = 0, negative_prompt: str = "",
+                guidance: float = DEFAULT_GUIDANCE, embeddings_file: Path | None = None,
+                negative_file: Path | None = None) -> torch.Tensor:
+        """fp32 latents `[1, channels, frames, height, width]`."""
+        text, negative = prompt_embeddings(self.artifacts.preset, self.weights, prompt, negative_prompt,
+                                           embeddings_file, negative_file)
+        video = self.artifacts.video
+        return sample(self.denoiser, text, negative, video.latent_shape(), self.steps, flow_shift_for(video.height),
+                      seed, guidance)
+
+    def __call__(self, prompt: str, seed: int = 0, negative_prompt: str = "",
+                 guidance: float = DEFAULT_GUIDANCE) -> np.ndarray:
+        """uint8 frames `[frames, height, width, 3]` (Wan2.1 latents are decoded with the `vae` given at load)."""
+        latents = self.latents(prompt, seed, negative_prompt, guidance)
+        return latents_to_frames(self.artifacts.preset.codec, latents, self.vae)
+
+
 def generate(root: Path, out_path: Path, backend: str = "torch", *, model: str | None = None,
              weights: Path | None = None, random_weights: bool = False, seed: int = 0, dtype: str = "fp32",
              plugin: Path | None = None, prompt: str | None = None, negative_prompt: str = "",
@@ -109,18 +149,11 @@ def generate(root: Path, out_path: Path, backend: str = "torch", *, model: str |
              upscale: int = 1) -> Path:
     """Run the sampler on the folder's artifacts and write `out_path` (.safetensors latents, or .gif / .mp4)."""
     check_writable_file_target(out_path, OUTPUT_SUFFIXES)
-    artifacts = Artifacts.open(root)
-    preset = artifacts.preset
-    if model is not None and model != preset.name:
-        raise SaexportError(f"the artifacts are for {preset.name}, not --model {model}")
-    if weights is None and not random_weights:
-        weights = resolve_weights(preset, None) if preset.bundled_weights else None
-    if steps is not None and steps != artifacts.budgets.steps:
-        raise SaexportError(f"the budgets are for {artifacts.budgets.steps} steps; sample with --steps "
-                            f"{artifacts.budgets.steps} or rerun `saexport budgets` for this step count")
-    text, negative = prompt_embeddings(preset, weights, prompt, negative_prompt, embeddings_file, negative_file)
-    denoiser = open_denoiser(artifacts, backend, weights, random_weights, seed, dtype, plugin)
-    latents = sample(denoiser, text, negative, artifacts.video.latent_shape(), artifacts.budgets.steps,
-                     flow_shift_for(artifacts.video.height), sample_seed, guidance)
-    write_output(latents, preset.codec, out_path, vae, upscale)
+    pipeline = SparsePipeline(root, backend, weights=weights, random_weights=random_weights, seed=seed, dtype=dtype,
+                              plugin=plugin, vae=vae, model=model)
+    if steps is not None and steps != pipeline.steps:
+        raise SaexportError(f"the budgets are for {pipeline.steps} steps; sample with --steps {pipeline.steps} or "
+                            "rerun `saexport budgets` for this step count")
+    latents = pipeline.latents(prompt, sample_seed, negative_prompt, guidance, embeddings_file, negative_file)
+    write_output(latents, pipeline.artifacts.preset.codec, out_path, vae, upscale)
     return out_path
