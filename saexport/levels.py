@@ -51,15 +51,15 @@ def kept_blocks(levels: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
 def density(levels: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
     """Fraction of block pairs kept, per budget entry.
 
-    levels `[layers, heads, n, n]`, budgets `[steps, layers, heads]` -> `[steps, layers, heads]`.
+    levels `[layers, heads, n, n]`, budgets `[steps, layers, heads]` -> `[steps, layers, heads]`. (Through each
+    head's histogram of levels, so that no `[steps, layers, heads, n, n]` tensor is ever made.)
     """
-    lv = levels.to(torch.int32).flatten(-2)  # [layers, heads, n*n]
-    sorted_lv = lv.sort(dim=-1).values
-    b = budgets.to(torch.int32)
-    counts = torch.searchsorted(
-        sorted_lv.expand(b.shape[0], *sorted_lv.shape).contiguous(), b.unsqueeze(-1).contiguous(), right=True
-    ).squeeze(-1)
-    return counts.to(torch.float64) / lv.shape[-1]
+    flat = levels.flatten(-2).to(torch.int64)  # [layers, heads, n*n]
+    counts = torch.zeros(*flat.shape[:-1], DENSE_LEVEL + 1, dtype=torch.float64, device=levels.device)
+    counts.scatter_add_(-1, flat, torch.ones(flat.shape, dtype=torch.float64, device=levels.device))
+    kept = counts.cumsum(-1) / flat.shape[-1]  # [layers, heads, 256]: fraction kept at each level
+    index = budgets.to(torch.int64).clamp(0, DENSE_LEVEL).to(levels.device)
+    return kept.unsqueeze(0).expand(index.shape[0], -1, -1, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
 
 
 def levels_from_scores(scores: torch.Tensor) -> torch.Tensor:
