@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -5,8 +7,14 @@ from saexport.artifacts import Budgets, Topology
 from saexport.errors import SaexportError
 from saexport.layout import parse_layout
 from saexport.levels import density
+from saexport.models.processors import RowProbe, block_masses, block_partials
+from saexport.models.text_encoder import synthetic_embeddings
 from saexport.topology.allocation import allocate, fit_budgets_v2, level_densities, levels_at
+from saexport.topology.calibration import CalibrationLoop, HeadRows
 from saexport.topology.fast import DENSITY_GOALS, fit_budgets
+from saexport.topology.prompts import CalibrationSet
+from saexport.topology.quality import compute_quality, output_error_curves, quality_curves, residual_error_curves
+from saexport.topology.standin import standin_topology
 
 
 def linear_topology(layers: int, heads: int) -> Topology:
@@ -83,14 +91,14 @@ def test_v2_meets_every_goal_and_records_how(preset):
 
 def test_lambda_is_monotonic_and_the_weights_steer_blocks():
     topology = linear_topology(1, 3)
-    sharpness = torch.rand(1, 1, 3, 1, dtype=torch.float64) * 20 + 1
+    sharpness = torch.tensor([5.0, 10.0, 20.0], dtype=torch.float64).view(1, 1, 3, 1)
     quality = (1 - (1 - DENSITY) ** sharpness).expand(4, 1, 3, 256).contiguous()
     weights = torch.tensor([[4.0], [2.0], [1.0], [0.5]], dtype=torch.float64)
     value = weights[:, :, None, None] * quality
     densities = level_densities(topology.levels)
     means = [float(densities.expand(4, -1, -1, -1).gather(-1, levels_at(value, densities, lam).unsqueeze(-1)).mean())
              for lam in (0.0, 0.01, 0.1, 0.5, 1.0, 3.0, 10.0, 100.0)]
-    assert all(a >= b for a, b in zip(means, means[1:], strict=False)) and means[0] > 0.9 and means[-1] < 0.05
+    assert all(a >= b for a, b in zip(means, means[1:], strict=False)) and means[0] > 0.5 > 0.05 > means[-1]
     lams = [allocate(quality, weights, densities, goal).lam for goal in (0.45, 0.30, 0.20)]
     assert lams[0] < lams[1] < lams[2]  # a tighter goal is a higher price per block
     # identical curves, decreasing weights: the steps weighted more get more blocks
@@ -142,3 +150,150 @@ def test_bad_inputs_are_refused():
         fit_budgets_v2(topology, quality, "high", warmup="some")
     with pytest.raises(SaexportError, match="non-finite"):
         fit_budgets_v2(topology, quality * float("nan"), "high")
+
+
+# --- quality proxies (topology.quality) and their probe (models.processors.block_partials) ---------------------
+
+
+def brute_force_outputs(q, k, v, rows, row_levels_h, block_size, level):
+    """Masked softmax attention of `rows` of one head (float64): keys whose block pair level <= `level`."""
+    seq_len = q.shape[0]
+    key_block = torch.arange(seq_len) // block_size
+    logits = q[rows].double() @ k.double().T / math.sqrt(q.shape[-1])  # [R, L]
+    keep = row_levels_h[:, key_block] <= level  # [R, L]
+    probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)  # all-masked rows: zeros
+    return probs @ v.double()
+
+
+def test_block_partials_sum_p_v_per_key_block():
+    q, k, v = (torch.randn(2, 37, 3, 8) for _ in range(3))
+    rows = torch.tensor([[0, 5, 36], [1, 2, 30], [36, 17, 9]])  # per head
+    masses, partials = block_partials(q, k, v, rows, block_size=16, chunk=2)
+    assert masses.shape == (2, 3, 3, 3) and partials.shape == (2, 3, 3, 3, 8)
+    for b in range(2):
+        for h in range(3):
+            probs = torch.softmax(q[b, rows[h], h] @ k[b, :, h].T / math.sqrt(8), -1)  # [R, L]
+            for block, keys in enumerate((slice(0, 16), slice(16, 32), slice(32, 37))):
+                assert torch.allclose(masses[b, h, :, block], probs[:, keys].sum(-1), atol=1e-6)
+                assert torch.allclose(partials[b, h, :, block], probs[:, keys] @ v[b, keys, h], atol=1e-6)
+    assert torch.allclose(block_masses(q, k, rows[0], 16)[:, 0], masses[:, 0], atol=1e-6)  # the old probe agrees
+
+
+def random_levels(heads: int, n: int) -> torch.Tensor:
+    levels = torch.randint(1, 256, (heads, n, n), dtype=torch.uint8)
+    levels[:, torch.arange(n), torch.arange(n)] = 0
+    return levels
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_output_proxy_is_the_relative_error_of_masked_attention(dtype, tolerance):
+    seq_len, heads, dim, block_size = 45, 2, 6, 8  # n = 6, last block partial
+    q, k, v = (torch.randn(1, seq_len, heads, dim, dtype=dtype) * 1.5 for _ in range(3))
+    levels = random_levels(heads, 6)
+    rows = HeadRows.draw(seq_len, heads, block_size, rows_per_head=7, seed=int(torch.randint(0, 999, ())))
+    row_levels = levels[torch.arange(heads).view(-1, 1), rows.block]  # [H, R, n]
+    masses, partials = block_partials(q, k, v, rows.rows, block_size)
+    probe = RowProbe(masses, partials, torch.eye(heads * dim))
+    curves = output_error_curves(probe, row_levels)
+    assert curves.shape == (heads, 256)
+    for h in range(heads):
+        dense = brute_force_outputs(q[0, :, h], k[0, :, h], v[0, :, h], rows.rows[h], row_levels[h], block_size, 255)
+        for level in sorted({0, 1, 128, 254, 255, *levels[h].flatten().tolist()}):
+            sparse = brute_force_outputs(q[0, :, h], k[0, :, h], v[0, :, h], rows.rows[h], row_levels[h],
+                                         block_size, level)
+            want = float((sparse - dense).norm() / dense.norm())
+            assert curves[h, level].item() == pytest.approx(want, abs=tolerance), (h, level)
+    assert torch.all(curves[:, 255] < tolerance)
+
+
+def test_output_proxy_of_a_row_with_nothing_kept_is_a_full_error():
+    q, k, v = (torch.randn(1, 16, 1, 4, dtype=torch.float64) for _ in range(3))
+    levels = torch.full((1, 2, 2), 9, dtype=torch.uint8)  # nothing below level 9, not even the diagonal
+    rows = torch.tensor([[3, 12]])
+    probe = RowProbe(*block_partials(q, k, v, rows, 8), torch.eye(4))
+    curves = output_error_curves(probe, levels[:, rows[0] // 8])
+    assert curves[0, :9].tolist() == pytest.approx([1.0] * 9) and curves[0, 9:].abs().max() < 1e-12
+    q_of = quality_curves(("output", "hellinger"), probe, levels[:, rows[0] // 8])
+    assert q_of["output"][0, 0].item() == pytest.approx(0.0) and q_of["hellinger"][0, 0].item() == 0.0
+
+
+def test_residual_proxy_is_the_gated_projected_change_relative_to_the_stream():
+    batch, seq_len, heads, dim, block_size, model_dim = 2, 30, 3, 4, 8, 10
+    q, k, v = (torch.randn(batch, seq_len, heads, dim, dtype=torch.float64) for _ in range(3))
+    levels = random_levels(heads, 4)
+    rows = HeadRows.draw(seq_len, heads, block_size, rows_per_head=5, seed=3)
+    row_levels = levels[torch.arange(heads).view(-1, 1), rows.block]
+    weight = torch.randn(model_dim, heads * dim, dtype=torch.float64)
+    stream = torch.randn(batch, heads, 5, model_dim, dtype=torch.float64)
+    gate = torch.randn(batch, model_dim, dtype=torch.float64)
+    probe = RowProbe(*block_partials(q, k, v, rows.rows, block_size), weight, stream, gate)
+    curves = residual_error_curves(probe, row_levels)
+    for h in range(heads):
+        w_h = weight[:, h * dim:(h + 1) * dim]
+        for level in (0, 77, 160, 255):
+            ratios = []
+            for b in range(batch):
+                args = (k[b, :, h], v[b, :, h], rows.rows[h], row_levels[h], block_size)
+                delta = (brute_force_outputs(q[b, :, h], *args, level) - brute_force_outputs(q[b, :, h], *args, 255))
+                change = (delta @ w_h.T) * gate[b]  # [R, model dim]: the residual update's change
+                ratios.append(float(change.norm() / stream[b, h].norm()))
+            assert curves[h, level].item() == pytest.approx(sum(ratios) / batch, abs=1e-9)
+    with pytest.raises(SaexportError, match="residual stream"):
+        residual_error_curves(RowProbe(probe.masses, probe.partials, weight), row_levels)
+
+
+def test_head_rows_are_distinct_seeded_and_per_head():
+    rows = HeadRows.draw(100, 4, 16, rows_per_head=16, seed=5)
+    assert rows.rows.shape == (4, 16) and torch.equal(rows.block, rows.rows // 16)
+    assert all(len(set(r.tolist())) == 16 for r in rows.rows) and int(rows.rows.max()) < 100
+    assert not torch.equal(rows.rows[0], rows.rows[1])
+    assert torch.equal(HeadRows.draw(100, 4, 16, 16, seed=5).rows, rows.rows)
+    assert HeadRows.draw(10, 2, 4, rows_per_head=16, seed=0).rows.shape == (2, 10)  # capped at the sequence
+
+
+LOOP = CalibrationLoop(seeds=(0,), steps=3, flow_shift=3.0)
+
+
+@pytest.fixture
+def tiny_setup(tiny):
+    embeddings = synthetic_embeddings(tiny.preset.text_len, 32, prompts=3, seed=int(torch.randint(0, 99, ())))
+    prompts = CalibrationSet(embeddings[:2], embeddings[2:], "test")
+    layers, heads = tiny.preset.num_layers, tiny.preset.num_heads
+    topology = standin_topology(tiny.preset.name, tiny.preset.config_hash(), tiny.weights_id, layers, heads,
+                                (3, 4, 4), 8, parse_layout("tile3d:1x2x4"))
+    return tiny, prompts, topology
+
+
+def test_quality_along_the_loop_on_the_tiny_model(tiny_setup, tmp_path):
+    tiny, prompts, topology = tiny_setup
+    quality = compute_quality(tiny, topology, prompts, LOOP, rows_per_head=4, progress=lambda it, **_: it)
+    assert set(quality) == {"hellinger", "output", "residual"}
+    for proxy, table in quality.items():
+        assert table.shape == (3, 2, 4, 256) and torch.isfinite(table).all(), proxy
+        assert torch.allclose(table[..., 255], torch.ones(()).double(), atol=1e-5), proxy  # dense is exact
+        assert float(table[..., 0].mean()) < 0.999, proxy  # the diagonal alone loses something
+    assert torch.all(quality["hellinger"][..., 1:] >= quality["hellinger"][..., :-1] - 1e-12)
+    # the probe's hooks are gone from the shared transformer: a later dense model sees no probe
+    assert all(not block._forward_pre_hooks for block in tiny.transformer.blocks)
+    # the v2 allocation takes the table as is
+    budgets = fit_budgets_v2(topology, quality["output"], "medium", proxy="output")
+    assert abs(budgets.mean_density - 0.30) <= 0.01
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after(count):
+        def wrap(runs, **_):
+            for index, run in enumerate(runs):
+                if index == count:
+                    raise Interrupt
+                yield run
+        return wrap
+
+    partial = tmp_path / "quality.partial"
+    args = (tiny, topology, prompts, LOOP, ("output",), 4)
+    with pytest.raises(Interrupt):
+        compute_quality(*args, progress=stop_after(8), checkpoint_path=partial)  # the first trajectory: 6 passes
+    assert partial.exists() and all(not block._forward_pre_hooks for block in tiny.transformer.blocks)
+    resumed = compute_quality(*args, progress=lambda it, **_: it, checkpoint_path=partial)
+    assert torch.allclose(resumed["output"], quality["output"], atol=1e-6) and not partial.exists()

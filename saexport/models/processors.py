@@ -5,13 +5,18 @@ RMSNorm across heads, RoPE from the DiT's fp32 tables), then one of three attent
 - `SparseSelfAttnProcessor`: `saexport::block_sparse_attention` with the layer's frozen masks;
 - `ProbedSelfAttnProcessor`: dense, and for a few sampled query rows the softmax over all keys summed per key
   block (*block masses* `[batch, heads, rows, n]`) handed to a callback: what WEST and FAST calibrate from,
-  without ever holding an L x L matrix.
+  without ever holding an L x L matrix;
+- `ProbedRowsSelfAttnProcessor`: dense, and for a few sampled query rows *per head* the block masses and the
+  per-key-block partial outputs `sum_{j in block} p_j v_j` (`RowProbe`), from which the attention output of
+  every sparse mask of those rows follows (FAST's output-error proxies); with `BlockInputs` hooked on the
+  transformer block, also the residual stream at those rows and the block's self-attention gate.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -129,3 +134,74 @@ class SparseSelfAttnProcessor:
             self.block_size, 1.0 / math.sqrt(query.shape[-1]),
         )
         return _output(attn, out, query)
+
+
+@dataclass(frozen=True)
+class RowProbe:
+    """What `ProbedRowsSelfAttnProcessor` hands its callback for one layer and forward pass."""
+
+    masses: torch.Tensor  # fp32 [batch, heads, R, n]: softmax mass of each sampled row per key block
+    partials: torch.Tensor  # fp32 [batch, heads, R, n, head_dim]: sum over the block's keys of p_j v_j
+    out_weight: torch.Tensor  # [dim, heads * head_dim]: the layer's output projection (to_out[0].weight)
+    stream: torch.Tensor | None = None  # [batch, heads, R, dim]: the block's input hidden states at the rows
+    gate: torch.Tensor | None = None  # fp32 [batch, dim]: the block's self-attention gate (gate_msa)
+
+
+RowCallback = Callable[[int, RowProbe], None]
+
+
+def block_partials(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, block_size: int,
+                   chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """For query `rows` `[heads, R]` (token positions, per head) of q, k, v `[batch, L, heads, head_dim]`: the
+    block masses `[batch, heads, R, n]` and partial outputs `[batch, heads, R, n, head_dim]` (at least fp32)."""
+    batch, seq_len, heads, dim = q.shape
+    n = math.ceil(seq_len / block_size)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    pad = n * block_size - seq_len
+    keys = k.transpose(1, 2).to(dtype)  # [B, H, L, D]
+    values = F.pad(v.transpose(1, 2).to(dtype), (0, 0, 0, pad)).unflatten(2, (n, block_size))  # [B, H, n, bs, D]
+    queries = q.transpose(1, 2)
+    masses, partials = [], []
+    for start in range(0, rows.shape[1], chunk):
+        idx = rows[:, start:start + chunk].to(q.device)
+        picked = queries.gather(2, idx.view(1, heads, -1, 1).expand(batch, -1, -1, dim)).to(dtype)  # [B, H, r, D]
+        probs = torch.softmax(picked @ keys.transpose(-1, -2) / math.sqrt(dim), dim=-1)
+        probs = F.pad(probs, (0, pad)).unflatten(-1, (n, block_size))  # [B, H, r, n, bs]
+        masses.append(probs.sum(-1))
+        partials.append(torch.einsum("bhrnk,bhnkd->bhrnd", probs, values))
+    return torch.cat(masses, dim=2), torch.cat(partials, dim=2)
+
+
+class BlockInputs:
+    """A forward pre-hook for a Wan transformer block: keeps its input hidden states (the residual stream) and
+    its self-attention gate, for the block's `ProbedRowsSelfAttnProcessor`."""
+
+    hidden_states: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+
+    def __call__(self, block, args) -> None:
+        hidden_states, temb = args[0], args[2]
+        if temb.dim() != 3:
+            raise ValueError("the residual probe serves Wan2.1's blocks (timestep projection [batch, 6, dim])")
+        self.hidden_states = hidden_states
+        self.gate = (block.scale_shift_table + temb.float()).chunk(6, dim=1)[2].squeeze(1)
+
+
+class ProbedRowsSelfAttnProcessor:
+    """Dense attention (so the trajectory is the dense model's); a `RowProbe` of `rows` `[heads, R]` to `on_rows`."""
+
+    def __init__(self, layer: int, rows: torch.Tensor, block_size: int, on_rows: RowCallback,
+                 inputs: BlockInputs | None = None):
+        self.layer, self.rows, self.block_size, self.on_rows, self.inputs = layer, rows, block_size, on_rows, inputs
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        check_self_attention_call(encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = project_qkv(attn, hidden_states, rotary_emb)
+        masses, partials = block_partials(query, key, value, self.rows, self.block_size)
+        stream = gate = None
+        if self.inputs is not None and self.inputs.hidden_states is not None:
+            x = self.inputs.hidden_states  # [B, L, dim]
+            stream = x[:, self.rows.to(x.device).flatten()].unflatten(1, tuple(self.rows.shape))
+            gate = self.inputs.gate
+        self.on_rows(self.layer, RowProbe(masses, partials, attn.to_out[0].weight, stream, gate))
+        return _output(attn, dense_attention(query, key, value), query)

@@ -12,7 +12,8 @@ lambda grows, so lambda is bisected until the mean density meets the preset's go
 Lagrangian relaxation of "maximise the mean of w Q subject to the mean density <= goal": its solutions lie on the
 convex hull of each entry's (density, w Q) curve; the entries that are indifferent at the final lambda (their
 choice differs between the two ends of the bisection) are then moved up one by one, best value per block first,
-while the goal allows, so the table lands on the goal instead of one hull vertex below it.
+while the goal allows, and what is left is spent by single upward moves that gain the most per block (never one
+that loses value), so the table lands on the goal (from below) instead of one hull vertex below it.
 
 Dense warm-up steps: the first `warmup` steps are fixed at level 255 (density 1) and counted inside the goal, so
 the other steps share what is left. `warmup="auto"` tries 0 .. S // 3 warm-up steps and keeps the count whose
@@ -42,7 +43,7 @@ WARMUP_AUTO = "auto"
 def level_densities(topology_levels: torch.Tensor) -> torch.Tensor:
     """Fraction of each head's block pairs kept at every level: `[layers, heads, n, n]` -> float64 `[L, H, 256]`."""
     layers, heads = topology_levels.shape[:2]
-    budgets = torch.arange(LEVELS, dtype=torch.uint8).view(-1, 1, 1).expand(-1, layers, heads)
+    budgets = torch.arange(LEVELS).view(-1, 1, 1).expand(-1, layers, heads)
     return density(topology_levels, budgets).permute(1, 2, 0).contiguous()
 
 
@@ -62,7 +63,7 @@ def levels_at(value: torch.Tensor, densities: torch.Tensor, lam: float) -> torch
 
 
 def allocate(quality: torch.Tensor, weights: torch.Tensor, densities: torch.Tensor, goal: float,
-             warmup_steps: int = 0, iterations: int = 100) -> Allocation:
+             warmup_steps: int = 0, iterations: int = 60) -> Allocation:
     """The v2 allocation of the module's docstring. quality `[S, L, H, 256]`, weights `[S, L]`, densities
     `[L, H, 256]` (`level_densities`), goal: the table's mean density, warm-up steps included."""
     steps, layers, heads, levels = quality.shape
@@ -104,6 +105,7 @@ def allocate(quality: torch.Tensor, weights: torch.Tensor, densities: torch.Tens
                 else:
                     high = mid
             choice, lam = _fill(value, dens, levels_at(value, dens, low), levels_at(value, dens, high), budget), high
+            choice = _top_up(value, dens, choice, budget)
     warm = torch.full((warmup_steps, layers, heads), DENSE_LEVEL, dtype=torch.int64)
     table = torch.cat([warm, choice]).to(torch.uint8)
     chosen = (weights.double()[:, :, None] * quality.double().gather(-1, table.long().unsqueeze(-1)).squeeze(-1))
@@ -136,6 +138,40 @@ def _fill(value: torch.Tensor, dens: torch.Tensor, low: torch.Tensor, high: torc
     return choice.view_as(high)
 
 
+def _top_up(value: torch.Tensor, dens: torch.Tensor, choice: torch.Tensor, budget: float,
+            rounds: int = 1000) -> torch.Tensor:
+    """Spend what the goal still allows: in rounds, each entry's best move to a higher level that fits (the most
+    value per unit of density, never one that loses value), taken best first while they fit. Where every entry's
+    curve is concave the Lagrangian fill leaves less than one move; non-concave curves (a proxy that dips as blocks
+    are added) can leave a hull jump unspent, which matters on small tables."""
+    expanded = dens.unsqueeze(0).expand_as(value)
+    choice = choice.clone()
+    for _ in range(rounds):
+        d_now = expanded.gather(-1, choice.unsqueeze(-1))
+        used = float(d_now.sum())
+        extra = expanded - d_now
+        gain = value - value.gather(-1, choice.unsqueeze(-1))
+        fits = (extra > 1e-12) & (extra <= budget - used + 1e-9) & (gain >= 0)
+        ratio = torch.where(fits, gain / extra.clamp(min=1e-12), float("-inf"))
+        best_ratio, best_level = ratio.max(-1)
+        candidates = (best_ratio > float("-inf")).flatten().nonzero().flatten()
+        if candidates.numel() == 0:
+            break
+        order = candidates[best_ratio.flatten()[candidates].argsort(descending=True, stable=True)]
+        flat_extra = extra.flatten(0, -2)
+        moved = False
+        for entry in order.tolist():
+            level = int(best_level.flatten()[entry])
+            step = float(flat_extra[entry, level])
+            if used + step <= budget + 1e-9:
+                used += step
+                choice.view(-1)[entry] = level
+                moved = True
+        if not moved:
+            break
+    return choice
+
+
 def fit_budgets_v2(
     topology: Topology,
     quality: torch.Tensor,
@@ -145,7 +181,7 @@ def fit_budgets_v2(
     warmup: int | str = 0,
     max_warmup: int | None = None,
     judge: Callable[[Budgets], float] | None = None,
-    iterations: int = 100,
+    iterations: int = 60,
 ) -> Budgets:
     """FAST v2 budgets at the preset's density goal (the module's docstring).
 

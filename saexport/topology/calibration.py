@@ -2,10 +2,12 @@
 
 The loop is generation's (`runtime.sampler.sampling_loop`): Wan's UniPC schedule with classifier-free guidance,
 two passes per step. A probe computes the layer's ordinary dense output (so the trajectory is the dense
-model's) and, for a few sampled query rows per block, the row's full softmax over all keys summed per key block:
-the *block masses* `[batch, heads, rows, n]`. Both WEST (which blocks matter) and FAST (how much of each row a
-budget keeps) are computed from block masses, so neither ever holds an L x L matrix. Which passes are measured
-is a setting; the default measures both, as generation runs both.
+model's) and, for a few sampled query rows per block (`SampledRows`), the row's full softmax over all keys summed
+per key block: the *block masses* `[batch, heads, rows, n]`. Both WEST (which blocks matter) and FAST v1 (how much
+of each row a budget keeps) are computed from block masses, so neither ever holds an L x L matrix. FAST v2's
+output proxies sample a few rows per head instead (`HeadRows`) and also take each row's per-key-block partial
+outputs (`models.processors.RowProbe`). Which passes are measured is a setting; the default measures both, as
+generation runs both.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from saexport.atomic import atomic_path
 from saexport.errors import SaexportError
 from saexport.layout import TokenLayout
 from saexport.models.dit import WanDiT
-from saexport.models.processors import MassCallback
+from saexport.models.processors import BlockInputs, ProbedRowsSelfAttnProcessor
 from saexport.runtime.denoisers import TorchDenoiser
 from saexport.runtime.sampler import DEFAULT_GUIDANCE, PASSES, sampling_loop
 from saexport.topology.prompts import CalibrationSet
@@ -51,6 +53,46 @@ class SampledRows:
             rows.append(u * block_size + torch.randperm(size, generator=gen)[:take])
             blocks.append(torch.full((take,), u))
         return cls(torch.cat(rows), torch.cat(blocks))
+
+    def install(self, model: WanDiT, block_size: int, callback: Callable) -> Callable[[], None]:
+        """Probe every self-attention layer: `callback(layer, block masses [batch, heads, R, n])`."""
+        model.probe(self.rows, block_size, callback)
+        return lambda: None
+
+
+@dataclass(frozen=True)
+class HeadRows:
+    """`rows_per_head` query rows drawn (seeded) from the whole sequence, independently for every head."""
+
+    rows: torch.Tensor  # int64 [heads, R], token positions (in the layout's order)
+    block: torch.Tensor  # int64 [heads, R], their query block
+    residual: bool = False  # also hand the probe the residual stream at the rows and the block's gate
+
+    @classmethod
+    def draw(cls, seq_len: int, heads: int, block_size: int, rows_per_head: int, seed: int,
+             residual: bool = False) -> HeadRows:
+        if rows_per_head < 1:
+            raise SaexportError(f"rows per head must be at least 1, got {rows_per_head}")
+        gen = torch.Generator().manual_seed(seed)
+        take = min(rows_per_head, seq_len)
+        rows = torch.stack([torch.randperm(seq_len, generator=gen)[:take].sort().values for _ in range(heads)])
+        return cls(rows, torch.div(rows, block_size, rounding_mode="floor"), residual)
+
+    def install(self, model: WanDiT, block_size: int, callback: Callable) -> Callable[[], None]:
+        """Probe every self-attention layer: `callback(layer, RowProbe)`; returns what removes the hooks."""
+        handles = []
+        for layer, block in enumerate(model.transformer.blocks):
+            inputs = None
+            if self.residual:
+                inputs = BlockInputs()
+                handles.append(block.register_forward_pre_hook(inputs))
+            block.attn1.set_processor(ProbedRowsSelfAttnProcessor(layer, self.rows, block_size, callback, inputs))
+
+        def remove() -> None:
+            for handle in handles:
+                handle.remove()
+
+        return remove
 
 
 @dataclass(frozen=True)
@@ -130,14 +172,15 @@ def calibration_key(*parts) -> str:
 
 
 def calibration_runs(
-    loaded, grid: tuple[int, int, int], layout: TokenLayout, block_size: int, rows: SampledRows,
-    on_masses: MassCallback, prompts: CalibrationSet, loop: CalibrationLoop, device: str | torch.device,
+    loaded, grid: tuple[int, int, int], layout: TokenLayout, block_size: int, rows: SampledRows | HeadRows,
+    on_masses: Callable, prompts: CalibrationSet, loop: CalibrationLoop, device: str | torch.device,
     progress: Callable, desc: str, checkpoint: CalibrationCheckpoint | None = None,
 ) -> Iterator[Run]:
     """Walk the sampler loop of every prompt x seed, probed, with a progress bar over the runs (passes).
 
     Yields each run *before* its forward pass, so the consumer can label what the probes are about to see;
-    the forward pass runs when the consumer asks for the next run. Only the measured passes reach `on_masses`.
+    the forward pass runs when the consumer asks for the next run. Only the measured passes reach `on_masses`
+    (`on_masses(layer, masses)` for `SampledRows`, `on_masses(layer, RowProbe)` for `HeadRows`).
     With a checkpoint, finished trajectories are skipped and each one that finishes is recorded."""
     if prompts.embeddings.shape[0] == 0 or not loop.seeds:
         raise SaexportError("the calibration set is empty: give at least one prompt and one seed")
@@ -148,23 +191,28 @@ def calibration_runs(
         log.info("resuming: %d of %d calibration runs done", len(done), len(done) + len(pending))
     current: list[Run | None] = [None]
 
-    def measured(layer: int, masses: torch.Tensor) -> None:
+    def measured(layer: int, data) -> None:
         if current[0] is not None and current[0].pass_name in loop.passes:
-            on_masses(layer, masses)
+            on_masses(layer, data)
 
-    model = WanDiT(loaded.transformer, grid, layout).probe(rows.rows, block_size, measured).to(device).eval()
+    model = WanDiT(loaded.transformer, grid, layout)
+    remove_probe = rows.install(model, block_size, measured)
+    model = model.to(device).eval()
     denoiser = TorchDenoiser(model, loop.steps)
     passes_per_step = len(PASSES) if loop.guidance != 1.0 else 1
 
     def runs() -> Iterator[Run]:
-        for prompt, seed in pending:
-            events = sampling_loop(denoiser, prompts.embeddings[prompt:prompt + 1], prompts.negative,
-                                   model.latent_shape(), loop.steps, loop.flow_shift, seed, loop.guidance,
-                                   progress=lambda it, **_: it)
-            for step, pass_name in events:
-                current[0] = Run(prompt, seed, step, pass_name)
-                yield current[0]
-            if checkpoint:  # the loop has ended: its last forward pass has run
-                checkpoint.finish((prompt, seed))
+        try:
+            for prompt, seed in pending:
+                events = sampling_loop(denoiser, prompts.embeddings[prompt:prompt + 1], prompts.negative,
+                                       model.latent_shape(), loop.steps, loop.flow_shift, seed, loop.guidance,
+                                       progress=lambda it, **_: it)
+                for step, pass_name in events:
+                    current[0] = Run(prompt, seed, step, pass_name)
+                    yield current[0]
+                if checkpoint:  # the loop has ended: its last forward pass has run
+                    checkpoint.finish((prompt, seed))
+        finally:  # the transformer is shared: leave no hook on it
+            remove_probe()
 
     return progress(runs(), total=len(pending) * loop.steps * passes_per_step, desc=desc, unit="pass")
