@@ -28,14 +28,15 @@ from saexport.cli.options import DTYPE_NAMES, clear_errors, model_options
               help="AutoencoderKLWan folder, for .gif/.mp4 of a Wan2.1 model (the demo model's latents are pixels).")
 @click.option("--upscale", default=1, show_default=True, type=click.IntRange(min=1),
               help="Enlarge each frame N times (for tiny videos).")
-@click.option("--dtype", "dtype_name", default="fp32", show_default=True, type=click.Choice(DTYPE_NAMES),
-              help="Precision of the torch back end.")
+@click.option("--dtype", "dtype_name", type=click.Choice(DTYPE_NAMES),
+              help="Precision of the torch back end. Default: the model's on a GPU (bf16 for Wan2.1), fp32 on a CPU.")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the DiT (torch back end, GPU).")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help="latents.safetensors, or video.gif / video.mp4.")
 @clear_errors
 def generate(model, weights, random_weights, seed, artifacts, backend, plugin_library, embeddings_path,
              negative_path, prompt, negative_prompt, steps, guidance, sample_seed, vae_path, upscale, dtype_name,
-             out_path) -> None:
+             compile_model, out_path) -> None:
     """Run Wan2.1's sampler loop (UniPC, guidance) on a back end; write latents or a video."""
     from saexport.runtime.generation import generate as run_generation
 
@@ -43,5 +44,6 @@ def generate(model, weights, random_weights, seed, artifacts, backend, plugin_li
     run_generation(artifacts, out_path, backend, model=model if model_given else None, weights=weights,
                    random_weights=random_weights, seed=seed, dtype=dtype_name, plugin=plugin_library, prompt=prompt,
                    negative_prompt=negative_prompt, embeddings_file=embeddings_path, negative_file=negative_path,
-                   steps=steps, guidance=guidance, sample_seed=sample_seed, vae=vae_path, upscale=upscale)
+                   steps=steps, guidance=guidance, sample_seed=sample_seed, vae=vae_path, upscale=upscale,
+                   compile_model=compile_model)
     click.echo(f"wrote {out_path}")

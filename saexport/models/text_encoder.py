@@ -55,8 +55,9 @@ def negative_embeddings(weights: Path | None, text_len: int, text_dim: int, cach
 
 
 def encode_prompts(weights: Path, prompts: list[str], cache: Path | None = None, device: str | torch.device = "cpu",
-                   max_length: int = MAX_LENGTH) -> torch.Tensor:
-    """fp32 `[len(prompts), max_length, text_dim]`; from the cache when the encoder and the prompts are the same."""
+                   max_length: int = MAX_LENGTH, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """fp32 `[len(prompts), max_length, text_dim]` on the CPU; from the cache when the encoder and the prompts are
+    the same. UMT5 runs on `device` in `dtype` (bf16 on a GPU, as Wan's pipeline runs it)."""
     if not has_text_encoder(weights):
         raise SaexportError(f"{weights} has no text_encoder/ and tokenizer/ (diffusers layout): give embeddings "
                             "as a file instead")
@@ -77,7 +78,7 @@ def encode_prompts(weights: Path, prompts: list[str], cache: Path | None = None,
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     tokenizer = AutoTokenizer.from_pretrained(str(weights / "tokenizer"))
-    encoder = UMT5EncoderModel.from_pretrained(str(weights / "text_encoder")).to(device).eval()
+    encoder = UMT5EncoderModel.from_pretrained(str(weights / "text_encoder"), torch_dtype=dtype).to(device).eval()
     tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                        add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
     mask = tokens.attention_mask.to(device)

@@ -35,11 +35,11 @@ class TorchDenoiser:
 
     name = "torch"
 
-    def __init__(self, model: WanDiT, steps: int):
-        self.model = model.eval()
-        self.steps = steps
+    def __init__(self, model: WanDiT, steps: int, compiled: bool = False):
         parameter = next(model.transformer.blocks.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
+        self.model = torch.compile(model.eval()) if compiled else model.eval()
+        self.steps = steps
 
     @torch.no_grad()
     def predict(self, latents, timestep, step_index, text_embeddings):
@@ -68,6 +68,7 @@ class OnnxRuntimeDenoiser:
     def predict(self, latents, timestep, step_index, text_embeddings):
         from saexport.runtime.ort_session import run_dit
 
+        check_step_index(step_index, self.steps)  # the custom op's exception would abort the process
         inputs = (latents.float().cpu(), timestep.float().cpu(), text_embeddings.float().cpu(),
                   step_index.to(torch.int32).cpu())
         return run_dit(self.session, inputs)
@@ -131,6 +132,18 @@ class TensorRTDenoiser:
                         self.context.execute_async_v3(self.stream.cuda_stream)
         self.stream.synchronize()
         return self._output.clone()
+
+
+def check_step_index(step_index: torch.Tensor, steps: int) -> int:
+    """The denoising step of a one-element integer step_index, refused (SaexportError) outside [0, steps): a back
+    end must never be handed an index past its budgets (ONNX Runtime's Python op would abort the whole process)."""
+    if step_index.dtype.is_floating_point or step_index.dtype.is_complex or step_index.numel() != 1:
+        raise SaexportError(f"step_index must be one integer (int32 [1]), got "
+                            f"{str(step_index.dtype).removeprefix('torch.')} {list(step_index.shape)}")
+    step = int(step_index.reshape(-1)[0])
+    if not 0 <= step < steps:
+        raise SaexportError(f"step_index {step} is outside [0, {steps}): the budgets are for {steps} steps")
+    return step
 
 
 def import_tensorrt():

@@ -56,20 +56,28 @@ class Artifacts:
         return cls(folder, topology, budgets, preset, video_of_grid(topology.grid, preset.patch_size, preset.codec))
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def open_denoiser(artifacts: Artifacts, backend: str, weights: Path | None, random_weights: bool, seed: int,
-                  dtype: str, plugin: Path | None) -> Denoiser:
-    """The back end over the folder's artifacts; `torch` loads the checkpoint they were made from."""
+                  dtype: str | None, plugin: Path | None, compile_model: bool = False) -> Denoiser:
+    """The back end over the folder's artifacts; `torch` loads the checkpoint they were made from, on the GPU in the
+    model's precision (bf16 for Wan2.1: the attention runs the CUDA kernel) or on the CPU in fp32, and optionally
+    compiles it (`torch.compile` keeps one graph around the attention op, whose fake implementation it traces)."""
     steps = artifacts.budgets.steps
     if backend == "torch":
         topo, preset = artifacts.topology, artifacts.preset
+        device = default_device()
+        dtype = dtype or (preset.defaults.dtype if device == "cuda" else "fp32")
         loaded = load_model(preset.name, weights, dtype=parse_dtype(dtype), random_weights=random_weights, seed=seed)
         topo.check_matches(preset.name, preset.config_hash(), topo.grid, topo.block_size)
         if loaded.weights_id != topo.weights_id:
             raise SaexportError(f"the artifacts were made from weights {topo.weights_id[:16]}, these are "
                                 f"{loaded.weights_id[:16]}: pass the same --weights (or --random-weights --seed)")
         model = SparseWanDiT(loaded.transformer, topo.grid, topo.layout, topo.levels, artifacts.budgets.levels,
-                             topo.block_size)
-        return TorchDenoiser(model.to("cuda" if torch.cuda.is_available() else "cpu"), steps)
+                             topo.block_size).to(device)
+        return TorchDenoiser(model, steps, compiled=compile_model)
     if backend == "onnxruntime":
         return OnnxRuntimeDenoiser(artifacts.folder.onnx, steps)
     if backend == "tensorrt":
@@ -88,7 +96,9 @@ def prompt_embeddings(preset: ModelPreset, weights: Path | None, prompt: str | N
         if weights is None or not has_text_encoder(weights):
             raise SaexportError("--prompt needs --weights with a text encoder (text_encoder/ and tokenizer/)")
         log.info("encoding the prompts with the checkpoint's text encoder")
-        text, negative = encode_prompts(weights, [prompt, negative_prompt], max_length=text_len).split(1)
+        device = default_device()
+        text, negative = encode_prompts(weights, [prompt, negative_prompt], max_length=text_len, device=device,
+                                        dtype=torch.bfloat16 if device == "cuda" else torch.float32).split(1)
         return text, negative
     if embeddings_file is None:
         log.warning("note: SYNTHETIC prompt embeddings (seeded normal); give --prompt or --embeddings")
@@ -109,8 +119,8 @@ class SparsePipeline:
     """
 
     def __init__(self, root: str | Path, backend: str = "torch", *, weights: Path | None = None,
-                 random_weights: bool = False, seed: int = 0, dtype: str = "fp32", plugin: Path | None = None,
-                 vae: Path | None = None, model: str | None = None):
+                 random_weights: bool = False, seed: int = 0, dtype: str | None = None, plugin: Path | None = None,
+                 vae: Path | None = None, model: str | None = None, compile_model: bool = False):
         self.artifacts = Artifacts.open(Path(root))
         preset = self.artifacts.preset
         if model is not None and model != preset.name:
@@ -118,7 +128,8 @@ class SparsePipeline:
         if weights is None and not random_weights and preset.bundled_weights:
             weights = resolve_weights(preset, None)
         self.weights, self.vae = weights, vae
-        self.denoiser = open_denoiser(self.artifacts, backend, weights, random_weights, seed, dtype, plugin)
+        self.denoiser = open_denoiser(self.artifacts, backend, weights, random_weights, seed, dtype, plugin,
+                                      compile_model)
 
     @property
     def steps(self) -> int:
@@ -138,22 +149,22 @@ class SparsePipeline:
                  guidance: float = DEFAULT_GUIDANCE) -> np.ndarray:
         """uint8 frames `[frames, height, width, 3]` (Wan2.1 latents are decoded with the `vae` given at load)."""
         latents = self.latents(prompt, seed, negative_prompt, guidance)
-        return latents_to_frames(self.artifacts.preset.codec, latents, self.vae)
+        return latents_to_frames(self.artifacts.preset.codec, latents, self.vae, default_device())
 
 
 def generate(root: Path, out_path: Path, backend: str = "torch", *, model: str | None = None,
-             weights: Path | None = None, random_weights: bool = False, seed: int = 0, dtype: str = "fp32",
+             weights: Path | None = None, random_weights: bool = False, seed: int = 0, dtype: str | None = None,
              plugin: Path | None = None, prompt: str | None = None, negative_prompt: str = "",
              embeddings_file: Path | None = None, negative_file: Path | None = None, steps: int | None = None,
              guidance: float = DEFAULT_GUIDANCE, sample_seed: int = 0, vae: Path | None = None,
-             upscale: int = 1) -> Path:
+             upscale: int = 1, compile_model: bool = False) -> Path:
     """Run the sampler on the folder's artifacts and write `out_path` (.safetensors latents, or .gif / .mp4)."""
     check_writable_file_target(out_path, OUTPUT_SUFFIXES)
     pipeline = SparsePipeline(root, backend, weights=weights, random_weights=random_weights, seed=seed, dtype=dtype,
-                              plugin=plugin, vae=vae, model=model)
+                              plugin=plugin, vae=vae, model=model, compile_model=compile_model)
     if steps is not None and steps != pipeline.steps:
         raise SaexportError(f"the budgets are for {pipeline.steps} steps; sample with --steps {pipeline.steps} or "
                             "rerun `saexport budgets` for this step count")
     latents = pipeline.latents(prompt, sample_seed, negative_prompt, guidance, embeddings_file, negative_file)
-    write_output(latents, pipeline.artifacts.preset.codec, out_path, vae, upscale)
+    write_output(latents, pipeline.artifacts.preset.codec, out_path, vae, upscale, default_device())
     return out_path

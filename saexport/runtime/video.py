@@ -17,7 +17,8 @@ VIDEO_SUFFIXES = (".gif", ".mp4")
 OUTPUT_SUFFIXES = (".safetensors", *VIDEO_SUFFIXES)
 
 
-def write_output(latents: torch.Tensor, codec: LatentCodec, path: Path, vae_path: Path | None, scale: int) -> None:
+def write_output(latents: torch.Tensor, codec: LatentCodec, path: Path, vae_path: Path | None, scale: int,
+                 device: str | torch.device = "cpu") -> None:
     """Latents `[1, channels, f, h, w]` as `.safetensors`, or decoded to a `.gif` / `.mp4`."""
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import save_file
@@ -25,32 +26,41 @@ def write_output(latents: torch.Tensor, codec: LatentCodec, path: Path, vae_path
         with atomic_path(path) as tmp:
             save_file({"latents": latents.contiguous()}, str(tmp))
     else:
-        write_video(latents_to_frames(codec, latents, vae_path), path, scale=scale)
+        write_video(latents_to_frames(codec, latents, vae_path, device), path, scale=scale)
 
 
-def latents_to_frames(codec: LatentCodec, latents: torch.Tensor, vae_path: str | Path | None) -> np.ndarray:
+def latents_to_frames(codec: LatentCodec, latents: torch.Tensor, vae_path: str | Path | None,
+                      device: str | torch.device = "cpu") -> np.ndarray:
     """uint8 frames `[frames, height, width, 3]` of latents `[1, channels, f, h, w]`."""
     if codec.name == "pixels":
         return _to_uint8(latents[0])
     if vae_path is None:
         raise SaexportError("a video of Wan2.1 latents needs --vae (the checkpoint's vae/ folder); "
                             "or write .safetensors")
-    return decode_latents(vae_path, latents)
+    return decode_latents(load_vae(vae_path, device), latents)
 
 
-def decode_latents(vae_path: str | Path, latents: torch.Tensor) -> np.ndarray:
-    """uint8 frames `[frames, height, width, 3]` from latents `[1, 16, f, h, w]`, as Wan's pipeline decodes."""
+def load_vae(vae_path: str | Path, device: str | torch.device = "cpu"):
+    """diffusers' `AutoencoderKLWan` from a folder, on `device`, in fp32 (Wan's pipeline decodes in fp32: the VAE's
+    causal convolutions drift in bf16), tiled so that 720p x 81 decodes within a GPU's memory."""
     from diffusers import AutoencoderKLWan
 
     path = Path(vae_path)
     if not (path / "config.json").is_file():
         raise SaexportError(f"{path} is not a diffusers AutoencoderKLWan folder (config.json + weights)")
-    vae = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=torch.float32).eval()
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    vae = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=torch.float32).to(device).eval()
+    vae.enable_tiling()
+    return vae
+
+
+def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
+    """uint8 frames `[frames, height, width, 3]` from latents `[1, 16, f, h, w]`, as Wan's pipeline decodes."""
+    device = next(vae.parameters()).device
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
     with torch.no_grad():
-        video = vae.decode(latents.float() * std + mean).sample  # [1, 3, frames, H, W] in [-1, 1]
-    return _to_uint8(video[0])
+        video = vae.decode(latents.to(device, torch.float32) * std + mean).sample  # [1, 3, frames, H, W] in [-1, 1]
+    return _to_uint8(video[0].cpu())
 
 
 def _to_uint8(video: torch.Tensor) -> np.ndarray:
