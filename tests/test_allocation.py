@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from saexport.topology.calibration import CalibrationLoop, HeadRows
 from saexport.topology.fast import DENSITY_GOALS, fit_budgets
 from saexport.topology.prompts import CalibrationSet
 from saexport.topology.quality import compute_quality, output_error_curves, quality_curves, residual_error_curves
+from saexport.topology.sensitivity import latent_error_judge, sensitivity_errors, step_buckets, uniform_levels
 from saexport.topology.standin import standin_topology
 
 
@@ -297,3 +299,40 @@ def test_quality_along_the_loop_on_the_tiny_model(tiny_setup, tmp_path):
     assert partial.exists() and all(not block._forward_pre_hooks for block in tiny.transformer.blocks)
     resumed = compute_quality(*args, progress=lambda it, **_: it, checkpoint_path=partial)
     assert torch.allclose(resumed["output"], quality["output"], atol=1e-6) and not partial.exists()
+
+
+# --- sensitivity weights (topology.sensitivity) ------------------------------------------------------------------
+
+
+def test_step_buckets_cover_the_steps_in_order():
+    assert step_buckets(10, 5) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert step_buckets(7, 3) == [(0, 2), (2, 5), (5, 7)] and step_buckets(2, 5) == [(0, 1), (1, 2)]
+
+
+def test_sensitivity_on_the_tiny_model(tiny_setup):
+    tiny, prompts, topology = tiny_setup  # (each generation runs the reference op on the CPU: ~1 s for 2 steps)
+    loop = CalibrationLoop(seeds=(0,), steps=2, flow_shift=3.0)
+    one = CalibrationSet(prompts.embeddings[:1], prompts.negative, "test")
+    errors = sensitivity_errors(tiny, topology, one, loop, density=0.3, buckets=2, progress=lambda it, **_: it)
+    assert errors.buckets == [(0, 1), (1, 2)] and errors.groups == [(0, 1), (1, 2)]
+    assert all(e > 1e-4 for e in errors.bucket_errors + errors.group_errors)  # sparsity moves the final latents
+    w = errors.weights()
+    assert w.shape == (2, 2) and torch.all(w > 0) and float(w.mean()) == pytest.approx(1.0)
+    a, b = (torch.tensor(e, dtype=torch.float64) for e in (errors.bucket_errors, errors.group_errors))
+    assert torch.allclose(w, (a[:, None] * b[None, :]) / (a.mean() * b.mean()))  # the product model, mean 1
+    # the uniform reference keeps ~30% of every head's pairs
+    assert density(topology.levels, uniform_levels(topology, 0.3)[None]).sub(0.3).abs().max() < 1 / 36
+    # the measurement is of sparsity alone: at density 1 nothing changes
+    dense = sensitivity_errors(tiny, topology, one, loop, density=1.0, buckets=1, layer_groups=1,
+                               progress=lambda it, **_: it)
+    assert dense.groups == [(0, 2)] and max(dense.bucket_errors + dense.group_errors) == 0.0
+    with pytest.raises(SaexportError, match="no sensitivity"):
+        dense.weights()
+    # the end-to-end judge chooses the warm-up: its scores are minus the final error, recorded per candidate
+    three = replace(loop, steps=3)  # one dense step of 3 leaves the others 17.5% of blocks at 45%: feasible
+    judge = latent_error_judge(tiny, topology, one, three)
+    quality = 1 - (1 - level_densities(topology.levels)).unsqueeze(0).expand(3, -1, -1, -1) ** 4
+    budgets = fit_budgets_v2(topology, quality, "high", warmup="auto", max_warmup=1, judge=judge)
+    scores = [c[3] for c in budgets.curve["warmup_candidates"]]
+    assert len(scores) == 2 and scores[0] < 0 and scores[1] <= 0
+    assert budgets.curve["warmup_steps"] == scores.index(max(scores))

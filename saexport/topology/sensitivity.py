@@ -1,0 +1,182 @@
+"""Sensitivity weights w[step, layer] for FAST v2 (`topology.allocation`), measured end to end.
+
+Model. Sparsity's effect on the final latents is taken to factor into a per-step and a per-layer sensitivity:
+w[s, l] = a[bucket(s)] * b[l], normalised to mean 1. Both are measured on the calibration prompts x seeds with the
+generation's own sampler loop (`runtime.sampler.sample`, guidance included) over the sparse DiT with a uniform
+WEST mask (every head keeps the fraction `density` of its block pairs, the level closest to it):
+
+- a[k]: the relative error ||x - x_dense|| / ||x_dense|| of the final latents when only the steps of bucket k
+  (S / `buckets` consecutive steps) are sparse, every layer sparse, the other steps dense;
+- b[l]: the same error when only layer l (or its group of `layer_groups`) is sparse, at every step.
+
+Errors are averaged over prompts x seeds; the dense reference runs the same attention op with every budget at 255,
+so a measured error is sparsity's alone (at density 1 it is exactly 0). The product ignores interactions (a late
+step that is sensitive only in early layers, say); measuring every (bucket, layer) pair would cost buckets x layers
+generations instead of buckets + layers. Cost: 1 + buckets + layer groups generations per prompt x seed.
+
+`latent_error_judge` scores whole budgets the same way (minus the final error against dense): what
+`fit_budgets_v2(warmup="auto", judge=...)` needs to choose dense warm-up steps end to end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from saexport.artifacts import Budgets, Topology
+from saexport.errors import SaexportError
+from saexport.levels import DENSE_LEVEL
+from saexport.models.checkpoint import LoadedModel
+from saexport.models.dit import SparseWanDiT
+from saexport.runtime.denoisers import TorchDenoiser
+from saexport.runtime.sampler import sample
+from saexport.topology.allocation import level_densities
+from saexport.topology.calibration import CalibrationLoop
+from saexport.topology.prompts import CalibrationSet
+
+STEP_BUCKETS = 5
+
+
+def uniform_levels(topology: Topology, density: float) -> torch.Tensor:
+    """Per (layer, head) the level whose density is closest to `density` (lowest on ties): uint8 `[L, H]`."""
+    return (level_densities(topology.levels) - density).abs().argmin(-1).to(torch.uint8)
+
+
+def final_latents(loaded: LoadedModel, topology: Topology, budget_levels: torch.Tensor | None, prompts: CalibrationSet,
+                  loop: CalibrationLoop, device: str | torch.device = "cpu", batch_size: int = 1) -> torch.Tensor:
+    """The final latents `[prompts x seeds, *latent_shape]` of the sampler loop over the sparse DiT with
+    `budget_levels` `[steps, layers, heads]` on the topology, or dense (None: every budget 255, through the same
+    attention op, so that a difference against it is sparsity's alone, not the op's rounding)."""
+    if budget_levels is None:
+        budget_levels = torch.full((loop.steps, *topology.levels.shape[:2]), DENSE_LEVEL, dtype=torch.uint8)
+    model = SparseWanDiT(loaded.transformer, topology.grid, topology.layout, topology.levels, budget_levels,
+                         topology.block_size)
+    denoiser = TorchDenoiser(model.to(device), loop.steps)
+    pairs = [(prompt, seed) for prompt in range(prompts.embeddings.shape[0]) for seed in loop.seeds]
+    if not pairs:
+        raise SaexportError("the calibration set is empty: give at least one prompt and one seed")
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        text = prompts.embeddings[[prompt for prompt, _ in chunk]]
+        out.append(sample(denoiser, text, prompts.negative, model.latent_shape(), loop.steps, loop.flow_shift,
+                          [seed for _, seed in chunk], loop.guidance, progress=lambda it, **_: it))
+    return torch.cat(out)
+
+
+def relative_error(latents: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over samples of ||x - x_ref|| / ||x_ref|| (float64)."""
+    diff = (latents.double() - reference.double()).flatten(1).norm(dim=1)
+    return float((diff / reference.double().flatten(1).norm(dim=1).clamp(min=1e-30)).mean())
+
+
+def step_buckets(steps: int, buckets: int) -> list[tuple[int, int]]:
+    """`buckets` (at most `steps`) ranges [start, end) of consecutive steps, as equal as they come."""
+    buckets = max(1, min(buckets, steps))
+    edges = [round(k * steps / buckets) for k in range(buckets + 1)]
+    return [(edges[k], edges[k + 1]) for k in range(buckets)]
+
+
+@dataclass(frozen=True)
+class SensitivityErrors:
+    """What `sensitivity_errors` measured, and the weights it implies."""
+
+    steps: int
+    buckets: list[tuple[int, int]]  # step ranges [start, end)
+    bucket_errors: list[float]  # final latent error with only that bucket sparse
+    groups: list[tuple[int, int]]  # layer ranges [start, end)
+    group_errors: list[float]  # final latent error with only that layer group sparse
+    density: float  # the reference (uniform WEST) density
+
+    def weights(self) -> torch.Tensor:
+        """w `[steps, layers]` = a[bucket(s)] * b[group(l)], normalised to mean 1."""
+        a = torch.zeros(self.steps, dtype=torch.float64)
+        for (start, end), error in zip(self.buckets, self.bucket_errors, strict=True):
+            a[start:end] = error
+        layers = self.groups[-1][1]
+        b = torch.zeros(layers, dtype=torch.float64)
+        for (start, end), error in zip(self.groups, self.group_errors, strict=True):
+            b[start:end] = error
+        w = a[:, None] * b[None, :]
+        if not torch.isfinite(w).all() or float(w.mean()) <= 0:
+            raise SaexportError("sparsity changed no final latent measurably: no sensitivity to weigh by")
+        return w / w.mean()
+
+    def to_metadata(self) -> dict:
+        return {"density": self.density, "buckets": [list(b) for b in self.buckets],
+                "bucket_errors": [round(e, 6) for e in self.bucket_errors],
+                "layer_groups": [list(g) for g in self.groups],
+                "layer_errors": [round(e, 6) for e in self.group_errors]}
+
+
+def sensitivity_errors(
+    loaded: LoadedModel,
+    topology: Topology,
+    prompts: CalibrationSet,
+    loop: CalibrationLoop,
+    density: float = 0.30,
+    buckets: int = STEP_BUCKETS,
+    layer_groups: int | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 1,
+    progress: Callable = tqdm,
+) -> SensitivityErrors:
+    """The end-to-end measurements of the module's docstring (`layer_groups`: None measures every layer alone)."""
+    steps = loop.steps
+    layers = topology.levels.shape[0]
+    reference = uniform_levels(topology, density)  # [L, H]
+    step_ranges = step_buckets(steps, buckets)
+    layer_ranges = step_buckets(layers, layer_groups or layers)
+    settings = [("steps", r) for r in step_ranges] + [("layers", r) for r in layer_ranges]
+    dense = None
+    errors = []
+    for kind, (start, end) in progress([("dense", (0, 0)), *settings], desc="FAST sensitivity", unit="generation"):
+        if kind == "dense":
+            dense = final_latents(loaded, topology, None, prompts, loop, device, batch_size)
+            continue
+        levels = torch.full((steps, *reference.shape), DENSE_LEVEL, dtype=torch.uint8)
+        if kind == "steps":
+            levels[start:end] = reference
+        else:
+            levels[:, start:end] = reference[start:end]
+        errors.append(relative_error(final_latents(loaded, topology, levels, prompts, loop, device, batch_size),
+                                     dense))
+    return SensitivityErrors(steps, step_ranges, errors[:len(step_ranges)], layer_ranges, errors[len(step_ranges):],
+                             density)
+
+
+def measure_sensitivity(
+    loaded: LoadedModel,
+    topology: Topology,
+    prompts: CalibrationSet,
+    loop: CalibrationLoop,
+    density: float = 0.30,
+    buckets: int = STEP_BUCKETS,
+    layer_groups: int | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 1,
+    progress: Callable = tqdm,
+) -> torch.Tensor:
+    """Sensitivity weights w `[steps, layers]` (mean 1): see the module's docstring."""
+    return sensitivity_errors(loaded, topology, prompts, loop, density, buckets, layer_groups, device, batch_size,
+                              progress).weights()
+
+
+def latent_error_judge(loaded: LoadedModel, topology: Topology, prompts: CalibrationSet, loop: CalibrationLoop,
+                       device: str | torch.device = "cpu", batch_size: int = 1) -> Callable[[Budgets], float]:
+    """A judge for `fit_budgets_v2(warmup="auto")`: minus the mean relative error of the final latents of the
+    budgets' sparse DiT against the dense DiT on the calibration prompts x seeds (the dense run is made once)."""
+    dense: list[torch.Tensor] = []
+
+    def judge(budgets: Budgets) -> float:
+        if not dense:
+            dense.append(final_latents(loaded, topology, None, prompts, loop, device, batch_size))
+        latents = final_latents(loaded, topology, budgets.levels, prompts, loop, device, batch_size)
+        error = relative_error(latents, dense[0])
+        return -error if math.isfinite(error) else -math.inf
+
+    return judge
