@@ -67,11 +67,17 @@ def levels_from_scores(scores: torch.Tensor) -> torch.Tensor:
 
     The pair of rank r is in Top(S, p), the ceil(p n^2) best pairs, iff p n^2 > r - 1; at level P
     (p = P / 255) that is P > 255 (r - 1) / n^2, so its level is floor(255 (r - 1) / n^2) + 1.
+    Equal scores share the best rank of their tie group (1 + the number of strictly higher scores), so a pair
+    never waits for a twin of the same score: a map of equal scores is level 1 everywhere.
     """
     n2 = scores.shape[-1] * scores.shape[-2]
     flat = scores.flatten(-2)
-    order = flat.argsort(dim=-1, descending=True, stable=True)
+    ordered, order = flat.sort(dim=-1, descending=True, stable=True)
+    position = torch.arange(n2, device=flat.device).expand_as(order)
+    starts = torch.ones_like(order, dtype=torch.bool)
+    starts[..., 1:] = ordered[..., 1:] != ordered[..., :-1]  # a new tie group begins here
+    group_rank = torch.where(starts, position, 0).cummax(dim=-1).values + 1  # the rank of the group's first pair
     ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(1, n2 + 1).expand_as(order).contiguous())
+    ranks.scatter_(-1, order, group_rank)
     levels = torch.div((ranks - 1) * DENSE_LEVEL, n2, rounding_mode="floor") + 1
     return levels.clamp(max=DENSE_LEVEL).to(torch.uint8).view(scores.shape)

@@ -45,3 +45,17 @@ def test_level_p_keeps_the_top_ceil_p_n2_pairs():
         top = ranked[: math.ceil(level / 255 * 49)]
         kept = (levels.flatten() <= level).nonzero().flatten()
         assert set(kept.tolist()) == set(top.tolist()), level
+
+
+def test_equal_scores_share_the_best_level_of_their_tie_group():
+    assert levels_from_scores(torch.full((2, 5, 5), 0.3)).eq(1).all()  # all equal: level 1 everywhere
+    # 0.4 > 0.3 = 0.3 > 0.1: ranks 1, 2, 2, 4 -> levels 1, 64, 64, 192
+    assert levels_from_scores(torch.tensor([[0.3, 0.1], [0.4, 0.3]])).tolist() == [[64, 192], [1, 64]]
+    # with ties, level P keeps every pair scoring at least the ceil(P n^2 / 255)-th best score
+    scores = torch.randint(0, 4, (6, 6)).float()  # many ties
+    levels = levels_from_scores(scores)
+    ranked = scores.flatten().sort(descending=True).values
+    for level in (1, 37, 128, 200, 255):
+        count = math.ceil(level / 255 * 36)
+        kept = levels.flatten() <= level
+        assert torch.equal(kept, scores.flatten() >= ranked[count - 1]), level

@@ -7,7 +7,7 @@ import torch
 from saexport.artifacts import Topology
 from saexport.errors import SaexportError
 from saexport.layout import parse_layout
-from saexport.levels import density
+from saexport.levels import density, levels_from_scores
 from saexport.models.processors import block_masses
 from saexport.models.text_encoder import synthetic_embeddings
 from saexport.topology.calibration import CalibrationLoop, SampledRows
@@ -21,7 +21,7 @@ from saexport.topology.fast import (
     hellinger,
 )
 from saexport.topology.prompts import CalibrationSet
-from saexport.topology.west import ThresholdMap, block_scores, compute_topology
+from saexport.topology.west import AGGREGATIONS, ThresholdMap, block_scores, compute_topology
 
 LOOP = CalibrationLoop(seeds=(0,), steps=4, flow_shift=3.0)  # guided, both passes measured: as generation runs
 
@@ -35,6 +35,52 @@ def test_threshold_map_is_min_over_runs_of_rank_levels_with_kept_diagonal():
     threshold.add_run(0, run2[None])
     levels = threshold.result()[0, 0]
     assert levels.tolist() == [[0, 64], [1, 0]]  # off-diagonal: min(64, 128) and min(128, 1)
+
+
+def with_diagonal(levels: torch.Tensor) -> torch.Tensor:
+    levels = levels.clone()
+    n = levels.shape[-1]
+    levels[..., torch.arange(n), torch.arange(n)] = 0
+    return levels
+
+
+def test_every_aggregation_against_its_definition():
+    # 3 trajectories x 4 runs, one layer, 2 heads, n = 5
+    runs = torch.rand(3, 4, 1, 2, 5, 5) ** 3
+    levels = levels_from_scores(runs)  # per-run levels
+
+    def aggregate(aggregation, **settings):
+        threshold = ThresholdMap(1, 2, 5, aggregation, **settings)
+        for trajectory in runs:
+            for scores in trajectory:
+                threshold.add_run(0, scores[0])
+            threshold.end_trajectory()
+        return threshold.result()
+
+    every_run = levels.flatten(0, 1)  # [12, 1, 2, 5, 5]
+    assert torch.equal(aggregate("min"), with_diagonal(every_run.min(0).values))
+    assert torch.equal(aggregate("mean-score"), with_diagonal(levels_from_scores(runs.mean(dim=(0, 1)))))
+    per_trajectory = levels_from_scores(runs.mean(1))  # [3, 1, 2, 5, 5]
+    assert torch.equal(aggregate("prompt-min-of-step-mean"), with_diagonal(per_trajectory.min(0).values))
+    third = every_run.sort(0).values[3]  # ceil(0.3 * 12) = 4th smallest
+    assert torch.equal(aggregate("quantile", quantile=0.3, quantile_stride=1), with_diagonal(third))
+    assert torch.equal(aggregate("quantile", quantile=0.3, quantile_stride=4), with_diagonal(third // 4 * 4))
+    assert torch.equal(aggregate("quantile", quantile=0.0, quantile_stride=1), aggregate("min"))
+    # the quantile map is never below the minimum, and the median never below the 10% quantile
+    assert torch.all(aggregate("quantile", quantile=0.5) >= aggregate("quantile", quantile=0.1, quantile_stride=4))
+    assert AGGREGATIONS == ("min", "prompt-min-of-step-mean", "quantile", "mean-score")
+    with pytest.raises(SaexportError, match="unknown WEST aggregation 'max'"):
+        ThresholdMap(1, 1, 2, "max")
+
+
+def test_mean_score_ties_share_the_best_level():
+    run1 = torch.tensor([[0.4, 0.3], [0.2, 0.1]])
+    run2 = torch.tensor([[0.1, 0.2], [0.4, 0.3]])
+    threshold = ThresholdMap(layers=1, heads=1, n=2, aggregation="mean-score")
+    threshold.add_run(0, run1[None])
+    threshold.add_run(0, run2[None])
+    # mean [[0.25, 0.25], [0.3, 0.2]]: ranks 2, 2 / 1, 4 -> levels 64, 64 / 1, 192; the diagonal is structural
+    assert threshold.result()[0, 0].tolist() == [[0, 64], [1, 0]]
 
 
 def test_block_scores_are_mean_probability_per_pair_with_partial_last_block():
@@ -172,3 +218,30 @@ def test_interrupted_calibration_resumes_and_gives_the_same_files(calibrated, tm
         compute_fidelity(*fidelity_args, progress=interrupt_after(10), checkpoint_path=checkpoint)
     assert torch.allclose(compute_fidelity(*fidelity_args, progress=lambda runs, **_: runs,
                                            checkpoint_path=checkpoint), whole)
+
+
+def test_aggregations_along_the_loop_record_themselves_and_resume(calibrated, tmp_path):
+    tiny, embeddings, minimum = calibrated  # "min", 2 prompts x 1 seed x 4 steps x 2 passes
+    args = (tiny, (3, 4, 4), 8, parse_layout("tile3d:1x2x4"), embeddings, LOOP, 4)
+    quiet = dict(progress=lambda it, **_: it)
+    assert minimum.calibration["aggregation"] == "min"
+    # the 0-quantile of per-run levels, exact (stride 1), is the minimum over runs
+    zero = compute_topology(*args, aggregation="quantile", quantile=0.0, quantile_stride=1, **quiet)
+    assert torch.equal(zero.levels, minimum.levels)
+    recorded = {key: zero.calibration[key] for key in ("aggregation", "quantile", "quantile_stride")}
+    assert recorded == {"aggregation": "quantile", "quantile": 0.0, "quantile_stride": 1}
+    # prompt-min-of-step-mean over one prompt is the mean score over its runs
+    one = CalibrationSet(embeddings.embeddings[:1], embeddings.negative, "one")
+    one_args = (tiny, (3, 4, 4), 8, parse_layout("tile3d:1x2x4"), one, LOOP, 4)
+    assert torch.equal(compute_topology(*one_args, aggregation="prompt-min-of-step-mean", **quiet).levels,
+                       compute_topology(*one_args, aggregation="mean-score", **quiet).levels)
+    # an interrupted prompt-min calibration resumes to the same map (the finished trajectory is folded once)
+    whole = compute_topology(*args, aggregation="prompt-min-of-step-mean", **quiet)
+    assert whole.calibration["aggregation"] == "prompt-min-of-step-mean"
+    assert not torch.equal(whole.levels, minimum.levels)
+    checkpoint = tmp_path / "west.partial"
+    with pytest.raises(Interrupt):
+        compute_topology(*args, aggregation="prompt-min-of-step-mean", progress=interrupt_after(10),
+                         checkpoint_path=checkpoint)
+    resumed = compute_topology(*args, aggregation="prompt-min-of-step-mean", checkpoint_path=checkpoint, **quiet)
+    assert torch.equal(resumed.levels, whole.levels) and not checkpoint.exists()

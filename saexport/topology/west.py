@@ -1,10 +1,21 @@
 """WEST: the threshold map of every layer and head (DESIGN.md, "The method in one page").
 
 For each calibration run i (one pass of one step of one prompt x seed trajectory), block scores S_i(u, v) are
-the mean attention probability inside the block pair. A pair's level in run i is the smallest level P at which
-it enters Top(S_i, P/255), the ceil(P n^2 / 255) best pairs: floor(255 (rank_i - 1) / n^2) + 1
-(`levels.levels_from_scores`). The map keeps the minimum over runs: a pair is kept at density p if any run
-needed it there. The diagonal is structural and always kept (level 0).
+the mean attention probability inside the block pair (`block_scores`). A pair's level in run i is the smallest
+level P at which it enters Top(S_i, P/255), the ceil(P n^2 / 255) best pairs: with rank_i(u, v) = 1 + the number
+of pairs scoring strictly higher (equal scores share the best rank of their tie group),
+
+    level_i(u, v) = floor(255 (rank_i(u, v) - 1) / n^2) + 1    (`levels.levels_from_scores`; at most 255).
+
+The runs are combined by an `aggregation` (recorded in the topology's calibration metadata):
+- "min" (the default): the minimum over all runs of level_i: a pair is kept at density p if any run needed it;
+- "prompt-min-of-step-mean": per prompt x seed trajectory, the scores averaged over its steps and passes and
+  ranked into levels; then the minimum over trajectories (the method's minimum over prompts, steps averaged);
+- "quantile": the q-quantile over runs of level_i (q = 0.1: the level by which 10% of runs needed the pair),
+  from a per-pair histogram of levels in bins of `quantile_stride` levels, rounded down to its bin's lower edge
+  (conservative; memory: layers x heads x n^2 x 256 / stride x 2 bytes);
+- "mean-score": the scores averaged over all runs, ranked into levels.
+The diagonal is structural and always kept (level 0).
 """
 
 from __future__ import annotations
@@ -17,8 +28,9 @@ import torch
 from tqdm import tqdm
 
 from saexport.artifacts import Topology
+from saexport.errors import SaexportError
 from saexport.layout import TokenLayout
-from saexport.levels import levels_from_scores
+from saexport.levels import DENSE_LEVEL, levels_from_scores
 from saexport.models.checkpoint import LoadedModel
 from saexport.topology.calibration import (
     CalibrationCheckpoint,
@@ -28,6 +40,8 @@ from saexport.topology.calibration import (
     calibration_runs,
 )
 from saexport.topology.prompts import CalibrationSet
+
+LEVELS = DENSE_LEVEL + 1
 
 
 def block_scores(masses: torch.Tensor, rows: SampledRows, seq_len: int, block_size: int) -> torch.Tensor:
@@ -41,20 +55,86 @@ def block_scores(masses: torch.Tensor, rows: SampledRows, seq_len: int, block_si
     return sums / counts.view(1, n, 1) / key_lengths.view(1, 1, n)
 
 
-class ThresholdMap:
-    """Running minimum over runs of per-run levels, per layer: uint8 `[layers, heads, n, n]`."""
+AGGREGATIONS = ("min", "prompt-min-of-step-mean", "quantile", "mean-score")
 
-    def __init__(self, layers: int, heads: int, n: int):
-        self.levels = torch.full((layers, heads, n, n), 255, dtype=torch.uint8)
+
+class ThresholdMap:
+    """The runs' block scores combined by an aggregation (the module's docstring) into uint8 `[layers, heads, n, n]`.
+
+    `add_run(layer, scores)` for each run and layer; `end_trajectory()` between prompt x seed trajectories (and
+    after the last; a no-op when nothing is pending); `state()` the live tensors a checkpoint saves."""
+
+    def __init__(self, layers: int, heads: int, n: int, aggregation: str = "min", quantile: float = 0.1,
+                 quantile_stride: int = 4):
+        if aggregation not in AGGREGATIONS:
+            raise SaexportError(f"unknown WEST aggregation '{aggregation}'; use one of {', '.join(AGGREGATIONS)}")
+        if aggregation == "quantile" and not (0 <= quantile <= 1 and 1 <= quantile_stride <= LEVELS):
+            raise SaexportError(f"the quantile must be within [0, 1] and its stride within 1..{LEVELS}, "
+                                f"got {quantile} and {quantile_stride}")
+        self.aggregation, self.quantile, self.stride = aggregation, quantile, quantile_stride
+        shape = (layers, heads, n, n)
+        self.levels = torch.full(shape, DENSE_LEVEL, dtype=torch.uint8)  # running minimum ("min", "prompt-min")
+        self._state = {"levels": self.levels}
+        if aggregation in ("prompt-min-of-step-mean", "mean-score"):
+            self._state["sum"] = torch.zeros(shape, dtype=torch.float64)
+            self._state["count"] = torch.zeros(layers, dtype=torch.float64)
+        if aggregation == "quantile":
+            bins = -(-LEVELS // quantile_stride)
+            self._state["histogram"] = torch.zeros(*shape, bins, dtype=torch.int16)
+            self._state["runs"] = torch.zeros(layers, dtype=torch.int64)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self._state
 
     def add_run(self, layer: int, scores: torch.Tensor) -> None:
-        self.levels[layer] = torch.minimum(self.levels[layer], levels_from_scores(scores))
+        if self.aggregation == "min":
+            self.levels[layer] = torch.minimum(self.levels[layer], levels_from_scores(scores))
+        elif self.aggregation == "quantile":
+            runs = self._state["runs"]
+            if int(runs[layer]) >= torch.iinfo(torch.int16).max:
+                raise SaexportError("the quantile aggregation counts at most 32767 runs per pair")
+            bins = levels_from_scores(scores).long() // self.stride
+            self._state["histogram"][layer].scatter_add_(-1, bins.unsqueeze(-1),
+                                                          torch.ones(bins.unsqueeze(-1).shape, dtype=torch.int16))
+            runs[layer] += 1
+        else:
+            self._state["sum"][layer] += scores.double()
+            self._state["count"][layer] += 1
+
+    def end_trajectory(self) -> None:
+        if self.aggregation != "prompt-min-of-step-mean":
+            return
+        total, count = self._state["sum"], self._state["count"]
+        for layer in range(total.shape[0]):
+            if count[layer] > 0:
+                mean = total[layer] / count[layer]
+                self.levels[layer] = torch.minimum(self.levels[layer], levels_from_scores(mean))
+        total.zero_()
+        count.zero_()
 
     def result(self) -> torch.Tensor:
-        levels = self.levels.clone()
+        self.end_trajectory()
+        if self.aggregation == "mean-score":
+            total, count = self._state["sum"], self._state["count"]
+            levels = levels_from_scores(total / count.clamp(min=1).view(-1, 1, 1, 1))
+            levels[count == 0] = DENSE_LEVEL
+        elif self.aggregation == "quantile":
+            histogram, runs = self._state["histogram"], self._state["runs"]
+            needed = (self.quantile * runs.double()).ceil().clamp(min=1).view(-1, 1, 1, 1, 1)  # the k-th smallest
+            reached = histogram.long().cumsum(-1) >= needed
+            levels = (reached.to(torch.uint8).argmax(-1) * self.stride).clamp(max=DENSE_LEVEL).to(torch.uint8)
+            levels[runs == 0] = DENSE_LEVEL
+        else:
+            levels = self.levels.clone()
         n = levels.shape[-1]
         levels[..., torch.arange(n), torch.arange(n)] = 0
         return levels
+
+    def settings(self) -> dict:
+        """What the topology's calibration metadata records of the aggregation."""
+        if self.aggregation == "quantile":
+            return {"aggregation": self.aggregation, "quantile": self.quantile, "quantile_stride": self.stride}
+        return {"aggregation": self.aggregation}
 
 
 def compute_topology(
@@ -68,28 +148,38 @@ def compute_topology(
     device: str | torch.device = "cpu",
     progress: Callable = tqdm,
     checkpoint_path: Path | None = None,
+    aggregation: str = "min",
+    quantile: float = 0.1,
+    quantile_stride: int = 4,
 ) -> Topology:
-    """WEST over the passes of the sampler's loop for every prompt x seed: each (run, layer) is one run of the rule.
+    """WEST over the passes of the sampler's loop for every prompt x seed: each (run, layer) is one run of the rule,
+    the runs combined by `aggregation` (the module's docstring).
 
     With `checkpoint_path`, an interrupted calibration resumes from its last finished trajectory."""
     preset = loaded.preset
     seq_len = math.prod(grid)
     n = math.ceil(seq_len / block_size)
     rows = SampledRows.draw(seq_len, block_size, rows_per_block, seed=0)
-    threshold = ThresholdMap(preset.num_layers, preset.num_heads, n)
+    threshold = ThresholdMap(preset.num_layers, preset.num_heads, n, aggregation, quantile, quantile_stride)
 
     def on_masses(layer: int, masses: torch.Tensor) -> None:
         for sample in masses:  # each batch element is a run of its own
             threshold.add_run(layer, block_scores(sample, rows, seq_len, block_size))
 
     key = calibration_key("WEST", preset.config_hash(), loaded.weights_id, grid, block_size, layout.to_metadata(),
-                          prompts.embeddings, prompts.negative, loop.settings(), rows_per_block)
-    checkpoint = CalibrationCheckpoint(checkpoint_path, key, {"levels": threshold.levels})
-    for _ in calibration_runs(loaded, grid, layout, block_size, rows, on_masses, prompts, loop, device, progress,
-                              "WEST calibration", checkpoint):
-        pass  # the probes record during each forward pass
+                          prompts.embeddings, prompts.negative, loop.settings(), rows_per_block, threshold.settings())
+    checkpoint = CalibrationCheckpoint(checkpoint_path, key, threshold.state())
+    trajectory = None
+    for run in calibration_runs(loaded, grid, layout, block_size, rows, on_masses, prompts, loop, device, progress,
+                                "WEST calibration", checkpoint):
+        # the probes record during each forward pass; a new trajectory's first run closes the one before (also
+        # one restored from a checkpoint, saved after its last pass)
+        if (run.prompt, run.seed) != trajectory:
+            threshold.end_trajectory()
+            trajectory = (run.prompt, run.seed)
+    levels = threshold.result()
     checkpoint.remove()
     calibration = {"method": "WEST", "prompts": int(prompts.embeddings.shape[0]), "embeddings": prompts.source,
-                   **loop.settings(), "rows_per_block": rows_per_block}
-    return Topology(threshold.result(), preset.name, preset.config_hash(), loaded.weights_id, tuple(grid),
+                   **loop.settings(), "rows_per_block": rows_per_block, **threshold.settings()}
+    return Topology(levels, preset.name, preset.config_hash(), loaded.weights_id, tuple(grid),
                     block_size, layout, calibration)
