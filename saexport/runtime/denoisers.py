@@ -36,8 +36,8 @@ class TorchDenoiser:
     name = "torch"
 
     def __init__(self, model: WanDiT, steps: int, compiled: bool = False):
-        parameter = next(model.transformer.blocks.parameters())
-        self.device, self.dtype = parameter.device, parameter.dtype
+        weight = model.transformer.patch_embedding.weight  # the latents' first product (norms may stay fp32)
+        self.device, self.dtype = weight.device, weight.dtype
         self.model = torch.compile(model.eval()) if compiled else model.eval()
         self.steps = steps
 
