@@ -3,15 +3,19 @@ and its shipped weights."""
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from saexport.demo.objects import MAX_WORDS, VOCABULARY, ObjectSpec, Scene, is_held_out, render, scenes
 from saexport.demo.train import TrainSettings, train
 from saexport.models.checkpoint import load_model
 from saexport.models.presets import get_preset
+from saexport.models.text_encoder import encode_prompts
 from saexport.models.word_encoder import WordEncoder
 
 EVAL = get_preset("wan2.1-eval")
+WEIGHTS = EVAL.bundled_weights
 
 
 def test_videos_follow_their_captions_and_seeds():
@@ -100,3 +104,32 @@ def test_training_resumes_exactly_and_writes_sharded_weights(tmp_path):
     a, b = load_model("wan2.1-eval", tmp_path / "whole"), load_model("wan2.1-eval", tmp_path / "split")
     assert all(torch.equal(x, y) for x, y in zip(a.transformer.state_dict().values(),
                                                  b.transformer.state_dict().values(), strict=True))
+
+
+def test_shipped_weights_are_small_sharded_and_recorded():
+    files = [f for f in WEIGHTS.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 36 * 2**20  # the working tree must stay under 64 MiB
+    assert all(f.stat().st_size <= 15 * 2**20 for f in files)  # files come back from the GPU machine <= 16 MiB
+    record = json.loads((WEIGHTS / "training.json").read_text())
+    assert record["model"] == "wan2.1-eval" and record["status"] == "finished"
+    settings = record["settings"]
+    assert record["steps_run"] == settings["low_steps"] + settings["steps"] > 5000
+    held_out = record["held_out_loss"]
+    assert held_out[-1]["loss"] < held_out[0]["loss"] / 20
+
+
+def test_shipped_weights_load_and_denoise_a_held_out_video_on_cpu():
+    """The shipped weights give a finite prediction that turns a noised unseen video back towards it (on a
+    smaller video than the model's 64x64x16: RoPE lets the grid change, and the CPU stays quick)."""
+    loaded = load_model("wan2.1-eval")  # the shipped weights, no --weights needed
+    assert loaded.path == WEIGHTS
+    scene = scenes(1, seed=11, held_out=True)
+    video = render(scene, 4, 64, 64, seed=5)
+    text = encode_prompts(WEIGHTS, [scene[0].caption()], max_length=EVAL.text_len)
+    sigma = 0.5
+    noisy = (1 - sigma) * video + sigma * torch.randn(video.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        flow = loaded.transformer(noisy, torch.tensor([sigma * 1000]), text, return_dict=False)[0]
+    assert flow.shape == video.shape and flow.isfinite().all()
+    estimate = noisy - sigma * flow  # x_t - sigma (noise - x0) = x0 when the flow is right
+    assert (estimate - video).pow(2).mean() < 0.25 * (noisy / (1 - sigma) - video).pow(2).mean()
