@@ -13,6 +13,7 @@ from saexport.models.text_encoder import synthetic_embeddings
 from saexport.topology.allocation import allocate, fit_budgets_v2, level_densities, levels_at
 from saexport.topology.calibration import CalibrationLoop, HeadRows
 from saexport.topology.fast import DENSITY_GOALS, fit_budgets
+from saexport.topology.fast_v2 import compute_budgets_v2
 from saexport.topology.prompts import CalibrationSet
 from saexport.topology.quality import compute_quality, output_error_curves, quality_curves, residual_error_curves
 from saexport.topology.sensitivity import latent_error_judge, sensitivity_errors, step_buckets, uniform_levels
@@ -336,3 +337,19 @@ def test_sensitivity_on_the_tiny_model(tiny_setup):
     scores = [c[3] for c in budgets.curve["warmup_candidates"]]
     assert len(scores) == 2 and scores[0] < 0 and scores[1] <= 0
     assert budgets.curve["warmup_steps"] == scores.index(max(scores))
+
+
+def test_budgets_v2_end_to_end_on_the_tiny_model(tiny_setup):
+    tiny, prompts, topology = tiny_setup
+    loop = CalibrationLoop(seeds=(0,), steps=3, flow_shift=3.0)
+    one = CalibrationSet(prompts.embeddings[:1], prompts.negative, "test")
+    budgets = compute_budgets_v2(tiny, topology, one, loop, "high", proxy="output", rows_per_head=4, buckets=3,
+                                 progress=lambda it, **_: it)
+    curve = budgets.curve
+    assert budgets.levels.shape == (3, 2, 4) and abs(budgets.mean_density - 0.45) <= 0.01
+    assert curve["rule"] == "v2" and curve["proxy"] == "output" and curve["rows_per_head"] == 4
+    assert curve["sensitivity"]["density"] == 0.45 and len(curve["sensitivity"]["bucket_errors"]) == 3
+    weights = torch.tensor(curve["weights"])
+    assert weights.shape == (3, 2) and torch.all(weights > 0) and float(weights.mean()) == pytest.approx(1, abs=1e-4)
+    with pytest.raises(SaexportError, match="--warmup must be"):
+        compute_budgets_v2(tiny, topology, one, loop, "high", warmup=7)
