@@ -232,10 +232,13 @@ def make_engine(onnx_path: Path, plugin: Path, out_dir: Path, **options) -> Path
     return build_engine(onnx_path, plugin, out_dir, **options)
 
 
-def make_triton(onnx_path: Path, out_dir: Path, name: str, engine_path: Path | None, gpus: list[int]) -> Path:
+def make_triton(onnx_path: Path, out_dir: Path, name: str, engine_path: Path | None, gpus: list[int],
+                weights: Path | None = None) -> Path:
+    """`weights`: the checkpoint the graph was exported from (its text encoder, VAE and, for a bf16 graph without
+    an engine, its DiT serve from there); None: the package's own checkpoint where the model ships one."""
     from saexport.triton.repository import write_triton_repository
 
-    return write_triton_repository(onnx_path, out_dir, name, engine_path=engine_path, gpus=gpus)
+    return write_triton_repository(onnx_path, out_dir, name, engine_path=engine_path, gpus=gpus, weights=weights)
 
 
 def engine_unavailable(plugin: Path | None, dtype: str) -> str | None:
@@ -379,8 +382,9 @@ def _run_stages(settings: BuildSettings, folder: ArtifactFolder, echo: Callable[
               lambda: make_engine(folder.onnx, plugin, folder.root))
         engine_path = folder.engine
 
-    triton_key = stage_key("triton", export_key, engine_key, settings.triton_name, list(settings.gpus))
+    triton_key = stage_key("triton", export_key, engine_key, settings.triton_name, list(settings.gpus),
+                           str(source.checkpoint))  # the repository references the checkpoint by its path
     stage("triton", triton_key, [folder.triton], lambda: make_triton(
-        folder.onnx, folder.triton, settings.triton_name, engine_path, list(settings.gpus)))
+        folder.onnx, folder.triton, settings.triton_name, engine_path, list(settings.gpus), source.checkpoint))
     return fates
 

@@ -47,7 +47,9 @@ def tritonserver(repository: Path, workdir: Path, timeout_s: float = 120) -> Ite
         [str(server_root / "bin" / "tritonserver"), "--model-repository", str(repository),
          "--backend-directory", str(backends), "--http-address", "127.0.0.1", "--http-port", str(http_port),
          "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-address", "127.0.0.1",
-         "--metrics-port", str(metrics_port), "--exit-on-error", "true", "--log-verbose", "0"],
+         "--metrics-port", str(metrics_port), "--exit-on-error", "true", "--log-verbose", "0",
+         # The configs are complete: no stub per model started only to complete them (it doubles the start-up).
+         "--disable-auto-complete-config", "--exit-timeout-secs", "5"],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     address = f"127.0.0.1:{http_port}"

@@ -1,66 +1,51 @@
-"""Triton Python-backend model `<name>_pipeline`: Wan2.1's sampler loop calling the `<name>_dit` model (BLS).
+"""Triton Python-backend model `<name>_pipeline` (BLS): a prompt in, video frames out.
 
-Inputs: prompt_embeds and negative_embeds FP32 [1, text_len, text_dim], seed INT64 [1], guidance_scale FP32
-[1]. Output: latents FP32 [1, 16, frames, h, w]. The loop is saexport's own `sample` over a Denoiser that
-sends each DiT call to `<name>_dit`; tensors cross to and from it through DLPack, so on a GPU the latents
-never leave it.
+Request: `prompt` STRING [1], `negative_prompt` STRING [1] (optional, ""), `seed` INT64 [1], `steps` INT32 [1]
+(optional; must be the budgets' step count), `guidance_scale` FP32 [1] (optional, 5.0). Response: `frames` UINT8
+[frames, height, width, 3]. The prompts go to `<name>_text_encoder`, THE sampler loop (`saexport.runtime.sampler`)
+runs over a Denoiser that sends each DiT pass to `<name>_dit`, and the latents go to `<name>_vae` — all through
+BLS, tensors through DLPack. A repository written without a text encoder takes `prompt_embeds` /
+`negative_embeds` instead; one without a VAE answers `latents` (pipeline.json says which). The work is
+`saexport.triton.serving.Pipeline`.
 """
 
-import json
-import os
-
-import torch
+import numpy as np
 import triton_python_backend_utils as pb_utils
-from torch.utils.dlpack import from_dlpack, to_dlpack
+from torch.utils.dlpack import from_dlpack
 
-from saexport.runtime.sampler import sample
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class DitOverBls:
-    """A saexport Denoiser whose `predict` is an inference request to the DiT model."""
-
-    name = "triton"
-
-    def __init__(self, model_name: str, steps: int, dtype: torch.dtype, device: torch.device):
-        self.model_name, self.steps, self.dtype, self.device = model_name, steps, dtype, device
-
-    def predict(self, latents, timestep, step_index, text_embeddings):
-        inputs = [
-            pb_utils.Tensor.from_dlpack("hidden_states", to_dlpack(latents.to(self.dtype).contiguous())),
-            pb_utils.Tensor.from_dlpack("timestep", to_dlpack(timestep.float().contiguous())),
-            pb_utils.Tensor.from_dlpack("encoder_hidden_states",
-                                        to_dlpack(text_embeddings.to(self.dtype).contiguous())),
-            pb_utils.Tensor.from_dlpack("step_index", to_dlpack(step_index.to(torch.int32).contiguous())),
-        ]
-        request = pb_utils.InferenceRequest(model_name=self.model_name, requested_output_names=["noise_pred"],
-                                            inputs=inputs)
-        response = request.exec()
-        if response.has_error():
-            raise pb_utils.TritonModelException(response.error().message())
-        noise = pb_utils.get_output_tensor_by_name(response, "noise_pred")
-        return from_dlpack(noise.to_dlpack()).to(self.device)
+from saexport.triton.models.backend import (
+    DitOverBls,
+    array_in,
+    bls,
+    instance_device,
+    serve,
+    tensor_out,
+    version_folder,
+)
+from saexport.triton.serving import TORCH_DTYPES, Pipeline, read_config
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        folder = os.path.join(args["model_repository"], args["model_version"])
-        with open(os.path.join(folder, "pipeline.json")) as f:
-            self.config = json.load(f)
-        device = torch.device("cuda" if args["model_instance_kind"] == "GPU" else "cpu")
-        self.denoiser = DitOverBls(self.config["dit_model"], self.config["steps"], DTYPES[self.config["dtype"]],
-                                   device)
+        config = read_config(version_folder(args), "pipeline.json")
+        denoiser = DitOverBls(config["dit_model"], int(config["steps"]), TORCH_DTYPES[config["dtype"]],
+                              instance_device(args))
+        self.text_encoder, self.vae = config["text_encoder_model"], config["vae_model"]
+        self.pipeline = Pipeline(config, denoiser, self._encode if self.text_encoder else None,
+                                 self._decode if self.vae else None)
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            inputs = {name: torch.from_numpy(pb_utils.get_input_tensor_by_name(request, name).as_numpy().copy())
-                      for name in ("prompt_embeds", "negative_embeds", "seed", "guidance_scale")}
-            latents = sample(self.denoiser, inputs["prompt_embeds"], inputs["negative_embeds"],
-                             tuple(self.config["latent_shape"]), self.config["steps"], self.config["flow_shift"],
-                             int(inputs["seed"][0]), float(inputs["guidance_scale"][0]),
-                             progress=lambda steps, **_: steps)
-            out = pb_utils.Tensor("latents", latents.float().numpy())
-            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
-        return responses
+        return serve(requests, self._generate)
+
+    def _generate(self, request):
+        output = self.pipeline({spec.name: array_in(request, spec.name) for spec in self.pipeline.inputs})
+        return [tensor_out(self.pipeline.output.name, output)]
+
+    def _encode(self, prompts):
+        text = pb_utils.Tensor("prompt", np.array([p.encode("utf-8") for p in prompts], dtype=np.object_))
+        (embeddings,) = bls(self.text_encoder, [text], ["embeddings"])
+        return from_dlpack(embeddings.to_dlpack()).float().cpu().clone()
+
+    def _decode(self, latents):
+        (frames,) = bls(self.vae, [tensor_out("latents", latents.float())], ["frames"])
+        return frames.as_numpy().copy()
