@@ -138,13 +138,17 @@ def engine(onnx_path, plugin_library, workspace_gib, timing_cache, version_compa
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(path_type=Path), help="model.onnx from export.")
 @click.option("--engine", "engine_path", type=click.Path(path_type=Path),
               help="model.engine; without it the DiT runs the ONNX in ONNX Runtime (CPU).")
+@click.option("--weights", type=click.Path(path_type=Path),
+              help="The checkpoint the graph was exported from: its text encoder and VAE serve prompts and frames "
+                   "(and its DiT, for a bf16 graph without an engine). Default: the model's shipped weights.")
 @click.option("--name", default="wan", show_default=True, help="Model name prefix.")
 @click.option("--gpus", default="0", show_default=True, help="Comma-separated GPU ids of the instance group.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 @clear_errors
-def triton(onnx_path, engine_path, name, gpus, out_dir) -> None:
-    """Write a Triton model repository: NAME_dit and NAME_pipeline (BLS sampler loop, the graph's step count)."""
+def triton(onnx_path, engine_path, weights, name, gpus, out_dir) -> None:
+    """Write a Triton model repository: NAME_text_encoder, NAME_dit, NAME_vae and NAME_pipeline (prompt in,
+    frames out; the sampler loop over NAME_dit with the graph's step count)."""
     from saexport.pipeline import make_triton
 
-    repo = make_triton(onnx_path, out_dir, name, engine_path, int_list(gpus, "--gpus"))
+    repo = make_triton(onnx_path, out_dir, name, engine_path, int_list(gpus, "--gpus"), weights)
     click.echo(f"wrote {repo} (see {repo / 'README.md'})")
