@@ -112,14 +112,14 @@ def test_lambda_is_monotonic_and_the_weights_steer_blocks():
 def test_warmup_steps_are_dense_and_counted_inside_the_goal():
     topology = linear_topology(2, 2)
     quality = (1 - (1 - DENSITY) ** 8).expand(10, 2, 2, 256).contiguous()
-    budgets = fit_budgets_v2(topology, quality, "medium", warmup=2)
+    budgets = fit_budgets_v2(topology, quality, "medium", proxy="hellinger", warmup=2)
     per_step = density(topology.levels, budgets.levels).mean(dim=(1, 2))
     assert (budgets.levels[:2] == 255).all() and torch.all(per_step[:2] == 1.0)
     assert budgets.mean_density == pytest.approx(0.30, abs=0.01) and budgets.mean_density <= 0.30 + 1e-9
     assert float(per_step[2:].mean()) == pytest.approx((0.30 * 10 - 2) / 8, abs=0.0125)  # what is left: 12.5%
     assert budgets.curve["warmup_steps"] == 2
     with pytest.raises(SaexportError, match="warm-up steps leave"):
-        fit_budgets_v2(topology, quality, "medium", warmup=3)  # 3 of 10 dense already exceed 30%
+        fit_budgets_v2(topology, quality, "medium", proxy="hellinger", warmup=3)  # 3 of 10 dense already exceed 30%
 
 
 def test_auto_warmup_keeps_the_count_its_judge_prefers():
@@ -132,12 +132,12 @@ def test_auto_warmup_keeps_the_count_its_judge_prefers():
         seen.append(count)
         return -abs(count - 2)
 
-    budgets = fit_budgets_v2(topology, quality, "high", warmup="auto", judge=judge)
+    budgets = fit_budgets_v2(topology, quality, "high", proxy="hellinger", warmup="auto", judge=judge)
     assert seen == [0, 1, 2, 3] and budgets.curve["warmup_steps"] == 2 and budgets.curve["warmup"] == "auto"
     assert [c[0] for c in budgets.curve["warmup_candidates"]] == [0, 1, 2, 3]
     assert abs(budgets.mean_density - 0.45) <= 0.01
     # Without a judge, the proxy objective decides; forcing steps dense only constrains it, so no warm-up wins.
-    plain = fit_budgets_v2(topology, quality, "high", warmup="auto")
+    plain = fit_budgets_v2(topology, quality, "high", proxy="hellinger", warmup="auto")
     objectives = [c[1] for c in plain.curve["warmup_candidates"]]
     assert plain.curve["warmup_steps"] == objectives.index(max(objectives)) == 0
 
@@ -146,13 +146,15 @@ def test_bad_inputs_are_refused():
     topology = linear_topology(1, 2)
     quality = torch.rand(2, 1, 2, 256, dtype=torch.float64)
     with pytest.raises(SaexportError, match="unknown fidelity preset"):
-        fit_budgets_v2(topology, quality, "ultra")
+        fit_budgets_v2(topology, quality, "ultra", proxy="hellinger")
+    with pytest.raises(TypeError):  # the proxy is named by the caller, never defaulted into the file
+        fit_budgets_v2(topology, quality, "high")
     with pytest.raises(SaexportError, match="layers x heads"):
-        fit_budgets_v2(topology, torch.rand(2, 1, 3, 256), "high")
+        fit_budgets_v2(topology, torch.rand(2, 1, 3, 256), "high", proxy="hellinger")
     with pytest.raises(SaexportError, match="warm-up"):
-        fit_budgets_v2(topology, quality, "high", warmup="some")
+        fit_budgets_v2(topology, quality, "high", proxy="hellinger", warmup="some")
     with pytest.raises(SaexportError, match="non-finite"):
-        fit_budgets_v2(topology, quality * float("nan"), "high")
+        fit_budgets_v2(topology, quality * float("nan"), "high", proxy="hellinger")
 
 
 # --- quality proxies (topology.quality) and their probe (models.processors.block_partials) ---------------------
@@ -333,7 +335,7 @@ def test_sensitivity_on_the_tiny_model(tiny_setup):
     three = replace(loop, steps=3)  # one dense step of 3 leaves the others 17.5% of blocks at 45%: feasible
     judge = latent_error_judge(tiny, topology, one, three)
     quality = 1 - (1 - level_densities(topology.levels)).unsqueeze(0).expand(3, -1, -1, -1) ** 4
-    budgets = fit_budgets_v2(topology, quality, "high", warmup="auto", max_warmup=1, judge=judge)
+    budgets = fit_budgets_v2(topology, quality, "high", proxy="hellinger", warmup="auto", max_warmup=1, judge=judge)
     scores = [c[3] for c in budgets.curve["warmup_candidates"]]
     assert len(scores) == 2 and scores[0] < 0 and scores[1] <= 0
     assert budgets.curve["warmup_steps"] == scores.index(max(scores))

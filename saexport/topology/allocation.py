@@ -176,8 +176,9 @@ def fit_budgets_v2(
     topology: Topology,
     quality: torch.Tensor,
     preset: str,
+    *,
+    proxy: str,
     weights: torch.Tensor | None = None,
-    proxy: str = "output",
     warmup: int | str = 0,
     max_warmup: int | None = None,
     judge: Callable[[Budgets], float] | None = None,
@@ -185,7 +186,8 @@ def fit_budgets_v2(
 ) -> Budgets:
     """FAST v2 budgets at the preset's density goal (the module's docstring).
 
-    quality `[S, L, H, 256]` (higher is better; `proxy` names it in the file), weights `[S, L]` (None: uniform),
+    quality `[S, L, H, 256]` (higher is better; `proxy` names it in the file: "hellinger", "output", "residual"
+    from `topology.quality`, required so that no file misnames its proxy), weights `[S, L]` (None: uniform),
     warmup: a number of dense warm-up steps, or "auto" to choose among 0..`max_warmup` (default S // 3) the count
     whose budgets score best by `judge` (higher is better) or else by the objective."""
     if preset not in DENSITY_GOALS:

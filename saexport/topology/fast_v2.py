@@ -72,7 +72,8 @@ def compute_budgets_v2(
                  time.perf_counter() - start, 1 + len(errors.buckets) + len(errors.groups))
     judge = latent_error_judge(loaded, topology, prompts, loop, device, batch_size) if warmup == WARMUP_AUTO else None
     start = time.perf_counter()
-    budgets = fit_budgets_v2(topology, quality, preset, weights, proxy, warmup, max_warmup, judge)
+    budgets = fit_budgets_v2(topology, quality, preset, proxy=proxy, weights=weights, warmup=warmup,
+                             max_warmup=max_warmup, judge=judge)
     log.info("FAST v2: allocation in %.1f s", time.perf_counter() - start)
     budgets.curve.update({"rows_per_head": rows_per_head, "sensitivity": measured})
     return budgets
