@@ -153,6 +153,8 @@ def test_bad_inputs_are_refused():
         fit_budgets_v2(topology, torch.rand(2, 1, 3, 256), "high", proxy="hellinger")
     with pytest.raises(SaexportError, match="warm-up"):
         fit_budgets_v2(topology, quality, "high", proxy="hellinger", warmup="some")
+    with pytest.raises(SaexportError, match="non-negative"):
+        fit_budgets_v2(topology, quality, "high", proxy="hellinger", weights=-torch.ones(2, 1))
     with pytest.raises(SaexportError, match="non-finite"):
         fit_budgets_v2(topology, quality * float("nan"), "high", proxy="hellinger")
 

@@ -75,6 +75,8 @@ def allocate(quality: torch.Tensor, weights: torch.Tensor, densities: torch.Tens
         raise SaexportError(f"warm-up steps must be within 0..{steps}, got {warmup_steps}")
     if not torch.isfinite(quality).all() or not torch.isfinite(weights).all():
         raise SaexportError("the quality table or the weights hold non-finite values")
+    if (weights < 0).any():
+        raise SaexportError("sensitivity weights must be non-negative")
     value = (weights.double()[:, :, None, None] * quality.double())[warmup_steps:]  # the free entries
     dens = densities.double()
     entries = steps * layers * heads
