@@ -18,7 +18,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -77,6 +77,27 @@ class Models:
 
 
 @dataclass(frozen=True)
+class BudgetRule:
+    """How FAST allocates (DESIGN.md's FAST paragraph): v1, the lowest level reaching a graded fidelity target;
+    v2, per entry the level maximising w * Q - lambda * density, with the quality proxy Q measured along the
+    sampler loop on `rows_per_head` rows a head, the weights w measured end to end (`sensitivity`, over
+    `buckets` step buckets and every layer) and `warmup` dense steps counted in the goal (or "auto")."""
+
+    rule: str = "v1"
+    proxy: str = "output"
+    warmup: int | str = 0
+    rows_per_head: int = 16
+    sensitivity: bool = True
+    buckets: int = 5
+
+    def __post_init__(self):
+        if self.rule not in ("v1", "v2"):
+            raise SaexportError(f"--rule must be v1 or v2, got {self.rule}")
+        if self.warmup != "auto" and (not isinstance(self.warmup, int) or self.warmup < 0):
+            raise SaexportError(f"--warmup must be a number of steps or auto, got {self.warmup}")
+
+
+@dataclass(frozen=True)
 class Calibration:
     """How WEST and FAST calibrate: the prompts, and the sampler loop they walk (as generation runs it)."""
 
@@ -87,6 +108,7 @@ class Calibration:
     guidance: float = DEFAULT_GUIDANCE
     passes: tuple[str, ...] = PASSES
     device: str = "cpu"
+    aggregation: str = "min"  # how WEST combines its runs (topology.west.AGGREGATIONS)
 
     def prompt_source(self, source: ModelSource):
         from saexport.topology.prompts import PromptSource
@@ -102,7 +124,7 @@ class Calibration:
     def fingerprint(self, source: ModelSource) -> list:
         """What the topology depends on besides the model and grid (the device is not: results are the same)."""
         return [self.prompt_source(source).fingerprint(), list(self.seeds), self.rows_per_block, self.guidance,
-                list(self.passes)]
+                list(self.passes), self.aggregation]
 
 
 def resolve_run(model: str, **given) -> RunDefaults:
@@ -174,16 +196,18 @@ def make_topology(models: Models, run: RunDefaults, calibration: Calibration, ou
     video = video_of(source, run, calibration.device)
     topology = compute_topology(models.get(), video.token_grid(source.preset.patch_size), run.block_size,
                                 parse_layout(run.layout), calibration_set(models, calibration, out_path),
-                                calibration.loop(run.steps, video),
-                                calibration.rows_per_block, calibration.device, checkpoint_path=partial_path(out_path))
+                                calibration.loop(run.steps, video), calibration.rows_per_block, calibration.device,
+                                checkpoint_path=partial_path(out_path), aggregation=calibration.aggregation)
     topology.save(out_path)
     return topology
 
 
 def make_budgets(models: Models, topology_path: Path, fidelity: str, calibration: Calibration, steps: int,
-                 out_path: Path) -> Budgets:
-    """FAST: measure every level's fidelity along the sampler's loop; fit the preset's budgets to `out_path`."""
+                 out_path: Path, rule: BudgetRule = BudgetRule()) -> Budgets:
+    """FAST: measure along the sampler's loop what each level of the map costs; allocate the preset's budgets by
+    `rule` and write them to `out_path`."""
     from saexport.topology.fast import DENSITY_GOALS, compute_fidelity, fit_budgets
+    from saexport.topology.fast_v2 import compute_budgets_v2
 
     if fidelity not in DENSITY_GOALS:
         raise SaexportError(f"unknown fidelity preset '{fidelity}'; use one of {', '.join(DENSITY_GOALS)}")
@@ -193,10 +217,16 @@ def make_budgets(models: Models, topology_path: Path, fidelity: str, calibration
     topology.check_matches(source.preset.name, source.preset.config_hash(), topology.grid, topology.block_size)
     video = video_of_grid(topology.grid, source.preset.patch_size, source.preset.codec)
     check_fits_in_memory(source.preset, video, calibration.device)
-    table = compute_fidelity(models.get(), topology, calibration_set(models, calibration, out_path),
-                             calibration.loop(steps, video),
-                             calibration.rows_per_block, calibration.device, checkpoint_path=partial_path(out_path))
-    budgets = fit_budgets(topology, table, fidelity)
+    prompts, loop = calibration_set(models, calibration, out_path), calibration.loop(steps, video)
+    if rule.rule == "v2":
+        budgets = compute_budgets_v2(models.get(), topology, prompts, loop, fidelity, proxy=rule.proxy,
+                                     rows_per_head=rule.rows_per_head, sensitivity=rule.sensitivity,
+                                     buckets=rule.buckets, warmup=rule.warmup, device=calibration.device,
+                                     checkpoint_path=partial_path(out_path))
+    else:
+        table = compute_fidelity(models.get(), topology, prompts, loop, calibration.rows_per_block,
+                                 calibration.device, checkpoint_path=partial_path(out_path))
+        budgets = fit_budgets(topology, table, fidelity)
     budgets.save(out_path)
     return budgets
 
@@ -262,6 +292,7 @@ class BuildSettings:
     run: RunDefaults
     calibration: Calibration = Calibration()
     fidelity: str = "high"
+    budget_rule: BudgetRule = BudgetRule()
     plugin: Path | None = None
     triton_name: str = "wan"
     gpus: tuple[int, ...] = (0,)
@@ -359,9 +390,9 @@ def _run_stages(settings: BuildSettings, folder: ArtifactFolder, echo: Callable[
     stage("topology", topology_key, [folder.topology],
           lambda: make_topology(models, run, calibration, folder.topology))
 
-    budgets_key = stage_key("budgets", topology_key, settings.fidelity)
-    stage("budgets", budgets_key, [folder.budgets],
-          lambda: make_budgets(models, folder.topology, settings.fidelity, calibration, run.steps, folder.budgets))
+    budgets_key = stage_key("budgets", topology_key, settings.fidelity, asdict(settings.budget_rule))
+    stage("budgets", budgets_key, [folder.budgets], lambda: make_budgets(
+        models, folder.topology, settings.fidelity, calibration, run.steps, folder.budgets, settings.budget_rule))
 
     export_key = stage_key("export", budgets_key, run.dtype)
     stage("export", export_key, [folder.onnx], lambda: make_export(

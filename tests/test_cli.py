@@ -92,3 +92,22 @@ def test_verify_compares_on_polygraphy_and_fails_on_a_corrupted_graph(tmp_path):
     onnx.save(model, str(out / "model.onnx"))
     result = run("verify", *TINY, "--artifacts", str(out))
     assert result.exit_code == 2 and "disagrees with PyTorch" in result.output
+
+
+def test_budgets_v2_and_the_west_aggregation_from_the_command_line(tmp_path):
+    from saexport.artifacts import Budgets, Topology
+
+    common = [*TINY, "--steps", "4", "--rows-per-block", "4", "--prompts", "2", "--device", "cpu"]
+    result = run("topology", *common, "--resolution", "64x64", "--frames", "9", "--block-size", "8",
+                 "--aggregation", "mean-score", "--out", str(tmp_path / "t.safetensors"))
+    assert result.exit_code == 0, result.output
+    assert Topology.load(tmp_path / "t.safetensors").calibration["aggregation"] == "mean-score"
+    result = run("budgets", *common, "--topology", str(tmp_path / "t.safetensors"), "--fidelity", "high",
+                 "--rule", "v2", "--proxy", "output", "--warmup", "1", "--rows-per-head", "4", "--no-sensitivity",
+                 "--out", str(tmp_path / "b.safetensors"))
+    assert result.exit_code == 0, result.output
+    budgets = Budgets.load(tmp_path / "b.safetensors")
+    assert budgets.curve["rule"] == "v2" and budgets.curve["proxy"] == "output"
+    assert (budgets.levels[0] == 255).all() and abs(budgets.mean_density - 0.45) <= 0.01  # warm-up counted
+    assert run("budgets", *common, "--topology", str(tmp_path / "t.safetensors"), "--warmup", "some",
+               "--rule", "v2", "--out", str(tmp_path / "c.safetensors")).exit_code == 2

@@ -9,6 +9,8 @@ import click
 from saexport.cli.options import (
     FIDELITY,
     block_options,
+    budget_rule,
+    budget_rule_options,
     calibration,
     calibration_options,
     clear_errors,
@@ -27,6 +29,7 @@ from saexport.cli.options import (
 @dtype_option
 @block_options
 @calibration_options
+@budget_rule_options
 @click.option("--plugin", "plugin_library", type=click.Path(path_type=Path),
               help="libsaexport_trt_plugin.so, for the engine stage.")
 @click.option("--triton-name", default="wan", show_default=True)
@@ -34,8 +37,8 @@ from saexport.cli.options import (
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 @clear_errors
 def build(model, weights, random_weights, seed, fidelity, resolution, frames, dtype_name, block_size, layout, prompts,
-          calib_embeddings, seeds, steps, rows_per_block, calib_guidance, calib_passes, device, plugin_library,
-          triton_name, gpus, out_dir) -> None:
+          calib_embeddings, seeds, steps, rows_per_block, calib_guidance, calib_passes, aggregation, device, rule,
+          proxy, warmup, rows_per_head, sensitivity, plugin_library, triton_name, gpus, out_dir) -> None:
     """topology -> budgets -> export -> engine -> Triton repository; reruns only what changed (OUT/build.json)."""
     from saexport.pipeline import BuildSettings, resolve_run, run_build
 
@@ -44,8 +47,9 @@ def build(model, weights, random_weights, seed, fidelity, resolution, frames, dt
         run=resolve_run(model, resolution=resolution, frames=frames, dtype=dtype_name, steps=steps,
                         block_size=block_size, layout=layout),
         calibration=calibration(prompts, calib_embeddings, seeds, rows_per_block, calib_guidance, calib_passes,
-                                device),
-        fidelity=fidelity, plugin=plugin_library, triton_name=triton_name, gpus=tuple(int_list(gpus, "--gpus")))
+                                aggregation, device),
+        fidelity=fidelity, budget_rule=budget_rule(rule, proxy, warmup, rows_per_head, sensitivity),
+        plugin=plugin_library, triton_name=triton_name, gpus=tuple(int_list(gpus, "--gpus")))
     fates = run_build(settings, out_dir, echo=lambda line: click.echo(line, err=True))
     for name, fate in fates.items():
         click.echo(f"{name:9s} {fate}")

@@ -9,6 +9,8 @@ import click
 from saexport.cli.options import (
     FIDELITY,
     block_options,
+    budget_rule,
+    budget_rule_options,
     calibration,
     calibration_options,
     clear_errors,
@@ -28,13 +30,14 @@ from saexport.errors import SaexportError
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="topology.safetensors")
 @clear_errors
 def topology(model, weights, random_weights, seed, resolution, frames, block_size, layout, prompts, calib_embeddings,
-             seeds, steps, rows_per_block, calib_guidance, calib_passes, device, out_path) -> None:
+             seeds, steps, rows_per_block, calib_guidance, calib_passes, aggregation, device, out_path) -> None:
     """WEST: calibrate the dense model along the sampler's loop and write the per-head threshold map."""
     from saexport.pipeline import Models, make_topology, resolve_run
 
     source = model_source(model, weights, random_weights, seed)
     run = resolve_run(model, resolution=resolution, frames=frames, block_size=block_size, layout=layout, steps=steps)
-    calib = calibration(prompts, calib_embeddings, seeds, rows_per_block, calib_guidance, calib_passes, device)
+    calib = calibration(prompts, calib_embeddings, seeds, rows_per_block, calib_guidance, calib_passes, aggregation,
+                        device)
     with stage("WEST calibration"):
         result = make_topology(Models(source), run, calib, out_path)
     click.echo(f"wrote {out_path} (grid {result.grid}, {result.levels.shape[-1]} blocks per side)")
@@ -44,10 +47,12 @@ def topology(model, weights, random_weights, seed, resolution, frames, block_siz
 @click.option("--topology", "topology_path", required=True, type=click.Path(path_type=Path))
 @click.option("--resolution", required=True, help="Target 480p, 720p or WIDTHxHEIGHT.")
 @click.option("--frames", required=True, type=int, help="Target video frames.")
+@click.option("--rule", default="min", show_default=True, type=click.Choice(["min", "bilinear"]),
+              help="min over the covered block pairs, or the method's bilinear upsampling with levels rounded up.")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="topology.safetensors")
 @clear_errors
-def transfer(topology_path, resolution, frames, out_path) -> None:
-    """Derive a threshold map for another resolution from a computed one (min over covered block pairs)."""
+def transfer(topology_path, resolution, frames, rule, out_path) -> None:
+    """Derive a threshold map for another resolution from a computed one."""
     from saexport.artifacts import Topology
     from saexport.models.presets import get_preset
     from saexport.models.video_shape import parse_video_shape
@@ -56,7 +61,7 @@ def transfer(topology_path, resolution, frames, out_path) -> None:
     source = Topology.load(topology_path)
     preset = get_preset(source.model)
     grid = parse_video_shape(resolution, frames, preset.codec).token_grid(preset.patch_size)
-    transfer_topology(source, grid).save(out_path)
+    transfer_topology(source, grid, rule=rule).save(out_path)
     click.echo(f"wrote {out_path}: grid {source.grid} -> {grid} (budgets must be tuned on it: saexport budgets)")
 
 
@@ -65,20 +70,23 @@ def transfer(topology_path, resolution, frames, out_path) -> None:
 @click.option("--topology", "topology_path", required=True, type=click.Path(path_type=Path))
 @click.option("--fidelity", type=FIDELITY, default="high", show_default=True)
 @calibration_options
+@budget_rule_options
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="budgets.safetensors")
 @clear_errors
 def budgets(model, weights, random_weights, seed, topology_path, fidelity, prompts, calib_embeddings, seeds, steps,
-            rows_per_block, calib_guidance, calib_passes, device, out_path) -> None:
-    """FAST: measure fidelity per level along the sampler's loop and fit the preset's budgets."""
+            rows_per_block, calib_guidance, calib_passes, aggregation, device, rule, proxy, warmup, rows_per_head,
+            sensitivity, out_path) -> None:
+    """FAST: measure along the sampler's loop what each level costs and allocate the preset's budgets."""
     from saexport.pipeline import Models, make_budgets, resolve_run
 
     source = model_source(model, weights, random_weights, seed)
     run = resolve_run(model, steps=steps)
-    calib = calibration(prompts, calib_embeddings, seeds, rows_per_block, calib_guidance, calib_passes, device)
-    with stage("FAST fidelity"):
-        result = make_budgets(Models(source), topology_path, fidelity, calib, run.steps, out_path)
-    click.echo(f"wrote {out_path}: {fidelity}, mean density {result.mean_density:.3f}, "
-               f"mean fidelity {result.curve['mean_fidelity']:.3f}")
+    calib = calibration(prompts, calib_embeddings, seeds, rows_per_block, calib_guidance, calib_passes, aggregation,
+                        device)
+    allocation = budget_rule(rule, proxy, warmup, rows_per_head, sensitivity)
+    with stage(f"FAST {allocation.rule}"):
+        result = make_budgets(Models(source), topology_path, fidelity, calib, run.steps, out_path, allocation)
+    click.echo(f"wrote {out_path}: {fidelity}, rule {allocation.rule}, mean density {result.mean_density:.3f}")
 
 
 @click.command()

@@ -114,12 +114,15 @@ def calibration_options(command: Callable) -> Callable:
                            help="Guidance scale of the calibration loop (generation's; 1 runs one pass).")(command)
     command = click.option("--calib-passes", default="cond,uncond", show_default=True,
                            help="Which passes of a guided step the probes measure.")(command)
+    command = click.option("--aggregation", default="min", show_default=True,
+                           type=click.Choice(["min", "prompt-min-of-step-mean", "quantile", "mean-score"]),
+                           help="How WEST combines its calibration runs into one map.")(command)
     return click.option("--device", default="auto", show_default=True,
                         help="Calibration device: cuda, cpu, or auto (cuda where there is one).")(command)
 
 
 def calibration(prompts: int, calib_embeddings: Path | None, seeds: str, rows_per_block: int, calib_guidance: float,
-                calib_passes: str, device: str):
+                calib_passes: str, aggregation: str, device: str):
     from saexport.pipeline import Calibration
 
     if device == "auto":
@@ -127,7 +130,33 @@ def calibration(prompts: int, calib_embeddings: Path | None, seeds: str, rows_pe
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return Calibration(prompts, calib_embeddings, tuple(int_list(seeds)), rows_per_block, calib_guidance,
-                       tuple(p.strip() for p in calib_passes.split(",") if p.strip()), device)
+                       tuple(p.strip() for p in calib_passes.split(",") if p.strip()), device, aggregation)
+
+
+def budget_rule_options(command: Callable) -> Callable:
+    command = click.option("--rule", default="v1", show_default=True, type=click.Choice(["v1", "v2"]),
+                           help="FAST's allocation: v1 graded fidelity targets; v2 w*Q - lambda*density.")(command)
+    command = click.option("--proxy", default="output", show_default=True,
+                           type=click.Choice(["hellinger", "output", "residual"]),
+                           help="v2's quality proxy: Hellinger fidelity, attention-output error, or the gated "
+                                "residual update's error.")(command)
+    command = click.option("--warmup", default="0", show_default=True,
+                           help="v2: dense warm-up steps counted inside the density goal, or auto.")(command)
+    command = click.option("--rows-per-head", default=16, show_default=True, type=click.IntRange(min=1),
+                           help="v2: query rows sampled per head for the proxy.")(command)
+    return click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
+                        help="v2: weight steps and layers by their measured end-to-end sensitivity.")(command)
+
+
+def budget_rule(rule: str, proxy: str, warmup: str, rows_per_head: int, sensitivity: bool):
+    from saexport.pipeline import BudgetRule
+
+    if warmup != "auto":
+        try:
+            warmup = int(warmup)
+        except ValueError:
+            raise SaexportError(f"--warmup must be a number of steps or auto, got '{warmup}'") from None
+    return BudgetRule(rule, proxy, warmup, rows_per_head, sensitivity)
 
 
 def int_list(text: str, option: str = "--seeds") -> list[int]:
