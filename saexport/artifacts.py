@@ -138,7 +138,11 @@ class Topology:
             calibration=meta.get("calibration", {}),
         )
 
-    def check_matches(self, model: str, config_hash: str, grid: tuple[int, int, int], block_size: int) -> None:
+    def check_matches(self, model: str, config_hash: str, grid: tuple[int, int, int], block_size: int,
+                      weights_id: str | None = None) -> None:
+        if weights_id is not None and weights_id != self.weights_id:
+            raise SaexportError(f"the artifacts were made from weights {self.weights_id[:16]}, these are "
+                                f"{weights_id[:16]}: pass the same --weights (or --random-weights --seed)")
         problems = []
         if self.model != model or self.config_hash != config_hash:
             problems.append(f"it was built for model {self.model} (config {self.config_hash}), "
@@ -202,6 +206,12 @@ class Budgets:
             raise SaexportError(f"budgets are for {self.steps} denoising steps, not {steps}")
 
 
+REQUIRED_METADATA = {
+    "topology": ("model", "config_hash", "weights_id", "grid", "block_size", "layout"),
+    "budgets": ("topology_hash", "fidelity", "mean_density"),
+}
+
+
 def _content_hash(levels: torch.Tensor, meta: dict[str, Any]) -> str:
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     digest.update(levels.contiguous().numpy().tobytes())
@@ -237,6 +247,9 @@ def _load(path: str | Path, kind: str) -> tuple[torch.Tensor, dict[str, Any]]:
         meta = {k: json.loads(v) for k, v in raw.items()}
     except (SafetensorError, OSError, json.JSONDecodeError) as e:
         raise SaexportError(f"{path} is not a readable {kind} file ({e})") from None
+    missing = [name for name in REQUIRED_METADATA[kind] if name not in meta]
+    if meta.get("kind") == kind and missing:
+        raise SaexportError(f"{path}: the {kind} metadata lacks {', '.join(missing)}; regenerate it")
     if meta.get("kind") != kind or "levels" not in tensors:
         raise SaexportError(f"{path} is not a {kind} file (kind: {meta.get('kind')!r})")
     if meta.get("format_version") != FORMAT_VERSION:

@@ -26,7 +26,7 @@ import torch
 from saexport.artifacts import ArtifactFolder, Budgets, Topology
 from saexport.atomic import write_text_atomic
 from saexport.errors import SaexportError
-from saexport.folders import FolderLock, check_writable_file_target, claim_output_folder
+from saexport.folders import FolderLock, check_writable_file_target, claim_output_folder, read_owner
 from saexport.layout import parse_layout
 from saexport.models.checkpoint import LoadedModel, detect_layout, load_model, parse_dtype, resolve_weights
 from saexport.models.presets import ModelPreset, RunDefaults, get_preset
@@ -89,6 +89,10 @@ class BudgetRule:
     rows_per_head: int = 16
     sensitivity: bool = True
     buckets: int = 5
+
+    def key(self) -> dict:
+        """What the allocation depends on: v1 reads none of v2's settings."""
+        return asdict(self) if self.rule == "v2" else {"rule": "v1"}
 
     def __post_init__(self):
         if self.rule not in ("v1", "v2"):
@@ -191,7 +195,8 @@ def make_topology(models: Models, run: RunDefaults, calibration: Calibration, ou
     """WEST: calibrate the dense model along the sampler's loop; write the threshold map to `out_path`."""
     from saexport.topology.west import compute_topology
 
-    check_writable_file_target(out_path, (".safetensors",))
+    check_writable_file_target(out_path, (".safetensors",),
+                               inputs=[calibration.embeddings_file] if calibration.embeddings_file else [])
     source = models.source
     video = video_of(source, run, calibration.device)
     topology = compute_topology(models.get(), video.token_grid(source.preset.patch_size), run.block_size,
@@ -214,7 +219,8 @@ def make_budgets(models: Models, topology_path: Path, fidelity: str, calibration
     check_writable_file_target(out_path, (".safetensors",), inputs=[topology_path])
     source = models.source
     topology = Topology.load(topology_path)
-    topology.check_matches(source.preset.name, source.preset.config_hash(), topology.grid, topology.block_size)
+    topology.check_matches(source.preset.name, source.preset.config_hash(), topology.grid, topology.block_size,
+                           models.get().weights_id)
     video = video_of_grid(topology.grid, source.preset.patch_size, source.preset.codec)
     check_fits_in_memory(source.preset, video, calibration.device)
     prompts, loop = calibration_set(models, calibration, out_path), calibration.loop(steps, video)
@@ -257,9 +263,13 @@ def make_standins(models: Models, run: RunDefaults, density: float) -> tuple[Top
 
 
 def make_engine(onnx_path: Path, plugin: Path, out_dir: Path, **options) -> Path:
+    """The engine beside its graph: `out_dir` is an export or build folder (or a new one), locked while written."""
     from saexport.engines.tensorrt_build import build_engine
 
-    return build_engine(onnx_path, plugin, out_dir, **options)
+    folder = claim_output_folder(out_dir, read_owner(out_dir) or "engine", inputs=[plugin],
+                                 adopt=lambda f: ArtifactFolder(f).holds_only_artifacts())
+    with FolderLock(folder):
+        return build_engine(onnx_path, plugin, folder, **options)
 
 
 def make_triton(onnx_path: Path, out_dir: Path, name: str, engine_path: Path | None, gpus: list[int],
@@ -367,6 +377,10 @@ def run_build(settings: BuildSettings, out_dir: str | Path, echo: Callable[[str]
 
 
 def _run_stages(settings: BuildSettings, folder: ArtifactFolder, echo: Callable[[str], None]) -> dict[str, str]:
+    if (settings.run.dtype != "fp32" and settings.source.checkpoint is None
+            and engine_unavailable(settings.plugin, settings.run.dtype)):
+        raise SaexportError(f"a {settings.run.dtype} build without an engine serves its DiT from the checkpoint, and "
+                            "random weights have none: give --plugin with TensorRT, or build with --dtype fp32")
     manifest = Manifest.load(folder.manifest)
     source, run, calibration = settings.source, settings.run, settings.calibration
     preset = source.preset
@@ -390,7 +404,7 @@ def _run_stages(settings: BuildSettings, folder: ArtifactFolder, echo: Callable[
     stage("topology", topology_key, [folder.topology],
           lambda: make_topology(models, run, calibration, folder.topology))
 
-    budgets_key = stage_key("budgets", topology_key, settings.fidelity, asdict(settings.budget_rule))
+    budgets_key = stage_key("budgets", topology_key, settings.fidelity, settings.budget_rule.key())
     stage("budgets", budgets_key, [folder.budgets], lambda: make_budgets(
         models, folder.topology, settings.fidelity, calibration, run.steps, folder.budgets, settings.budget_rule))
 

@@ -81,7 +81,7 @@ def test_verify_compares_on_polygraphy_and_fails_on_a_corrupted_graph(tmp_path):
                "--dtype", "fp32", "--out", str(out)).exit_code == 0
     result = run("verify", *TINY, "--artifacts", str(out), "--save", str(tmp_path / "check"))
     assert result.exit_code == 0, result.output
-    assert "onnxruntime vs torch: max relative error" in result.output and "polygraphy run" in result.output
+    assert "onnxruntime vs torch: max relative error" in result.output
     saved = json.loads((tmp_path / "check" / "outputs.json").read_text())
     assert saved  # polygraphy's RunResults JSON, loadable by `polygraphy run --load-outputs`
     model = onnx.load(str(out / "model.onnx"))

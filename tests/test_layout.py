@@ -13,7 +13,9 @@ RANK = {"errors": 0, "atomic": 1, "folders": 1, "layout": 1, "levels": 1, "kerne
 def imports_of(path: Path) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
+        if isinstance(node, ast.ImportFrom) and node.module == "saexport":
+            found.extend(f"saexport.{alias.name}" for alias in node.names)  # from saexport import x
+        elif isinstance(node, ast.ImportFrom) and node.module:
             found.append(node.module)
         elif isinstance(node, ast.Import):
             found.extend(alias.name for alias in node.names)

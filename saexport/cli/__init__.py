@@ -1,13 +1,14 @@
 """`saexport`: one module per command group; commands are imported when asked for, so `--help` is instant.
 
 Every command prints progress through `logging.getLogger("saexport")` (`-v` for more, `-q` for warnings only)
-and ends a user's error as one line `error: <what and how to fix it>` with exit status 2, not a traceback.
+and ends a user's error as one line `Error: <what and how to fix it>` with exit status 2, not a traceback.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import sys
 
 import click
 
@@ -44,10 +45,23 @@ class LazyGroup(click.Group):
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
 def main(verbose: int, quiet: bool) -> None:
     """Export Wan2.1 with ScalingAttention block-sparse attention to ONNX, TensorRT and Triton."""
-    level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("[saexport] %(message)s"))
     log = logging.getLogger("saexport")
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
+    log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler())
+
+
+class _StderrHandler(logging.StreamHandler):
+    """`[saexport] message` to whatever sys.stderr is when the record is emitted (a test runner may swap it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("[saexport] %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass

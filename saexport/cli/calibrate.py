@@ -54,10 +54,12 @@ def topology(model, weights, random_weights, seed, resolution, frames, block_siz
 def transfer(topology_path, resolution, frames, rule, out_path) -> None:
     """Derive a threshold map for another resolution from a computed one."""
     from saexport.artifacts import Topology
+    from saexport.folders import check_writable_file_target
     from saexport.models.presets import get_preset
     from saexport.models.video_shape import parse_video_shape
     from saexport.topology.transfer import transfer_topology
 
+    check_writable_file_target(out_path, (".safetensors",), inputs=[topology_path])
     source = Topology.load(topology_path)
     preset = get_preset(source.model)
     grid = parse_video_shape(resolution, frames, preset.codec).token_grid(preset.patch_size)
@@ -100,12 +102,14 @@ def budgets(model, weights, random_weights, seed, topology_path, fidelity, promp
 def inspect(topology_path, budgets_path, step, compare_path, out_dir) -> None:
     """Pictures: OUT/masks.png, density.png, fidelity.png; and the IoU against --compare."""
     from saexport.artifacts import Budgets, Topology
+    from saexport.folders import claim_output_folder
     from saexport.topology.pictures import density_png, fidelity_png, mask_iou, masks_png
 
     topo, budget = Topology.load(topology_path), Budgets.load(budgets_path)
     budget.check_matches(topo)
     if not 0 <= step < budget.steps:
         raise SaexportError(f"--step must be in [0, {budget.steps})")
+    out_dir = claim_output_folder(out_dir, "inspect", inputs=[topology_path, budgets_path])
     masks_png(topo, budget, step, out_dir / "masks.png")
     density_png(topo, budget, out_dir / "density.png")
     written = ["masks.png", "density.png"] + (["fidelity.png"] if fidelity_png(budget, out_dir / "fidelity.png")

@@ -70,15 +70,13 @@ def export(model, weights, random_weights, seed, resolution, frames, dtype_name,
         from saexport.exporter.verify import verify_graph
 
         with stage("verifying in ONNX Runtime"):
-            report = verify_graph(models.get(), topology, budgets, video, exported.path, batch)
+            report = verify_graph(models.get(), topology, budgets, video, exported.path)
         show_verification(report)
 
 
 def show_verification(report) -> None:
     for runner, error in report.max_errors.items():
         click.echo(f"{runner} vs torch: max relative error {error:.2e}")
-    for command in report.commands:
-        click.echo(f"  {command}")
     if not report.passed:
         raise SaexportError("the exported graph disagrees with PyTorch beyond the tolerance (see above)")
 
@@ -90,14 +88,13 @@ def show_verification(report) -> None:
 @click.option("--atol", default=1e-4, show_default=True, help="Absolute tolerance.")
 @click.option("--rtol", default=1e-3, show_default=True, help="Relative tolerance.")
 @click.option("--save", "save_dir", type=click.Path(path_type=Path),
-              help="Folder for inputs.json / outputs.json (polygraphy's format) and the equivalent command lines.")
-@click.option("--plugin", "plugin_library", type=click.Path(path_type=Path),
-              help="Plugin library, for the printed polygraphy / trtexec command lines.")
+              help="Folder for the inputs and outputs in polygraphy's JSON format (`polygraphy inspect data`).")
 @clear_errors
-def verify(model, weights, random_weights, seed, artifacts, atol, rtol, save_dir, plugin_library) -> None:
+def verify(model, weights, random_weights, seed, artifacts, atol, rtol, save_dir) -> None:
     """Compare the exported graph with the PyTorch model on polygraphy's runners (torch vs ONNX Runtime); exits
     non-zero when they disagree."""
     from saexport.exporter.verify import verify_graph
+    from saexport.folders import claim_output_folder
     from saexport.pipeline import Models
     from saexport.runtime.generation import Artifacts
 
@@ -106,12 +103,11 @@ def verify(model, weights, random_weights, seed, artifacts, atol, rtol, save_dir
     if model_given and model != opened.preset.name:
         raise SaexportError(f"the artifacts are for {opened.preset.name}, not --model {model}")
     loaded = Models(model_source(opened.preset.name, weights, random_weights, seed)).get()
-    if loaded.weights_id != opened.topology.weights_id:
-        raise SaexportError(f"the artifacts were made from weights {opened.topology.weights_id[:16]}, these are "
-                            f"{loaded.weights_id[:16]}: pass the same --weights (or --random-weights --seed)")
+    if save_dir is not None:
+        save_dir = claim_output_folder(save_dir, "verify", inputs=[opened.folder.root])
     with stage("verifying on polygraphy's runners"):
         report = verify_graph(loaded, opened.topology, opened.budgets, opened.video, opened.folder.onnx, atol=atol,
-                              rtol=rtol, save_dir=save_dir, plugin=plugin_library)
+                              rtol=rtol, save_dir=save_dir)
     show_verification(report)
 
 
@@ -137,7 +133,8 @@ def engine(onnx_path, plugin_library, workspace_gib, timing_cache, version_compa
 @click.command()
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(path_type=Path), help="model.onnx from export.")
 @click.option("--engine", "engine_path", type=click.Path(path_type=Path),
-              help="model.engine; without it the DiT runs the ONNX in ONNX Runtime (CPU).")
+              help="model.engine; without it the DiT runs the fp32 graph in ONNX Runtime (CPU), or a bf16 graph's "
+                   "sparse model in torch on the GPU.")
 @click.option("--weights", type=click.Path(path_type=Path),
               help="The checkpoint the graph was exported from: its text encoder and VAE serve prompts and frames "
                    "(and its DiT, for a bf16 graph without an engine). Default: the model's shipped weights.")

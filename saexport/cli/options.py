@@ -30,7 +30,7 @@ class UserError(click.ClickException):
 
 
 def clear_errors(command: Callable) -> Callable:
-    """Bad input ends with `error: <what and how to fix it>` and exit status 2, not a traceback; Ctrl-C says how
+    """Bad input ends with `Error: <what and how to fix it>` and exit status 2, not a traceback; Ctrl-C says how
     to resume."""
 
     @functools.wraps(command)

@@ -3,6 +3,7 @@ of `artifacts.OnnxMetadata`."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,6 @@ from pathlib import Path
 import onnx
 import torch
 
-import saexport
 from saexport.artifacts import ArtifactFolder, Budgets, OnnxMetadata, Topology
 from saexport.errors import SaexportError
 from saexport.folders import clean_stale, temporary_folder
@@ -48,7 +48,8 @@ def example_inputs(loaded: LoadedModel, video: VideoShape, dtype: torch.dtype, b
 def build_sparse_dit(loaded: LoadedModel, topology: Topology, budgets: Budgets, video: VideoShape) -> SparseWanDiT:
     """The sparse DiT for `video`, after checking that topology and budgets were made for it."""
     grid = video.token_grid(loaded.preset.patch_size)
-    topology.check_matches(loaded.preset.name, loaded.preset.config_hash(), grid, topology.block_size)
+    topology.check_matches(loaded.preset.name, loaded.preset.config_hash(), grid, topology.block_size,
+                           loaded.weights_id)
     budgets.check_matches(topology)
     return SparseWanDiT(loaded.transformer, grid, topology.layout, topology.levels, budgets.levels,
                         topology.block_size)
@@ -69,7 +70,7 @@ def export_onnx(
     if param_dtypes and param_dtypes != {dtype}:
         raise SaexportError(f"the model was loaded in {param_dtypes} but the export asks for {dtype}")
     register_schema()
-    module = build_sparse_dit(loaded, topology, budgets, video).eval()
+    module = build_sparse_dit(loaded, topology, budgets, video).cpu().eval()  # calibration may have moved it
     args = example_inputs(loaded, video, dtype, batch)
     with torch.no_grad():
         program = torch.onnx.export(
@@ -85,7 +86,7 @@ def export_onnx(
         grid=module.grid, block_size=topology.block_size, layout=topology.layout.to_metadata(), steps=budgets.steps,
         topology_hash=topology.hash(), budgets_hash=budgets.hash(), fidelity=budgets.fidelity,
         mean_density=round(budgets.mean_density, 6), dtype=dtype_name(dtype), batch=batch,
-        saexport_version=saexport.__version__)
+        saexport_version=importlib.metadata.version("saexport"))
     program.model.metadata_props.update(metadata.to_props())
 
     out_dir = Path(out_dir)

@@ -1,18 +1,18 @@
 """`saexport verify` and `export --verify`: the exported graph against the PyTorch model it came from, on
 polygraphy's runners and Comparator.
 
-Runners, one after the other on the same inputs (random, seeded; the first and the last denoising step):
-the PyTorch sparse DiT (the reference, `TorchDiTRunner`), ONNX Runtime on the fp32 graph (the custom op through
-onnxruntime-extensions), and TensorRT on the engine where TensorRT, an engine and the plugin are present.
-Inputs and outputs are saved in polygraphy's JSON format, so `polygraphy run ... --load-inputs --load-outputs`
-and `trtexec` can repeat the comparison elsewhere; the equivalent command lines are returned.
+Runners, one after the other on the same inputs (random, seeded; the first and the last denoising step): the
+PyTorch sparse DiT (the reference, `TorchDiTRunner`) and ONNX Runtime on the fp32 graph (the custom op through
+onnxruntime-extensions). Inputs and outputs can be saved in polygraphy's JSON format. A TensorRT runner is not
+here: engines are fp16/bf16 (the plugin's types) while ONNX Runtime runs the fp32 graph, and no machine of this
+project runs TensorRT to check one against the other.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.common import TensorMetadata
 from polygraphy.comparator import Comparator, CompareFunc
 
-from saexport.artifacts import ArtifactFolder, Budgets, OnnxMetadata, Topology
+from saexport.artifacts import Budgets, OnnxMetadata, Topology
 from saexport.errors import SaexportError
 from saexport.exporter.onnx_export import INPUT_NAMES, OUTPUT_NAMES, build_sparse_dit, example_inputs
 from saexport.models.checkpoint import LoadedModel
@@ -61,7 +61,6 @@ class TorchDiTRunner(BaseRunner):
 class Verification:
     passed: bool
     max_errors: dict[str, float]  # runner -> max relative error of noise_pred against the reference
-    commands: list[str] = field(default_factory=list)
 
 
 def verification_feeds(loaded: LoadedModel, video: VideoShape, steps: int, batch: int, seed: int = 0) -> list[dict]:
@@ -76,18 +75,18 @@ def verification_feeds(loaded: LoadedModel, video: VideoShape, steps: int, batch
 
 
 def verify_graph(loaded: LoadedModel, topology: Topology, budgets: Budgets, video: VideoShape, onnx_path: Path,
-                 batch: int = 1, atol: float = ATOL, rtol: float = RTOL, save_dir: Path | None = None,
-                 plugin: Path | None = None) -> Verification:
+                 atol: float = ATOL, rtol: float = RTOL, save_dir: Path | None = None) -> Verification:
     """Compare the runners; an error past `atol` + `rtol` (or NaN) is a failed verification (not raised)."""
-    if OnnxMetadata.read(onnx_path).dtype != "fp32":
+    metadata = OnnxMetadata.read(onnx_path)
+    if metadata.dtype != "fp32":
         raise SaexportError(f"{onnx_path} is not an fp32 graph: ONNX Runtime runs fp32 exports (export with --dtype "
                             "fp32 to verify it; a bf16 graph is verified through its engine)")
     module = build_sparse_dit(loaded, topology, budgets, video)
-    feeds = verification_feeds(loaded, video, budgets.steps, batch)
-    metadata = TensorMetadata()
+    feeds = verification_feeds(loaded, video, budgets.steps, metadata.batch)
+    inputs = TensorMetadata()
     for name, value in feeds[0].items():
-        metadata.add(name, value.dtype, value.shape)
-    runners = [TorchDiTRunner(module, metadata), OnnxrtRunner(lambda: ort_session(onnx_path), name="onnxruntime")]
+        inputs.add(name, value.dtype, value.shape)
+    runners = [TorchDiTRunner(module, inputs), OnnxrtRunner(lambda: ort_session(onnx_path), name="onnxruntime")]
     paths = {}
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -102,18 +101,4 @@ def verify_graph(loaded: LoadedModel, topology: Topology, budgets: Budgets, vide
             a, b = want[OUTPUT_NAMES[0]], got[OUTPUT_NAMES[0]]
             worst = max(worst, float(np.linalg.norm(b - a) / np.linalg.norm(a))) if np.isfinite(b).all() else np.inf
         errors[runner_name] = worst
-    verification = Verification(bool(accuracy), errors)
-    if save_dir is not None:
-        verification.commands = equivalent_commands(onnx_path, save_dir, atol, rtol, plugin)
-    return verification
-
-
-def equivalent_commands(onnx_path: Path, save_dir: Path, atol: float, rtol: float, plugin: Path | None) -> list[str]:
-    """Where TensorRT exists: polygraphy on the engine against the saved reference outputs, and trtexec."""
-    plugin_path = plugin or Path("libsaexport_trt_plugin.so")
-    return [
-        f"polygraphy run {onnx_path} --trt --plugins {plugin_path} --load-inputs {save_dir / 'inputs.json'} "
-        f"--load-outputs {save_dir / 'outputs.json'} --atol {atol} --rtol {rtol}",
-        f"trtexec --onnx={onnx_path} --staticPlugins={plugin_path} --stronglyTyped "
-        f"--saveEngine={ArtifactFolder(onnx_path.parent).engine}",
-    ]
+    return Verification(bool(accuracy), errors)

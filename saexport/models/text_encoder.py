@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,19 +55,48 @@ def negative_embeddings(weights: Path | None, text_len: int, text_dim: int, cach
     return synthetic_embeddings(text_len, text_dim, 1, NEGATIVE_SEED)
 
 
-def encode_prompts(weights: Path, prompts: list[str], cache: Path | None = None, device: str | torch.device = "cpu",
-                   max_length: int = MAX_LENGTH, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """fp32 `[len(prompts), max_length, text_dim]` on the CPU; from the cache when the encoder and the prompts are
-    the same. UMT5 runs on `device` in `dtype` (bf16 on a GPU, as Wan's pipeline runs it)."""
+class UMT5Encoder:
+    """The checkpoint's UMT5 (`text_encoder/` + `tokenizer/`), loaded once, encoding as diffusers' WanPipeline does:
+    padded to `max_length`, the positions past each prompt's end set to zero; fp32 out, on the CPU."""
+
+    def __init__(self, checkpoint: Path, max_length: int, device: torch.device, dtype: torch.dtype):
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        self.max_length, self.device = max_length, device
+        self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint / "tokenizer"))
+        self.model = UMT5EncoderModel.from_pretrained(str(checkpoint / "text_encoder"), torch_dtype=dtype)
+        self.model = self.model.to(device).eval()
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                                add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        mask = tokens.attention_mask.to(self.device)
+        hidden = self.model(tokens.input_ids.to(self.device), mask).last_hidden_state.float()
+        return (hidden * mask.unsqueeze(-1)).cpu()
+
+
+def open_text_encoder(weights: Path, max_length: int, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32) -> Callable[[list[str]], torch.Tensor]:
+    """The checkpoint's text encoder, loaded once: prompts -> fp32 `[len(prompts), max_length, text_dim]`."""
     if not has_text_encoder(weights):
         raise SaexportError(f"{weights} has no text_encoder/ and tokenizer/ (diffusers layout): give embeddings "
                             "as a file instead")
     if is_word_encoder(weights):
-        encoder = WordEncoder.load(weights)
-        if encoder.tokenizer.max_length != max_length:
-            raise SaexportError(f"{weights}: the word encoder reads {encoder.tokenizer.max_length} tokens, the model "
+        words = WordEncoder.load(weights)
+        if words.tokenizer.max_length != max_length:
+            raise SaexportError(f"{weights}: the word encoder reads {words.tokenizer.max_length} tokens, the model "
                                 f"attends to {max_length}")
-        return encoder.encode(prompts)
+        return words.encode
+    return UMT5Encoder(weights, max_length, torch.device(device), dtype).encode
+
+
+def encode_prompts(weights: Path, prompts: list[str], cache: Path | None = None, device: str | torch.device = "cpu",
+                   max_length: int = MAX_LENGTH, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """fp32 `[len(prompts), max_length, text_dim]` on the CPU; from the cache when the encoder and the prompts are
+    the same. UMT5 runs on `device` in `dtype` (bf16 on a GPU, as Wan's pipeline runs it)."""
+    if not has_text_encoder(weights) or is_word_encoder(weights):  # errors, or a table lookup: nothing to cache
+        return open_text_encoder(weights, max_length, device, dtype)(prompts)
     key = _cache_key(weights, prompts, max_length)
     if cache is not None and cache.is_file():
         try:
@@ -75,16 +105,7 @@ def encode_prompts(weights: Path, prompts: list[str], cache: Path | None = None,
                     return f.get_tensor("embeddings")
         except (SafetensorError, OSError):
             pass  # unreadable cache: encode again
-    from transformers import AutoTokenizer, UMT5EncoderModel
-
-    tokenizer = AutoTokenizer.from_pretrained(str(weights / "tokenizer"))
-    encoder = UMT5EncoderModel.from_pretrained(str(weights / "text_encoder"), torch_dtype=dtype).to(device).eval()
-    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-    mask = tokens.attention_mask.to(device)
-    with torch.no_grad():
-        hidden = encoder(tokens.input_ids.to(device), mask).last_hidden_state.float()
-    embeddings = (hidden * mask.unsqueeze(-1)).cpu()  # zeros past each prompt's end, as WanPipeline pads
+    embeddings = UMT5Encoder(weights, max_length, torch.device(device), dtype).encode(prompts)
     if cache is not None:
         with atomic_path(cache) as tmp:
             save_file({"embeddings": embeddings.contiguous()}, str(tmp),

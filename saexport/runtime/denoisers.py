@@ -64,11 +64,15 @@ class OnnxRuntimeDenoiser:
         elem = self.session.get_inputs()[0].type
         if elem != "tensor(float)":
             raise SaexportError(f"{path} is a {elem} graph; the onnxruntime back end runs fp32 exports")
+        self.batch = self.session.get_inputs()[0].shape[0]  # static: the graph was exported for it
 
     def predict(self, latents, timestep, step_index, text_embeddings):
         from saexport.runtime.ort_session import run_dit
 
         check_step_index(step_index, self.steps)  # the custom op's exception would abort the process
+        if latents.shape[0] != self.batch:
+            raise SaexportError(f"the graph was exported for batch {self.batch}; this pass has {latents.shape[0]} "
+                                "(the sampler runs batch 1 a pass: export with --batch 1)")
         inputs = (latents.float().cpu(), timestep.float().cpu(), text_embeddings.float().cpu(),
                   step_index.to(torch.int32).cpu())
         return run_dit(self.session, inputs)

@@ -43,6 +43,9 @@ class PipelineSparseSelfAttnProcessor:
         query, key, value = project_qkv(attn, hidden_states, (cos[..., 0::2], sin[..., 1::2]))
         query, key, value = (t[:, self.perm] for t in (query, key, value))
         step = self.scheduler.step_index or 0  # the loop's step: both guidance passes run before scheduler.step
+        if step >= self.masks.budgets.shape[0]:  # the kernel would clamp it: refuse rather than reuse a budget
+            raise SaexportError(f"the budgets are for {self.masks.budgets.shape[0]} steps; run the pipeline with "
+                                f"num_inference_steps={self.masks.budgets.shape[0]}")
         out = torch.ops.saexport.block_sparse_attention(
             query, key, value, self.masks.topology, self.masks.budgets,
             torch.tensor([step], dtype=torch.int32, device=device), self.block_size,

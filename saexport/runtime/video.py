@@ -17,16 +17,12 @@ VIDEO_SUFFIXES = (".gif", ".mp4")
 OUTPUT_SUFFIXES = (".safetensors", *VIDEO_SUFFIXES)
 
 
-def write_output(latents: torch.Tensor, codec: LatentCodec, path: Path, vae_path: Path | None, scale: int,
-                 device: str | torch.device = "cpu") -> None:
-    """Latents `[1, channels, f, h, w]` as `.safetensors`, or decoded to a `.gif` / `.mp4`."""
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import save_file
+def write_latents(latents: torch.Tensor, path: Path) -> None:
+    """Latents `[1, channels, f, h, w]` as `.safetensors` (tensor `latents`)."""
+    from safetensors.torch import save_file
 
-        with atomic_path(path) as tmp:
-            save_file({"latents": latents.contiguous()}, str(tmp))
-    else:
-        write_video(latents_to_frames(codec, latents, vae_path, device), path, scale=scale)
+    with atomic_path(path) as tmp:
+        save_file({"latents": latents.contiguous()}, str(tmp))
 
 
 def latents_to_frames(codec: LatentCodec, latents: torch.Tensor, vae_path: str | Path | None,

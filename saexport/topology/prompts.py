@@ -10,6 +10,7 @@ key uses.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,19 @@ def builtin_prompts(preset: ModelPreset, weights: Path, count: int) -> list[str]
     return CALIBRATION_PROMPTS[:count]
 
 
+@functools.lru_cache(maxsize=8)
+def _files_digest(files: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 of the files' names and bytes (UMT5-XXL's are ~11 GB: read once per command, keyed by the files'
+    sizes and modification times)."""
+    digest = hashlib.sha256()
+    for name, _, _ in files:
+        digest.update(Path(name).name.encode())
+        with open(name, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class CalibrationSet:
     embeddings: torch.Tensor  # fp32 [prompts, text_len, text_dim]
@@ -106,13 +120,10 @@ class PromptSource:
         """From the files' contents: the same for every copy of the same inputs."""
         if self.kind == "synthetic":
             return f"synthetic ({self.count} prompts, seed {SYNTHETIC_SEED})"
-        digest = hashlib.sha256()
-        for file in self._files():
-            digest.update(file.name.encode())
-            digest.update(file.read_bytes())
+        digest = _files_digest(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in self._files()))
         if self.kind == "file":
-            return f"file {self.embeddings_file.name} (sha256 {digest.hexdigest()[:16]})"  # type: ignore[union-attr]
-        return f"{self.count} built-in prompts, text encoder sha256 {digest.hexdigest()[:16]}"
+            return f"file {self.embeddings_file.name} (sha256 {digest})"  # type: ignore[union-attr]
+        return f"{self.count} built-in prompts, text encoder sha256 {digest}"
 
     def load(self, cache: Path | None = None) -> CalibrationSet:
         self.check()

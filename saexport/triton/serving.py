@@ -28,14 +28,15 @@ import numpy as np
 import torch
 
 from saexport.errors import SaexportError
+from saexport.models.text_encoder import UMT5Encoder
 from saexport.runtime.denoisers import Denoiser, check_step_index
+from saexport.runtime.sampler import DEFAULT_GUIDANCE
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int32": torch.int32,
                 "int64": torch.int64, "uint8": torch.uint8}
 NUMPY_DTYPES = {"fp32": np.float32, "int32": np.int32, "int64": np.int64, "uint8": np.uint8, "string": np.object_}
 TRITON_TYPES = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16", "bf16": "TYPE_BF16", "int32": "TYPE_INT32",
                 "int64": "TYPE_INT64", "uint8": "TYPE_UINT8", "string": "TYPE_STRING"}
-DEFAULT_GUIDANCE = 5.0  # saexport.runtime.sampler.DEFAULT_GUIDANCE (not imported: it pulls in diffusers)
 
 
 @dataclass(frozen=True)
@@ -113,29 +114,6 @@ def check_finite(tensor: torch.Tensor, name: str) -> None:
 # ---------------------------------------------------------------------------------------------- text encoder
 
 
-class UMT5Encoder:
-    """The checkpoint's UMT5 (`text_encoder/` + `tokenizer/`) loaded once (`encode_prompts` loads it per call),
-    encoding exactly as `saexport.models.text_encoder.encode_prompts` does (the same tokenizer call, padded to
-    `max_length`, zeros past each prompt's end; tests/test_triton.py checks the bits), in `dtype` on `device`:
-    bf16 on the GPU in a served Wan2.1, as `generate` runs it there."""
-
-    def __init__(self, checkpoint: Path, max_length: int, device: torch.device, dtype: torch.dtype):
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
-        self.max_length, self.device = max_length, device
-        self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint / "tokenizer"))
-        self.model = UMT5EncoderModel.from_pretrained(str(checkpoint / "text_encoder"), dtype=dtype)
-        self.model = self.model.to(device).eval()
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                                add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-        mask = tokens.attention_mask.to(self.device)
-        hidden = self.model(tokens.input_ids.to(self.device), mask).last_hidden_state.float()
-        return (hidden * mask.unsqueeze(-1)).cpu()
-
-
 class TextEncoder:
     """`<name>_text_encoder`: prompts -> fp32 `[len(prompts), text_len, text_dim]`."""
 
@@ -155,7 +133,7 @@ class TextEncoder:
                                     f"DiT attends to {text_len}")
             return cls(words.encode, text_len, int(config["text_dim"]))
         if config["kind"] == "umt5":
-            umt5 = UMT5Encoder(checkpoint, text_len, torch.device(device), TORCH_DTYPES[config["dtype"]])
+            umt5 = UMT5Encoder(checkpoint, text_len, torch.device(device), TORCH_DTYPES[config["dtype"]])  # once
             return cls(umt5.encode, text_len, int(config["text_dim"]))
         raise SaexportError(f"unknown text encoder kind {config['kind']!r} in {folder}/text_encoder.json")
 
