@@ -1,5 +1,5 @@
-"""The artifact contract (DESIGN.md, "Contracts"): every file saexport writes for another part to read, written
-and read here only.
+"""The artifact contract (docs/ARCHITECTURE.md, "Contracts"): every file saexport writes for another part to read,
+written and read here only.
 
 - `ArtifactFolder`: the names of the files in a build or export folder;
 - `Topology` and `Budgets`: `topology.safetensors` and `budgets.safetensors`. Metadata values are JSON strings;

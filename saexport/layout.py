@@ -1,4 +1,4 @@
-"""Token layouts: the order of latent tokens inside the DiT (DESIGN.md, "Token layout").
+"""Token layouts: the order of latent tokens inside the DiT (docs/ARCHITECTURE.md, "Token layout").
 
 Wan flattens tokens in raster order (frame, row, column), so a block of 128 tokens is a thin strip
 of one frame. The `tile3d` layout orders tokens tile by tile, so that a block is a compact

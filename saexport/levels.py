@@ -1,4 +1,4 @@
-"""Threshold levels: the packed INT32 form of DESIGN.md, and the masks and densities they give.
+"""Threshold levels: the packed INT32 form of docs/ARCHITECTURE.md, and the masks and densities they give.
 
 A level is a uint8 0..255. Block pair (u, v) of a head is kept at step s when
 `topology[h, u, v] <= budget[s, h]`; level 255 keeps everything.
@@ -63,7 +63,7 @@ def density(levels: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
 
 
 def levels_from_scores(scores: torch.Tensor) -> torch.Tensor:
-    """Rank `[..., n, n]` scores into levels (rank 1 = highest score), DESIGN.md's rule exactly.
+    """Rank `[..., n, n]` scores into levels (rank 1 = highest score), docs/ARCHITECTURE.md's rule exactly.
 
     The pair of rank r is in Top(S, p), the ceil(p n^2) best pairs, iff p n^2 > r - 1; at level P
     (p = P / 255) that is P > 255 (r - 1) / n^2, so its level is floor(255 (r - 1) / n^2) + 1.

@@ -78,10 +78,11 @@ class Models:
 
 @dataclass(frozen=True)
 class BudgetRule:
-    """How FAST allocates (DESIGN.md's FAST paragraph): v1, the lowest level reaching a graded fidelity target;
-    v2, per entry the level maximising w * Q - lambda * density, with the quality proxy Q measured along the
-    sampler loop on `rows_per_head` rows a head, the weights w measured end to end (`sensitivity`, over
-    `buckets` step buckets and every layer) and `warmup` dense steps counted in the goal (or "auto")."""
+    """How FAST allocates (docs/ARCHITECTURE.md, "The method in one page"): v1, the lowest level reaching a graded
+    fidelity target; v2, per entry the level maximising w * Q - lambda * density, with the quality proxy Q
+    measured along the sampler loop on `rows_per_head` rows a head, the weights w measured end to end
+    (`sensitivity`, over `buckets` step buckets and every layer) and `warmup` dense steps counted in the goal
+    (or "auto")."""
 
     rule: str = "v1"
     proxy: str = "output"

@@ -1,4 +1,4 @@
-"""The package's layout is its pipeline (DESIGN.md, "Layout of the repository"): imports only go down it."""
+"""The package's layout is its pipeline (docs/ARCHITECTURE.md, "Layout of the repository"): imports only go down it."""
 
 import ast
 from pathlib import Path

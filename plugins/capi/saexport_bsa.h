@@ -1,4 +1,4 @@
-/* C ABI of the block-sparse attention kernel library (DESIGN.md, "The kernel library and the plugin").
+/* C ABI of the block-sparse attention kernel library (docs/ARCHITECTURE.md, "The kernel library and the plugin").
  *
  * Plain C types only, so that ctypes, the TensorRT plugin and any other front end share one core.
  * All functions are asynchronous on `stream`, allocate nothing, and never synchronise.

@@ -1,4 +1,4 @@
-// Parameters shared by the block-sparse attention kernels (see DESIGN.md, "Kernel").
+// Parameters shared by the block-sparse attention kernels (see docs/ARCHITECTURE.md, "Kernel").
 #pragma once
 
 #include <cstdint>

@@ -16,7 +16,7 @@ __global__ void build_row_masks_kernel(const int32_t* __restrict__ topology, con
     const int word = static_cast<int>(idx % mask_words);
     const long long row = idx / mask_words;  // h * num_blocks + u
     const int h = static_cast<int>(row / num_blocks);
-    // The plugin cannot raise: an out-of-range step is clamped (DESIGN.md).
+    // The plugin cannot raise: an out-of-range step is clamped (docs/ARCHITECTURE.md).
     const int step = min(max(step_index[0], 0), steps - 1);
     const int budget = budgets[step * heads + h];
     const int packed_words = (num_blocks + 3) / 4;

@@ -5,7 +5,7 @@
 
 namespace saexport {
 
-// Rows of a query block whose mask row is empty (DESIGN.md: zeros).
+// Rows of a query block whose mask row is empty (docs/ARCHITECTURE.md: zeros).
 template <int kBlockM, int kHeadDim, int kThreads, typename T>
 __device__ void write_zero_rows(T* out, int q0, int seq_len, long long token_stride) {
     constexpr int kChunks = kHeadDim / 8;

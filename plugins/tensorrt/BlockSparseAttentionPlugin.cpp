@@ -10,7 +10,7 @@ using namespace nvinfer1;
 namespace saexport::trt {
 namespace {
 
-// Input positions (DESIGN.md): q, k, v, topology, budgets, step_index; then the output.
+// Input positions (docs/ARCHITECTURE.md): q, k, v, topology, budgets, step_index; then the output.
 enum : int32_t { kQ = 0, kK, kV, kTopology, kBudgets, kStepIndex, kNbInputs, kOut = kNbInputs };
 
 void reportError(char const* what) noexcept { std::fprintf(stderr, "[saexport BlockSparseAttention] %s\n", what); }
@@ -40,7 +40,7 @@ bool sameOrUnknown(int64_t extent, int64_t expected) noexcept {
     return extent < 0 || expected < 0 || extent == expected;
 }
 
-// Shapes of the six inputs and the output (DESIGN.md, "The ONNX node"); an extent of -1 (not known yet while
+// Shapes of the six inputs and the output (docs/ARCHITECTURE.md, "The ONNX node"); an extent of -1 (not known yet while
 // building) passes. Returns what is wrong, or nullptr. A topology or budgets tensor smaller than the node's
 // num_heads and L imply would have the kernel read past it.
 char const* shapeError(Dims const (&dims)[kNbInputs + 1], BlockSparseAttentionConfig const& config) noexcept {

@@ -1,5 +1,5 @@
 // TensorRT IPluginV3 `BlockSparseAttention` v1: a thin layer over the kernel library's C ABI.
-// Inputs and semantics: DESIGN.md, "The ONNX node"; the ONNX parser maps the node's attributes
+// Inputs and semantics: docs/ARCHITECTURE.md, "The ONNX node"; the ONNX parser maps the node's attributes
 // (num_heads, head_dim, block_size, scale) to plugin fields.
 #pragma once
 
@@ -60,7 +60,7 @@ public:
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
 private:
-    // Shape state, recomputed by onShapeChange (DESIGN.md: shapes are static per build, but TensorRT may call
+    // Shape state, recomputed by onShapeChange (docs/ARCHITECTURE.md: shapes are static per build, but TensorRT may call
     // it again, e.g. for a new execution context).
     struct Shape {
         int32_t batch{0};

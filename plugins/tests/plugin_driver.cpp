@@ -67,7 +67,7 @@ using namespace nvinfer1;
 
 namespace {
 
-// Input positions (DESIGN.md, "The ONNX node"), then the output.
+// Input positions (docs/ARCHITECTURE.md, "The ONNX node"), then the output.
 enum : int32_t { kQ = 0, kK, kV, kTopology, kBudgets, kStepIndex, kNbInputs, kOut = kNbInputs, kNbIO };
 char const* const kPositionNames[kNbIO] = {"q", "k", "v", "topology", "budgets", "step_index", "output"};
 // The name onnx-tensorrt passes to createPlugin: the node's name (getNodeName).
@@ -323,7 +323,7 @@ FieldSet parserFields(IPluginCreatorV3One& creator, std::vector<OnnxAttribute> c
 }
 
 std::vector<OnnxAttribute> nodeAttributes(int64_t heads, int64_t headDim, int64_t blockSize, float scale) {
-    // As saexport's exporter writes them (DESIGN.md, "The ONNX node").
+    // As saexport's exporter writes them (docs/ARCHITECTURE.md, "The ONNX node").
     return {stringAttr("plugin_version", "1"), stringAttr("plugin_namespace", ""), intAttr("num_heads", heads),
             intAttr("head_dim", headDim),      intAttr("block_size", blockSize),   floatAttr("scale", scale)};
 }
@@ -532,7 +532,7 @@ CaseData makeCase(CaseSpec const& spec, std::mt19937_64& rng) {
 }
 
 // Block-sparse attention of one step in double precision: row u of head h attends to the key blocks v with
-// level(h, u, v) <= budgets[step, h]; a row with none is zeros (DESIGN.md, "Kernel").
+// level(h, u, v) <= budgets[step, h]; a row with none is zeros (docs/ARCHITECTURE.md, "Kernel").
 std::vector<double> reference(CaseData const& c, int step) {
     Geometry const& g = c.spec.geometry;
     int const n = g.blocks();

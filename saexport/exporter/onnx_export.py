@@ -1,4 +1,4 @@
-"""Export a `SparseWanDiT` to `model.onnx` (DESIGN.md, "The ONNX node" and the graph I/O), with the metadata
+"""Export a `SparseWanDiT` to `model.onnx` (docs/ARCHITECTURE.md, "The ONNX node" and the graph I/O), with the metadata
 of `artifacts.OnnxMetadata`."""
 
 from __future__ import annotations

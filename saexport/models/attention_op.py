@@ -1,4 +1,4 @@
-"""The `saexport::block_sparse_attention` torch op: the semantics of DESIGN.md's ONNX node.
+"""The `saexport::block_sparse_attention` torch op: the semantics of docs/ARCHITECTURE.md's ONNX node.
 
 q, k, v are `[batch, L, heads, head_dim]`; `topology` is the layer's packed INT32 threshold map
 `[heads, n, ceil(n/4)]`; `budgets` is `[steps, heads]`; `step_index` is INT32 `[1]`. Query block u of
@@ -57,7 +57,7 @@ def check_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topology: torch.Tensor, budgets: torch.Tensor,
     block_size: int,
 ) -> int:
-    """Validate shapes and dtypes against DESIGN.md; return the number of blocks."""
+    """Validate shapes and dtypes against docs/ARCHITECTURE.md; return the number of blocks."""
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one [batch, L, heads, head_dim] shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")

@@ -1,4 +1,4 @@
-"""The `BlockSparseAttention` ONNX node (DESIGN.md, "The ONNX node"): its schema and its translation.
+"""The `BlockSparseAttention` ONNX node (docs/ARCHITECTURE.md, "The ONNX node"): its schema and its translation.
 
 The node lives in the `ai.onnx.contrib` domain, where onnxruntime-extensions serves custom ops, so
 the exported file runs unchanged in ONNX Runtime; TensorRT's parser ignores the domain and finds

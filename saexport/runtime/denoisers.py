@@ -1,4 +1,5 @@
-"""`Denoiser` back ends (DESIGN.md, "The runtime"): one `predict` over an engine, an ONNX file or the torch model.
+"""`Denoiser` back ends (docs/ARCHITECTURE.md, "The runtime"): one `predict` over an engine, an ONNX file or the
+torch model.
 
 All take and return torch tensors: latents `[batch, 16, frames, h, w]`, timestep fp32 `[batch]`,
 step_index int32 `[1]` (the denoising step, which picks the budgets), text embeddings

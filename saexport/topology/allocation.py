@@ -1,4 +1,5 @@
-"""FAST v2: budgets that maximise a weighted quality proxy at the density goal (DESIGN.md, "The method in one page").
+"""FAST v2: budgets that maximise a weighted quality proxy at the density goal (docs/ARCHITECTURE.md, "The method
+in one page").
 
 Per (step s, layer l, head h) entry the budget is the level P maximising
 

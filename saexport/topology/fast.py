@@ -1,4 +1,4 @@
-"""FAST: per (step, layer, head) budget levels from a fidelity target (DESIGN.md, "The method in one page").
+"""FAST: per (step, layer, head) budget levels from a fidelity target (docs/ARCHITECTURE.md, "The method in one page").
 
 Fidelity of a sparse row is F = 1 - Hellinger(dense row, sparse row). The sparse row is the dense row
 restricted to the kept blocks and renormalised, so with kept mass M the Bhattacharyya coefficient is

@@ -1,7 +1,7 @@
 """A deterministic STAND-IN topology and budgets, for tests and for exports before calibration.
 
 Not WEST/FAST: no model is run. Each head gets a made-up locality pattern (a preferred block offset
-and a falloff) plus hashed noise, ranked into levels exactly as DESIGN.md ranks real scores; budgets
+and a falloff) plus hashed noise, ranked into levels exactly as docs/ARCHITECTURE.md ranks real scores; budgets
 pick, per step, layer and head, the level that keeps about the requested density (varied per head
 and step so that tests see different masks everywhere). Metadata marks both as stand-ins.
 """

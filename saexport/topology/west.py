@@ -1,4 +1,4 @@
-"""WEST: the threshold map of every layer and head (DESIGN.md, "The method in one page").
+"""WEST: the threshold map of every layer and head (docs/ARCHITECTURE.md, "The method in one page").
 
 For each calibration run i (one pass of one step of one prompt x seed trajectory), block scores S_i(u, v) are
 the mean attention probability inside the block pair (`block_scores`). A pair's level in run i is the smallest
