@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 # One palette, one set of shapes and one held-out rule with the demo's videos: the same words mean the same.
-from saexport.demo.videos import COLOURS, DIRECTIONS, PANS, SHAPES, _shape_sdf, is_held_out
+from saexport.demo.videos import COLOURS, DIRECTIONS, PANS, SHAPES, _shape_sdf, draw_scenes, is_held_out
 
 __all__ = ["VOCABULARY", "MAX_WORDS", "ObjectSpec", "Scene", "is_held_out", "random_scene", "render", "scenes"]
 
@@ -90,13 +90,7 @@ def random_scene(gen: torch.Generator) -> Scene:
 
 def scenes(count: int, seed: int, held_out: bool = False) -> list[Scene]:
     """`count` training scenes (or, with `held_out`, test scenes) drawn from a seed."""
-    gen = torch.Generator().manual_seed(seed)
-    chosen: list[Scene] = []
-    while len(chosen) < count:
-        scene = random_scene(gen)
-        if is_held_out(scene.caption()) == held_out:
-            chosen.append(scene)
-    return chosen
+    return draw_scenes(random_scene, count, seed, held_out)
 
 
 def render(scene_list: list[Scene], frames: int, height: int, width: int, seed: int,

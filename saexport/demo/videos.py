@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -85,10 +87,15 @@ def is_held_out(caption: str) -> bool:
 
 def scenes(count: int, seed: int, held_out: bool = False) -> list[Scene]:
     """`count` training scenes (or, with `held_out`, test scenes) drawn from a seed."""
+    return draw_scenes(random_scene, count, seed, held_out)
+
+
+def draw_scenes(draw: Callable[[torch.Generator], Any], count: int, seed: int, held_out: bool) -> list:
+    """`count` scenes of `draw` from one seeded stream, keeping those on the asked side of the held-out split."""
     gen = torch.Generator().manual_seed(seed)
-    chosen: list[Scene] = []
+    chosen: list = []
     while len(chosen) < count:
-        scene = random_scene(gen)
+        scene = draw(gen)
         if is_held_out(scene.caption()) == held_out:
             chosen.append(scene)
     return chosen
