@@ -257,13 +257,18 @@ def check_output_folder(target: Pathish, owner: str, inputs: Iterable[Pathish] =
             raise SaexportError(f"cannot write into {_show(path)}: permission denied (or a read-only filesystem); "
                                 f"pass {option} a folder you can write to")
     else:
-        if not existing.is_dir():
-            raise SaexportError(f"cannot create {_show(path)}: {_show(existing)} is a file, not a folder; "
-                                f"pass {option} a path outside it")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise SaexportError(f"cannot create {_show(path)}: {_show(existing)} is not writable (permission denied "
-                                f"or a read-only filesystem); pass {option} a folder you can write to")
+        _check_ancestor_writable(path, existing, "create", f"pass {option} a path outside it",
+                                 f"pass {option} a folder you can write to")
     return path
+
+
+def _check_ancestor_writable(target: Path, existing: Path, verb: str, outside: str, writable: str) -> None:
+    """`target` does not exist yet: its nearest existing ancestor must be a folder we may write into."""
+    if not existing.is_dir():
+        raise SaexportError(f"cannot {verb} {_show(target)}: {_show(existing)} is a file, not a folder; {outside}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SaexportError(f"cannot {verb} {_show(target)}: {_show(existing)} is not writable (permission denied "
+                            f"or a read-only filesystem); {writable}")
 
 
 def _check_contents(folder: Path, owner: str, option: str, adopt: Callable[[Path], bool] | None) -> None:
@@ -678,11 +683,6 @@ def check_writable_file_target(path: Pathish, suffixes: Iterable[str] | None = N
     for item in inputs:
         if _resolve(item) == target:
             raise SaexportError(f"{option} {_show(target)} is an input of this command: pass another path")
-    existing = _nearest_existing(target.parent)
-    if not existing.is_dir():
-        raise SaexportError(f"cannot write {_show(target)}: {_show(existing)} is a file, not a folder; "
-                            f"pass {option} a path outside it")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SaexportError(f"cannot write {_show(target)}: {_show(existing)} is not writable (permission denied "
-                            f"or a read-only filesystem); pass {option} somewhere you can write")
+    _check_ancestor_writable(target, _nearest_existing(target.parent), "write", f"pass {option} a path outside it",
+                             f"pass {option} somewhere you can write")
     return target
