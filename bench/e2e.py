@@ -1,6 +1,7 @@
 """One DiT forward of a full-size Wan2.1 with random weights: dense (cuDNN SDPA) against sparse (our kernel).
 
-Also times one WEST calibration step (dense forward with every layer probed). Prints a table; GPU named.
+Also times WEST calibration passes (a dense forward with every layer probed, the rank update on the GPU)
+against the dense forward. Prints a table; GPU named.
 With --compile both sides run through torch.compile (inductor fuses the norms, RoPE, modulation and
 GELU around the attention, as a TensorRT engine does): the closer proxy of a deployed engine.
     python bench/e2e.py [--model wan2.1] [--resolution 480p] [--frames 81] [--densities 0.5,0.3,0.15] [--compile]
@@ -36,12 +37,13 @@ def main() -> None:
     parser.add_argument("--densities", default="0.5,0.3,0.15")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--no-calibration", action="store_true", help="Skip timing a WEST calibration step.")
+    parser.add_argument("--no-calibration", action="store_true", help="Skip timing WEST calibration passes.")
+    parser.add_argument("--calib-rows", default="16,4", help="Sampled query rows per block of the timed WEST runs.")
     parser.add_argument("--compile", action="store_true", help="torch.compile the dense and the sparse model.")
     args = parser.parse_args()
     assert kernels.load_library() is not None, "build the kernel library first"
     dtype = torch.bfloat16
-    loaded = load_model(args.model, random_weights=True, dtype=dtype)
+    loaded = load_model(args.model, random_weights=True, dtype=dtype, random_device="cuda")
     loaded.transformer.cuda()
     video = parse_video_shape(args.resolution, args.frames)
     grid = video.token_grid(loaded.preset.patch_size)
@@ -70,19 +72,25 @@ def main() -> None:
     for name, density, ms in rows:
         print(f"{name:28s} {density:8.3f} {ms:9.1f} {dense_ms / ms:8.2f}x")
     if not args.no_calibration:
+        # WEST along 2 guided steps (4 probed passes) of one prompt, per rows-per-block setting; the rank update
+        # runs on the GPU beside the probes.
         text = synthetic_embeddings(p.text_len, loaded.transformer.config.text_dim, 2, 0)
         prompts = CalibrationSet(text[:1], text[1:], "synthetic")
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        compute_topology(loaded, grid, 128, parse_layout("tile3d"), prompts,
-                         CalibrationLoop((0,), 2, flow_shift_for(video.height)), 16, "cuda",
-                         progress=lambda it, **_: it)
-        end.record()
-        torch.cuda.synchronize()
-        print(f"WEST calibration: {start.elapsed_time(end) / 2:.0f} ms per prompt and step (two guided passes, each a "
-              "dense forward + 16 probed rows per block, all layers; includes the CPU-side rank update)")
-
+        loop = CalibrationLoop((0,), 2, flow_shift_for(video.height))
+        print()
+        print(f"{'WEST calibration pass':28s} {'rows/blk':>8s} {'ms':>9s} {'x dense':>9s}")
+        for rows_per_block in [int(r) for r in args.calib_rows.split(",")]:
+            passes = loop.steps * len(loop.passes)
+            for _ in range(2):  # a warm-up run, then the timed one
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                compute_topology(loaded, grid, 128, parse_layout("tile3d"), prompts, loop, rows_per_block, "cuda",
+                                 progress=lambda it, **_: it)
+                end.record()
+                torch.cuda.synchronize()
+            ms = start.elapsed_time(end) / passes
+            print(f"{'dense forward + probes':28s} {rows_per_block:8d} {ms:9.1f} {ms / dense_ms:8.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--no-vae", action="store_true")
     args = parser.parse_args()
     assert kernels.load_library() is not None, "build the kernel library first (cmake -S . -B build ...)"
-    loaded = load_model(args.model, random_weights=True, dtype=torch.bfloat16)
+    loaded = load_model(args.model, random_weights=True, dtype=torch.bfloat16, random_device="cuda")
     preset, video = loaded.preset, parse_video_shape(args.resolution, args.frames)
     grid = video.token_grid(preset.patch_size)
     text = synthetic_embeddings(preset.text_len, preset.config["text_dim"], 2, 0)

@@ -70,17 +70,24 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     random_weights: bool = False,
     seed: int = 0,
+    random_device: str | torch.device = "cpu",
 ) -> LoadedModel:
+    """A checkpoint folder (or the preset's bundled weights) as a diffusers transformer in `dtype`; or, with
+    `random_weights`, the preset's architecture with seeded random weights drawn on `random_device` (a GPU
+    draws a 14B model in seconds, where the host takes minutes and twice the model's fp32 size in memory; its
+    generator differs, so its weights, and their id, differ from the host's for the same seed)."""
     preset = get_preset(model)
     if random_weights:
         if weights is not None:
             raise SaexportError("give either a weights path or --random-weights, not both")
         log.warning("WARNING: %s has RANDOM WEIGHTS (seed %d): for speed measurements only; its outputs are noise.",
                     model, seed)
+        device = torch.device(random_device)
         transformer = _build_meta(preset.config)
-        state = _random_state(transformer, seed)
+        state = _random_state(transformer, seed, device, dtype)
         _assign(transformer, state, dtype)
-        return LoadedModel(preset, transformer, f"random:{seed}", f"RANDOM WEIGHTS (seed {seed})")
+        weights_id = f"random:{seed}" + ("" if device.type == "cpu" else f"@{device.type}")
+        return LoadedModel(preset, transformer, weights_id, f"RANDOM WEIGHTS (seed {seed})")
     weights = resolve_weights(preset, weights)
     layout = detect_layout(weights)
     check_config_matches(preset, layout.config, str(weights))
@@ -221,20 +228,23 @@ def _assign(model: WanTransformer3DModel, state: dict[str, torch.Tensor], dtype:
     model.eval().requires_grad_(False)
 
 
-def _random_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Fan-in scaled normal weights: activations stay O(1) through the layers, as in a trained model."""
-    gen = torch.Generator().manual_seed(seed)
+def _random_state(model: torch.nn.Module, seed: int, device: torch.device, dtype: torch.dtype
+                  ) -> dict[str, torch.Tensor]:
+    """Fan-in scaled normal weights: activations stay O(1) through the layers, as in a trained model. Each
+    tensor is cast as soon as it is drawn, so memory peaks at the model in `dtype` plus one fp32 tensor."""
+    gen = torch.Generator(device).manual_seed(seed)
     state = {}
     for name, ref in model.state_dict().items():
-        noise = torch.randn(ref.shape, generator=gen)
+        noise = torch.randn(ref.shape, generator=gen, device=device)
         if name.endswith("scale_shift_table"):
-            state[name] = noise / math.sqrt(ref.shape[-1])
+            noise = noise / math.sqrt(ref.shape[-1])
         elif name.endswith(".bias"):
-            state[name] = noise * 0.02
+            noise = noise * 0.02
         elif ref.ndim == 1:  # norm weights
-            state[name] = 1.0 + 0.05 * noise
+            noise = 1.0 + 0.05 * noise
         else:
-            state[name] = noise / math.sqrt(math.prod(ref.shape[1:]))
+            noise = noise / math.sqrt(math.prod(ref.shape[1:]))
+        state[name] = noise.to(torch.float32 if _keeps_fp32(name) else dtype)
     return state
 
 

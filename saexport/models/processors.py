@@ -14,6 +14,7 @@ RMSNorm across heads, RoPE from the DiT's fp32 tables), then one of three attent
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,18 +79,39 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
     return out.transpose(1, 2)
 
 
+@contextlib.contextmanager
+def tf32_products(enabled: bool):
+    """fp32 matrix products on a GPU's TF32 tensor cores inside the block, when `enabled`."""
+    if not enabled:
+        yield
+        return
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+
+
 def block_masses(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, block_size: int, chunk: int = 512):
-    """Softmax of the sampled rows over all keys, summed per key block: fp32 `[batch, heads, R, n]`."""
+    """Softmax of the sampled rows over all keys, summed per key block: fp32 `[batch, heads, R, n]`.
+
+    Half-precision q and k are exact in TF32 (their 8-bit significands fit its 11), so on a GPU their logits
+    come from the tensor cores with fp32 accumulation and nothing lost; fp32 inputs keep full fp32 products.
+    The softmax runs in place on each chunk's logits (one L-wide buffer per chunk, no padded copy)."""
     batch, seq_len, heads, dim = q.shape
-    n = math.ceil(seq_len / block_size)
+    full = seq_len // block_size * block_size  # keys in whole blocks; the rest is one short last block
     keys = k.transpose(1, 2).float()  # [B, H, L, D]
     out = []
-    for start in range(0, rows.numel(), chunk):
-        idx = rows[start:start + chunk].to(q.device)
-        logits = q[:, idx].transpose(1, 2).float() @ keys.transpose(-1, -2) / math.sqrt(dim)
-        probs = torch.softmax(logits, dim=-1)
-        probs = F.pad(probs, (0, n * block_size - seq_len))
-        out.append(probs.unflatten(-1, (n, block_size)).sum(-1))
+    with tf32_products(q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
+        for start in range(0, rows.numel(), chunk):
+            idx = rows[start:start + chunk].to(q.device)
+            logits = q[:, idx].transpose(1, 2).float() @ keys.transpose(-1, -2)  # [B, H, c, L]
+            weights = logits.sub_(logits.amax(-1, keepdim=True)).mul_(1 / math.sqrt(dim)).exp_()
+            blocks = weights[..., :full].unflatten(-1, (full // block_size, block_size)).sum(-1)
+            if full < seq_len:
+                blocks = torch.cat([blocks, weights[..., full:].sum(-1, keepdim=True)], -1)
+            out.append(blocks / blocks.sum(-1, keepdim=True))
     return torch.cat(out, dim=2)
 
 

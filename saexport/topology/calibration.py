@@ -155,7 +155,7 @@ class CalibrationCheckpoint:
         self.done.add(trajectory)
         if self.path is not None:
             with atomic_path(self.path) as tmp:
-                save_file({k: v.contiguous() for k, v in self.state.items()}, str(tmp),
+                save_file({k: v.contiguous().cpu() for k, v in self.state.items()}, str(tmp),
                           metadata={"key": self.key, "done": json.dumps(sorted(self.done))})
 
     def remove(self) -> None:

@@ -45,12 +45,16 @@ LEVELS = DENSE_LEVEL + 1
 
 
 def block_scores(masses: torch.Tensor, rows: SampledRows, seq_len: int, block_size: int) -> torch.Tensor:
-    """Block masses `[heads, R, n]` of one run -> mean probability per block pair `[heads, n, n]`."""
-    heads, _, n = masses.shape
-    sums = torch.zeros(heads, n, n, dtype=torch.float64)
-    sums.index_add_(1, rows.block, masses.double().cpu())
-    counts = torch.bincount(rows.block, minlength=n).clamp(min=1).double()
-    key_lengths = torch.full((n,), float(block_size), dtype=torch.float64)
+    """Block masses `[heads, R, n]` of one run -> mean probability per block pair `[heads, n, n]` (float64, on
+    the masses' device). The rows are summed per query block by a product with a 0/1 matrix, not by an atomic
+    scatter, so a GPU gives the same sums on every run (a rank is a strict comparison of them)."""
+    heads, r, n = masses.shape
+    device = masses.device
+    rows_of_block = torch.zeros(n, r, dtype=torch.float64, device=device)
+    rows_of_block[rows.block.to(device), torch.arange(r, device=device)] = 1.0
+    sums = rows_of_block @ masses.double()
+    counts = rows_of_block.sum(1).clamp(min=1)
+    key_lengths = torch.full((n,), float(block_size), dtype=torch.float64, device=device)
     key_lengths[-1] = seq_len - (n - 1) * block_size
     return sums / counts.view(1, n, 1) / key_lengths.view(1, 1, n)
 
@@ -62,10 +66,12 @@ class ThresholdMap:
     """The runs' block scores combined by an aggregation (the module's docstring) into uint8 `[layers, heads, n, n]`.
 
     `add_run(layer, scores)` for each run and layer; `end_trajectory()` between prompt x seed trajectories (and
-    after the last; a no-op when nothing is pending); `state()` the live tensors a checkpoint saves."""
+    after the last; a no-op when nothing is pending); `state()` the live tensors a checkpoint saves. The state
+    lives on `device`, where the probes' scores are: a calibration on a GPU never copies a run's scores to the
+    host (the ranking of every run is a sort of heads x n^2 scores per layer)."""
 
     def __init__(self, layers: int, heads: int, n: int, aggregation: str = "min", quantile: float = 0.1,
-                 quantile_stride: int = 4):
+                 quantile_stride: int = 4, device: str | torch.device = "cpu"):
         if aggregation not in AGGREGATIONS:
             raise SaexportError(f"unknown WEST aggregation '{aggregation}'; use one of {', '.join(AGGREGATIONS)}")
         if aggregation == "quantile" and not (0 <= quantile <= 1 and 1 <= quantile_stride <= LEVELS):
@@ -73,15 +79,16 @@ class ThresholdMap:
                                 f"got {quantile} and {quantile_stride}")
         self.aggregation, self.quantile, self.stride = aggregation, quantile, quantile_stride
         shape = (layers, heads, n, n)
-        self.levels = torch.full(shape, DENSE_LEVEL, dtype=torch.uint8)  # running minimum ("min", "prompt-min")
+        # the running minimum ("min", "prompt-min-of-step-mean")
+        self.levels = torch.full(shape, DENSE_LEVEL, dtype=torch.uint8, device=device)
         self._state = {"levels": self.levels}
         if aggregation in ("prompt-min-of-step-mean", "mean-score"):
-            self._state["sum"] = torch.zeros(shape, dtype=torch.float64)
-            self._state["count"] = torch.zeros(layers, dtype=torch.float64)
+            self._state["sum"] = torch.zeros(shape, dtype=torch.float64, device=device)
+            self._state["count"] = torch.zeros(layers, dtype=torch.float64, device=device)
         if aggregation == "quantile":
             bins = -(-LEVELS // quantile_stride)
-            self._state["histogram"] = torch.zeros(*shape, bins, dtype=torch.int16)
-            self._state["runs"] = torch.zeros(layers, dtype=torch.int64)
+            self._state["histogram"] = torch.zeros(*shape, bins, dtype=torch.int16, device=device)
+            self._state["runs"] = torch.zeros(layers, dtype=torch.int64, device=device)
 
     def state(self) -> dict[str, torch.Tensor]:
         return self._state
@@ -95,7 +102,8 @@ class ThresholdMap:
                 raise SaexportError("the quantile aggregation counts at most 32767 runs per pair")
             bins = levels_from_scores(scores).long() // self.stride
             self._state["histogram"][layer].scatter_add_(-1, bins.unsqueeze(-1),
-                                                          torch.ones(bins.unsqueeze(-1).shape, dtype=torch.int16))
+                                                          torch.ones(bins.unsqueeze(-1).shape, dtype=torch.int16,
+                                                                     device=bins.device))
             runs[layer] += 1
         else:
             self._state["sum"][layer] += scores.double()
@@ -126,6 +134,7 @@ class ThresholdMap:
             levels[runs == 0] = DENSE_LEVEL
         else:
             levels = self.levels.clone()
+        levels = levels.cpu()
         n = levels.shape[-1]
         levels[..., torch.arange(n), torch.arange(n)] = 0
         return levels
@@ -160,7 +169,7 @@ def compute_topology(
     seq_len = math.prod(grid)
     n = math.ceil(seq_len / block_size)
     rows = SampledRows.draw(seq_len, block_size, rows_per_block, seed=0)
-    threshold = ThresholdMap(preset.num_layers, preset.num_heads, n, aggregation, quantile, quantile_stride)
+    threshold = ThresholdMap(preset.num_layers, preset.num_heads, n, aggregation, quantile, quantile_stride, device)
 
     def on_masses(layer: int, masses: torch.Tensor) -> None:
         for sample in masses:  # each batch element is a run of its own
