@@ -25,8 +25,11 @@ other steps at (goal - 0.2) / 0.8, so the mean meets the goal; at 20% nothing is
   cost 25% of the blocks on this 4-block-deep grid);
 - "oracle" (dynamic): at every step, layer, head and video, the diagonal plus the block pairs with the most TRUE
   dense attention mass of that very call (softmax of the call's own q, k, summed over `--oracle-rows` sampled
-  query rows per block against all keys), as many as the goal allows; an upper bound for any mask of that
-  density. Every static row keeps the diagonal too (level 0);
+  query rows per block against all keys), as many as the goal allows: most attention mass at that density at
+  every head, an upper bound in mass only among masks that keep the same density at every head and step (and
+  most mass is not least output error). Every static row keeps the diagonal too (level 0);
+- "oracle at v2 densities": the same per-call choice of blocks, at FAST v2's density of every (step, layer, head)
+  entry: the best any mask could do with FAST v2's allocation (what WEST's static map costs FAST v2);
 - "FAST v2": `saexport.topology.allocation.fit_budgets_v2` on the attention-output proxy and end-to-end sensitivity
   weights measured on the calibration captions (`fast_v2_budgets`), warm-up counted inside the goal. The weights
   are measured once, at 30% (the build measures them at each preset's density), on the first
@@ -99,8 +102,8 @@ from saexport.topology import fast  # noqa: E402
 from saexport.topology.allocation import fit_budgets_v2  # noqa: E402
 from saexport.topology.calibration import CalibrationLoop, SampledRows  # noqa: E402
 from saexport.topology.prompts import CalibrationSet, PromptSource, builtin_prompts  # noqa: E402
-from saexport.topology.quality import compute_quality  # noqa: E402
-from saexport.topology.sensitivity import sensitivity_errors  # noqa: E402
+from saexport.topology.quality import PROXIES, compute_quality  # noqa: E402
+from saexport.topology.sensitivity import cell_errors, sensitivity_errors, step_buckets, uniform_levels  # noqa: E402
 from saexport.topology.west import compute_topology  # noqa: E402
 
 TEST_CAPTION_SEED = 2_000_003  # held-out captions; calibration draws training captions with CALIBRATION_SEED
@@ -112,8 +115,9 @@ LOCALITY_DENSITIES = (0.1, 0.2, 0.3, 0.5)
 LOCALITY_ROWS_SEED = 7  # bench/locality.py's: rows WEST never ranked with (it draws seed 0)
 ORACLE_ROWS_SEED = 3
 STATIC_FAMILIES = ("FAST v1", "uniform WEST", "local window", "radial")
-FAMILIES = ("FAST v1", "FAST v2", "uniform WEST", "oracle", "local window", "radial")
-SIDE_BY_SIDE = ("dense", "FAST v1", "uniform WEST", "oracle", "local window")  # the GIF's columns, at 30%
+ORACLES = ("oracle", "oracle at v2 densities")
+FAMILIES = ("FAST v1", "FAST v2", "uniform WEST", *ORACLES, "local window", "radial")
+SIDE_BY_SIDE = ("dense", "FAST v2", "uniform WEST", "oracle", "local window")  # the GIF's columns, at 30%
 SIDE_CAPTIONS = 4
 
 
@@ -233,23 +237,25 @@ def oracle_block_mass(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, rows
     return torch.cat(out)
 
 
-def oracle_keep(mass: torch.Tensor, goal: float) -> torch.Tensor:
-    """The diagonal and the pairs of most mass, round(goal * n^2) in all, per `[..., n, n]`: bool."""
+def oracle_keep(mass: torch.Tensor, densities: torch.Tensor) -> torch.Tensor:
+    """Per head, the diagonal and the pairs of most mass, round(density * n^2) in all: bool `[B, H, n, n]` from
+    the mass `[B, H, n, n]` and each head's density `[H]`."""
     n = mass.shape[-1]
-    count = min(n * n, max(n, round(goal * n * n)))
+    counts = (densities.to(mass.device).double() * n * n).round().clamp(n, n * n).long()  # [H]
     scores = mass.clone()
     scores.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
-    flat = torch.zeros(scores.flatten(-2).shape, dtype=torch.bool, device=mass.device)
-    flat.scatter_(-1, scores.flatten(-2).topk(count, -1).indices, True)
-    return flat.view(mass.shape)
+    order = scores.flatten(-2).argsort(-1, descending=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n * n, device=mass.device).expand_as(order))
+    return (rank < counts.view(1, -1, 1)).view(mass.shape)
 
 
 class OracleProcessor:
     """Self-attention through `saexport::block_sparse_attention` with a mask made per call from the call's own
-    q, k (the dynamic oracle): every video and head its own mask, the batch folded into the heads."""
+    q, k (the dynamic oracle): every video and head its own mask, the batch folded into the heads. `densities`
+    `[steps, heads]`: the fraction of pairs each head keeps at each step of this layer."""
 
-    def __init__(self, context, goals: list[float], rows: SampledRows, rows_per_block: int, block_size: int):
-        self.context, self.goals, self.block_size = context, goals, block_size
+    def __init__(self, context, densities: torch.Tensor, rows: SampledRows, rows_per_block: int, block_size: int):
+        self.context, self.densities, self.block_size = context, densities, block_size
         self.rows, self.rows_per_block = rows.rows, rows_per_block
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
@@ -257,12 +263,12 @@ class OracleProcessor:
         q, k, v = project_qkv(attn, hidden_states, rotary_emb)
         batch, seq_len, heads, dim = q.shape
         n = math.ceil(seq_len / self.block_size)
-        goal = self.goals[int(self.context.step_index.reshape(-1)[0])]
-        if goal >= 1.0:
+        densities = self.densities[int(self.context.step_index.reshape(-1)[0])]
+        if bool((densities >= 1.0).all()):
             levels = torch.zeros(batch * heads, n, n, dtype=torch.uint8, device=q.device)
         else:
             mass = oracle_block_mass(q, k, self.rows.to(q.device), self.rows_per_block, self.block_size)
-            keep = oracle_keep(mass, goal).flatten(0, 1)  # [B*H, n, n]
+            keep = oracle_keep(mass, densities).flatten(0, 1)  # [B*H, n, n]
             levels = torch.where(keep, 0, DENSE_LEVEL).to(torch.uint8)
         fold = [t.permute(1, 0, 2, 3).reshape(1, seq_len, batch * heads, dim) for t in (q, k, v)]
         budgets = torch.zeros(1, batch * heads, dtype=torch.int32, device=q.device)
@@ -420,10 +426,24 @@ class Bench:
 
     # ---------------------------------------------------------------------------------------------- calibration
 
+    def calibration_inputs(self):
+        """(model in --calib-dtype, calibration captions, loop): made on first use."""
+        if not hasattr(self, "_calibration_inputs"):
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[self.args.calib_dtype]
+            loaded = self.loaded if dtype == self.dtype else load_model(self.args.model, self.args.weights,
+                                                                         dtype=dtype)
+            prompts = PromptSource(self.preset, self.args.calib_prompts, None, self.weights).load()
+            loop = CalibrationLoop((0,), self.steps, self.shift, self.guidance)
+            self._calibration_inputs = loaded, prompts, loop
+        return self._calibration_inputs
+
+    def sensitivity_prompts(self, prompts: CalibrationSet) -> CalibrationSet:
+        count = min(self.args.sensitivity_prompts, len(prompts.embeddings))
+        return CalibrationSet(prompts.embeddings[:count], prompts.negative, f"{prompts.source}, first {count}")
+
     def calibrate(self) -> None:
         """WEST, FAST's fidelity table and FAST v2's proxy and sensitivity weights, each cached in --work as soon
         as it is measured (a device call that ends mid-calibration keeps what it finished)."""
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[self.args.calib_dtype]
         loaded = None
         quiet = _quiet if not self.args.verbose else _tqdm
         prompts = loop = None
@@ -432,11 +452,7 @@ class Bench:
 
         def setup():
             nonlocal loaded, prompts, loop
-            if loaded is None:
-                loaded = self.loaded if dtype == self.dtype else load_model(self.args.model, self.args.weights,
-                                                                             dtype=dtype)
-                prompts = PromptSource(self.preset, self.args.calib_prompts, None, self.weights).load()
-                loop = CalibrationLoop((0,), self.steps, self.shift, self.guidance)
+            loaded, prompts, loop = self.calibration_inputs()
 
         def stage(name: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
             path = self.work / f"calibration_{name}.safetensors"
@@ -475,11 +491,9 @@ class Bench:
 
             def sensitivity() -> dict[str, torch.Tensor]:
                 # 11 whole generations: on the first --sensitivity-prompts captions (one batch): device time
-                count = min(self.args.sensitivity_prompts, len(prompts.embeddings))
-                subset = CalibrationSet(prompts.embeddings[:count], prompts.negative,
-                                        f"{prompts.source}, first {count}")
+                subset = self.sensitivity_prompts(prompts)
                 errors = sensitivity_errors(loaded, self.west, subset, loop, density=0.30, device=self.device,
-                                            batch_size=count, progress=quiet)
+                                            batch_size=len(subset.embeddings), progress=quiet)
                 (self.work / "fast_v2_sensitivity.json").write_text(json.dumps(errors.to_metadata()))
                 return {"weights": errors.weights()}
 
@@ -490,6 +504,43 @@ class Bench:
         self.maps = {"uniform WEST": self.west.levels, "FAST v1": self.west.levels, "FAST v2": self.west.levels,
                      "local window": static_levels(local_window_scores(centres), layers, heads),
                      "radial": static_levels(radial_scores(centres), layers, heads)}
+
+    def proxy_study(self) -> dict:
+        """Which proxy predicts the final video error (issue 13). Every (step bucket, layer) cell made sparse alone
+        (uniform WEST at 30%, every other entry dense; the sensitivity captions) gives a final latent error; each
+        proxy predicts the cell's loss as 1 - Q at the cell's levels, averaged over its steps and heads (measured
+        on the same captions); so does the sensitivity weights' product a[k] * b[l]. Spearman over the cells.
+        Cached in --work."""
+        path = self.work / "proxy_study.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        t0 = time.perf_counter()
+        loaded, prompts, loop = self.calibration_inputs()
+        subset = self.sensitivity_prompts(prompts)
+        quality = compute_quality(loaded, self.west, subset, loop, proxies=PROXIES, device=self.device,
+                                  progress=_quiet)
+        cells = cell_errors(loaded, self.west, subset, loop, density=0.30, device=self.device,
+                            batch_size=len(subset.embeddings), progress=_quiet)
+        reference = uniform_levels(self.west, 0.30).long()  # [L, H]
+        buckets = step_buckets(self.steps, cells.shape[0])
+        predictions = {}
+        for proxy, q in quality.items():
+            loss = 1 - q.gather(-1, reference.expand(self.steps, -1, -1).unsqueeze(-1)).squeeze(-1)  # [S, L, H]
+            predictions[proxy] = torch.stack([loss[a:b].mean((0, 2)) for a, b in buckets])  # [buckets, L]
+        sensitivity = json.loads((self.work / "fast_v2_sensitivity.json").read_text())
+        predictions["sensitivity product a[k] b[l]"] = (torch.tensor(sensitivity["bucket_errors"])[:, None]
+                                                        * torch.tensor(sensitivity["layer_errors"])[None, :])
+        result = {"cells": cells.tolist(), "buckets": [list(b) for b in buckets], "density": 0.30,
+                  "captions": len(subset.embeddings),
+                  "spearman": {name: round(fm.spearman(p.flatten(), cells.flatten()), 4)
+                               for name, p in predictions.items()},
+                  "predictions": {name: p.tolist() for name, p in predictions.items()},
+                  "seconds": round(time.perf_counter() - t0, 1)}
+        path.write_text(json.dumps(result))
+        self.say("proxy study, Spearman over (step bucket, layer) cells: "
+                 + ", ".join(f"{k} {v:+.2f}" for k, v in result["spearman"].items())
+                 + f" ({result['seconds']:.0f} s)")
+        return result
 
     def budgets(self, row: Row) -> torch.Tensor | None:
         """uint8 `[steps, layers, heads]` of a static row; None where it does not exist (n/a)."""
@@ -503,12 +554,20 @@ class Bench:
             return fast_v2_budgets(self.west, self.quality, self.weights, row.goal, warm)
         return with_warmup(uniform_budgets(self.maps[row.family], self.steps - warm, rest), warm)
 
-    def oracle_goals(self, row: Row) -> list[float] | None:
+    def oracle_densities(self, row: Row) -> torch.Tensor | None:
+        """float64 `[steps, layers, heads]`: the fraction of pairs the oracle keeps per entry (dense steps 1.0):
+        the row's density at every head ("oracle"), or FAST v2's density of each entry ("oracle at v2
+        densities": the best any mask could do with FAST v2's allocation); None where the row cannot exist."""
+        layers, heads = self.west.levels.shape[:2]
+        if row.family == "oracle at v2 densities":
+            budgets = self.budgets(Row("FAST v2", row.goal, row.warmup, row.precision))
+            return None if budgets is None else density(self.west.levels, budgets)
         split = warm_split(self.steps, row.goal, row.warmup)
         if split is None:
             return None
         warm, rest = split
-        return [1.0] * warm + [rest] * (self.steps - warm)
+        goals = torch.tensor([1.0] * warm + [rest] * (self.steps - warm), dtype=torch.float64)
+        return goals.view(-1, 1, 1).expand(-1, layers, heads).contiguous()
 
     # ------------------------------------------------------------------------------------------------ running
 
@@ -516,15 +575,15 @@ class Bench:
         transformer = loaded.transformer.to(self.device)
         if row is None:
             return WanDiT(transformer, self.grid, self.layout).to(self.device)
-        if row.family == "oracle":
-            goals = self.oracle_goals(row)
-            if goals is None:
+        if row.family in ORACLES:
+            densities = self.oracle_densities(row)
+            if densities is None:
                 return None
             model = WanDiT(transformer, self.grid, self.layout).to(self.device)
             rows = SampledRows.draw(math.prod(self.grid), self.block_size, self.args.oracle_rows, ORACLE_ROWS_SEED)
-            for block in transformer.blocks:
-                block.attn1.set_processor(OracleProcessor(model.context, goals, rows, self.args.oracle_rows,
-                                                          self.block_size))
+            for layer, block in enumerate(transformer.blocks):
+                block.attn1.set_processor(OracleProcessor(model.context, densities[:, layer], rows,
+                                                          self.args.oracle_rows, self.block_size))
             return model
         budgets = self.budgets(row)
         if budgets is None:
@@ -627,7 +686,7 @@ class Bench:
     def run_row(self, row: Row) -> dict | None:
         t0 = time.perf_counter()
         loaded = self.loaded if row.precision == "bf16" else self.loaded32()
-        unavailable = (self.oracle_goals(row) if row.family == "oracle" else self.budgets(row)) is None
+        unavailable = (self.oracle_densities(row) if row.family in ORACLES else self.budgets(row)) is None
         if unavailable:
             record = {"row": row.__dict__, "available": False,
                       "reason": "the dense warm-up alone spends the density goal"}
@@ -651,8 +710,8 @@ class Bench:
                   "caption": {k: fm.nanmean_interval(v, clusters).to_json() for k, v in caption.items()},
                   "psnr_per_video": psnr.tolist(), "ssim_per_video": ssim.tolist(),
                   "caption_per_video": {k: v.tolist() for k, v in caption.items()}}
-        if row.family == "oracle":
-            record["density"] = float(np.mean(self.oracle_goals(row)))
+        if row.family in ORACLES:
+            record["density"] = float(self.oracle_densities(row).mean())
         else:
             budgets = self.budgets(row)
             record["density"] = float(density(self.maps[row.family], budgets).mean())
@@ -706,7 +765,7 @@ class Bench:
         rest of the fp32 column."""
         families = [f for f in FAMILIES if f in self.args.families]
         goals = [g for g in (0.30, 0.45, 0.20) if g in self.args.densities]
-        methods = [f for f in families if f in ("FAST v1", "FAST v2", "uniform WEST", "oracle")]
+        methods = [f for f in families if f in ("FAST v1", "FAST v2", "uniform WEST", *ORACLES)]
         baselines = [f for f in families if f not in methods]
         rows = [Row(f, g, False, "bf16") for g in goals for f in families]
         rows += [Row(f, g, True, "bf16") for g in goals for f in families if warm_split(self.steps, g, True) is None]
@@ -731,7 +790,7 @@ class Bench:
                    and d.get("seconds")]
         guess = max(similar) if similar else (self.timings.get("dense_s", 60.0) * (3.0 if row.precision == "fp32"
                                                                                     else 1.0))
-        return guess * (1.6 if row.family == "oracle" else 1.0)
+        return guess * (2.5 if row.family in ORACLES else 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -789,7 +848,9 @@ def report(bench: Bench, ground_truth: dict, out: Path, not_run: list[Row]) -> N
               if (bench.work / "calibration_timing.json").is_file() else None,
               "ground_truth_caption_check": ground_truth, "dense": bench.dense_record,
               "dense_fp32_vs_bf16": json.loads(dense32_path.read_text()) if dense32_path.is_file() else None,
-              "locality": locality, "rows": by_key, "not_run": [r.key for r in not_run]}
+              "locality": locality, "rows": by_key, "not_run": [r.key for r in not_run],
+              "proxy_study": json.loads((bench.work / "proxy_study.json").read_text())
+              if (bench.work / "proxy_study.json").is_file() else None}
 
     def clusters_of(videos: list[int]) -> list[int]:
         return [bench.clusters[i] for i in videos]
@@ -802,7 +863,8 @@ def report(bench: Bench, ground_truth: dict, out: Path, not_run: list[Row]) -> N
 
             for a, b in (("FAST v1", "uniform WEST"), ("oracle", "FAST v1"), ("oracle", "uniform WEST"),
                          ("uniform WEST", "local window"), ("uniform WEST", "radial"), ("FAST v1", "local window"),
-                         ("FAST v2", "uniform WEST"), ("FAST v2", "oracle")):
+                         ("FAST v2", "uniform WEST"), ("FAST v2", "oracle"),
+                         ("oracle at v2 densities", "FAST v2")):
                 for metric in ("psnr", "ssim"):
                     value = paired(get(a), get(b), metric, clusters_of)
                     if value:
@@ -864,6 +926,13 @@ def report(bench: Bench, ground_truth: dict, out: Path, not_run: list[Row]) -> N
         lines += table("psnr", "PSNR against dense (dB), fp32", precision="fp32")
     lines += ["**Paired differences (dB of PSNR, same videos)**", "", "| comparison | difference |", "| --- | --- |"]
     lines += [f"| {k.removesuffix(', psnr')} | {_fmt(v)} |" for k, v in comparisons.items() if k.endswith("psnr")]
+    study = record["proxy_study"]
+    if study:
+        lines += ["", f"**Which proxy predicts the final error**: Spearman rank correlation over the "
+                  f"{len(study['cells']) * len(study['cells'][0])} (step bucket, layer) cells between the final latent "
+                  f"error with only that cell sparse (uniform WEST, {study['density']:.0%}, {study['captions']} "
+                  f"calibration captions) and each predictor of it", "", "| predictor | Spearman |", "| --- | --- |"]
+        lines += [f"| {name} | {value:+.2f} |" for name, value in study["spearman"].items()]
     lines += ["", f"**WEST locality**: attention mass WEST's map keeps, per head ({bench.locality.shape[1]} layers x "
               f"{bench.locality.shape[2]} heads), on {min(args.locality_videos, len(bench.seeds))} held-out videos "
               f"along the dense trajectory ({args.locality_rows} sampled query rows per block, both passes, "
@@ -886,7 +955,7 @@ def _summary(values: torch.Tensor) -> dict[str, float]:
 
 
 def side_by_side(bench: Bench, out: Path, limit_bytes: int = 1_000_000) -> None:
-    """dense | FAST v1 | uniform WEST | oracle | local window at 30%, the first captions (seed A) stacked, with a
+    """dense | FAST v2 | uniform WEST | oracle | local window at 30%, the first captions (seed A) stacked, with a
     header naming the columns; the largest upscale (3, 2, 1) whose GIF stays under `limit_bytes`."""
     from PIL import Image, ImageDraw
 
@@ -949,6 +1018,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Smoke test: half-size video, 2 captions, 3 steps.")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="Write the report from --work; run nothing.")
+    parser.add_argument("--no-proxy-study", dest="proxy_study", action="store_false",
+                        help="Skip the study of which proxy predicts the final error (1 + 5 x layers generations).")
     args = parser.parse_args()
     args.densities = tuple(float(d) for d in args.densities.split(","))
     args.families = tuple(f.strip() for f in args.families.split(","))
@@ -982,7 +1053,12 @@ def main() -> None:
         bench.say(f"caption check on the rendered ground truth: {_fmt(ground_truth['rendered']['all'], 100)} %, "
                   f"against shuffled captions {_fmt(ground_truth['rendered_shuffled_captions']['all'], 100)} %")
         not_run = []
-        for row in bench.plan():
+        plan = bench.plan()
+        for position, row in enumerate(plan):
+            if (position == 0 or plan[position - 1].warmup is False) and (row.warmup or row.precision != "bf16"):
+                # after the plain bf16 rows, before the warm-up and fp32 ones: the proxy study (~26 generations)
+                if args.proxy_study and bench.elapsed() + bench.timings.get("proxy_study_s", 200) <= args.budget_s:
+                    bench.proxy_study()
             if bench.result_path(row).is_file():
                 continue
             estimate = bench.estimate(row)

@@ -159,6 +159,25 @@ def clustered_interval(values: torch.Tensor, clusters: Sequence[int], confidence
     return t_interval(cluster_means(values, clusters), confidence)
 
 
+def ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of a flat tensor, ties sharing their mean rank."""
+    v = values.double().flatten()
+    order = v.argsort()
+    r = torch.empty_like(v)
+    r[order] = torch.arange(1, v.numel() + 1, dtype=torch.float64)
+    for value in v.unique():
+        tied = v == value
+        r[tied] = r[tied].mean()
+    return r
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two equally long flat tensors (the Pearson correlation of their ranks)."""
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-300))
+
+
 # ------------------------------------------------------------------------------------------------ the truth
 
 PALETTE = list(COLOURS)

@@ -16,7 +16,15 @@ from saexport.topology.fast import DENSITY_GOALS, fit_budgets
 from saexport.topology.fast_v2 import compute_budgets_v2
 from saexport.topology.prompts import CalibrationSet
 from saexport.topology.quality import compute_quality, output_error_curves, quality_curves, residual_error_curves
-from saexport.topology.sensitivity import latent_error_judge, sensitivity_errors, step_buckets, uniform_levels
+from saexport.topology.sensitivity import (
+    cell_errors,
+    final_latents,
+    latent_error_judge,
+    relative_error,
+    sensitivity_errors,
+    step_buckets,
+    uniform_levels,
+)
 from saexport.topology.standin import standin_topology
 
 
@@ -341,6 +349,20 @@ def test_sensitivity_on_the_tiny_model(tiny_setup):
     scores = [c[3] for c in budgets.curve["warmup_candidates"]]
     assert len(scores) == 2 and scores[0] < 0 and scores[1] <= 0
     assert budgets.curve["warmup_steps"] == scores.index(max(scores))
+
+
+def test_cell_errors_sparsify_one_step_bucket_of_one_layer(tiny_setup):
+    tiny, prompts, topology = tiny_setup
+    loop = CalibrationLoop(seeds=(0,), steps=2, flow_shift=3.0)
+    one = CalibrationSet(prompts.embeddings[:1], prompts.negative, "test")
+    cells = cell_errors(tiny, topology, one, loop, density=0.3, buckets=2, progress=lambda it, **_: it)
+    assert cells.shape == (2, 2) and bool((cells > 1e-4).all())
+    # a cell is its own generation: the last step of layer 1 alone, by hand
+    levels = torch.full((2, *topology.levels.shape[:2]), 255, dtype=torch.uint8)
+    levels[1, 1] = uniform_levels(topology, 0.3)[1]
+    by_hand = relative_error(final_latents(tiny, topology, levels, one, loop),
+                             final_latents(tiny, topology, None, one, loop))
+    assert float(cells[1, 1]) == pytest.approx(by_hand, rel=1e-9)
 
 
 def test_budgets_v2_end_to_end_on_the_tiny_model(tiny_setup):

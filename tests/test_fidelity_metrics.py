@@ -77,9 +77,15 @@ def test_oracle_mass_is_the_true_block_mass_and_keeps_the_goal():
     probs = torch.softmax(torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(dim), -1)
     exact = probs.unflatten(-1, (4, block)).sum(-1).unflatten(2, (4, block)).sum(3)
     assert torch.allclose(mass, exact, atol=1e-5)
-    keep = fidelity.oracle_keep(mass, 0.5)
-    assert keep.shape == mass.shape and (keep.flatten(-2).sum(-1) == 8).all()
+    keep = fidelity.oracle_keep(mass, torch.tensor([0.5, 0.25, 1.0]))  # each head its own density
+    assert keep.shape == mass.shape
+    assert keep.flatten(-2).sum(-1).tolist() == [[8, 4, 16]] * batch  # the diagonal is the floor: 4 of 16
     assert keep.diagonal(dim1=-2, dim2=-1).all()
+    # what is kept is the most massive off-diagonal pairs: no dropped pair outweighs a kept one
+    off = mass.masked_fill(torch.eye(4, dtype=torch.bool), float("nan"))
+    kept_min = torch.where(keep, off, float("inf")).nan_to_num(float("inf")).flatten(-2).amin(-1)
+    dropped_max = torch.where(~keep, off, -1.0).nan_to_num(-1.0).flatten(-2).amax(-1)
+    assert (kept_min[:, :2] >= dropped_max[:, :2]).all()
 
 
 def test_radial_and_local_masks_and_warmup_split():
@@ -101,3 +107,14 @@ def test_radial_and_local_masks_and_warmup_split():
     warm, rest = fidelity.warm_split(20, 0.3, True)
     assert warm == 4 and (warm + 16 * rest) / 20 == pytest.approx(0.3)
     assert fidelity.warm_split(20, 0.2, True) is None  # the warm-up alone spends a 20% goal
+
+
+def test_spearman_ranks_with_ties():
+    assert fm.ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    x = torch.randn(20)
+    assert fm.spearman(x, x.exp()) == pytest.approx(1.0)  # monotone: 1 whatever the shape
+    assert fm.spearman(x, -x) == pytest.approx(-1.0)
+    # against the textbook formula 1 - 6 sum d^2 / (n (n^2 - 1)) where there are no ties
+    a, b = torch.randperm(12).double(), torch.randperm(12).double()
+    d = fm.ranks(a) - fm.ranks(b)
+    assert fm.spearman(a, b) == pytest.approx(1 - 6 * float(d.square().sum()) / (12 * (144 - 1)))

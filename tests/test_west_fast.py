@@ -248,22 +248,50 @@ def test_aggregations_along_the_loop_record_themselves_and_resume(calibrated, tm
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("aggregation", ["min", "quantile"])
-def test_west_on_the_gpu_gives_the_cpu_map(aggregation):
-    """The rank update runs where the probes are: on a GPU the map is the CPU's, up to the order of fp32 sums
-    (a near-tie may swap two neighbouring ranks: one rank step of levels)."""
-    from saexport.models.checkpoint import load_model
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_the_rank_update_on_the_gpu_is_the_cpus(aggregation):
+    """Same probes, same map: block sums, ranks and every aggregation give the CPU's levels on the GPU."""
+    heads, n, block = 3, 12, 16
+    seq_len = n * block - 5  # a short last block
+    rows = SampledRows.draw(seq_len, block, 4, seed=1)
+    maps = {}
+    for device in ("cpu", "cuda"):
+        gen = torch.Generator().manual_seed(5)
+        threshold = ThresholdMap(2, heads, n, aggregation, quantile_stride=1, device=device)
+        for run in range(6):
+            for layer in range(2):
+                masses = torch.softmax(torch.randn(heads, len(rows.rows), n, generator=gen) * 3, -1)
+                masses[..., 0] = 0.0  # exact ties: a column of zeros
+                threshold.add_run(layer, block_scores(masses.to(device), rows, seq_len, block))
+            if run % 3 == 2:
+                threshold.end_trajectory()
+        maps[device] = threshold.result()
+    assert maps["cuda"].device.type == "cpu"
+    assert torch.equal(maps["cpu"], maps["cuda"])
 
-    model = load_model("wan2.1-tiny", random_weights=True, seed=int(torch.randint(0, 2**31, ())),
-                       dtype=torch.bfloat16)
-    embeddings = synthetic_embeddings(model.preset.text_len, 32, prompts=3, seed=int(torch.randint(0, 99, ())))
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_block_masses_on_the_gpu_match_the_cpu(dtype):
+    """bf16 q, k through TF32 products (exact for bf16 inputs), fp32 through fp32 products: the CPU's masses."""
+    q, k = (torch.randn(2, 300, 3, 64).to(dtype) for _ in range(2))
+    rows = torch.tensor([0, 7, 150, 299])
+    on_cpu = block_masses(q, k, rows, block_size=64)
+    on_gpu = block_masses(q.cuda(), k.cuda(), rows, block_size=64).cpu()
+    assert torch.allclose(on_gpu, on_cpu, rtol=1e-4, atol=1e-6)
+    assert torch.backends.cuda.matmul.fp32_precision != "tf32"  # the setting is restored
+
+
+@pytest.mark.gpu
+def test_west_on_the_gpu_gives_the_cpu_map(tiny):
+    """The whole calibration (fp32 tiny model) on both devices: the same map up to near-ties, whose fp32 sums
+    round differently (a swap of neighbouring ranks moves a level by one rank step)."""
+    embeddings = synthetic_embeddings(tiny.preset.text_len, 32, prompts=3, seed=int(torch.randint(0, 99, ())))
     prompts = CalibrationSet(embeddings[:2], embeddings[2:], "test")
-    args = (model, (3, 8, 8), 8, parse_layout("tile3d:1x2x4"), prompts, LOOP)
-    kwargs = {"rows_per_block": 4, "progress": lambda it, **_: it, "aggregation": aggregation, "quantile_stride": 1}
-    on_cpu = compute_topology(*args, device="cpu", **kwargs).levels.int()
-    on_gpu = compute_topology(*args, device="cuda", **kwargs).levels.int()
+    args = (tiny, (3, 8, 8), 8, parse_layout("tile3d:1x2x4"), prompts, LOOP)
+    on_cpu = compute_topology(*args, rows_per_block=4, progress=lambda it, **_: it, device="cpu").levels.int()
+    on_gpu = compute_topology(*args, rows_per_block=4, progress=lambda it, **_: it, device="cuda").levels.int()
     n = on_cpu.shape[-1]
-    step = math.ceil(255 / n**2)
     differs = on_cpu != on_gpu
-    assert differs.float().mean() <= 0.01, f"{int(differs.sum())} of {differs.numel()} pairs differ"
-    assert (on_cpu - on_gpu).abs().max() <= step
+    assert differs.float().mean() <= 0.02, f"{int(differs.sum())} of {differs.numel()} pairs differ"
+    assert (on_cpu - on_gpu).abs().max() <= 2 * math.ceil(255 / n**2)

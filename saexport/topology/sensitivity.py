@@ -113,6 +113,27 @@ class SensitivityErrors:
                 "layer_errors": [round(e, 6) for e in self.group_errors]}
 
 
+def _sparse_one_part_errors(loaded: LoadedModel, topology: Topology, prompts: CalibrationSet, loop: CalibrationLoop,
+                            density: float, parts: list[tuple[tuple[int, int], tuple[int, int]]],
+                            device: str | torch.device, batch_size: int, progress: Callable) -> list[float]:
+    """For each part (step range, layer range): the final latent error with only that part sparse (uniform WEST
+    at `density`), every other entry dense; one dense generation first."""
+    steps = loop.steps
+    reference = uniform_levels(topology, density)  # [L, H]
+    dense = None
+    errors = []
+    for part in progress([None, *parts], desc="FAST sensitivity", unit="generation"):
+        if part is None:
+            dense = final_latents(loaded, topology, None, prompts, loop, device, batch_size)
+            continue
+        (step_start, step_end), (layer_start, layer_end) = part
+        levels = torch.full((steps, *reference.shape), DENSE_LEVEL, dtype=torch.uint8)
+        levels[step_start:step_end, layer_start:layer_end] = reference[layer_start:layer_end]
+        errors.append(relative_error(final_latents(loaded, topology, levels, prompts, loop, device, batch_size),
+                                     dense))
+    return errors
+
+
 def sensitivity_errors(
     loaded: LoadedModel,
     topology: Topology,
@@ -126,27 +147,34 @@ def sensitivity_errors(
     progress: Callable = tqdm,
 ) -> SensitivityErrors:
     """The end-to-end measurements of the module's docstring (`layer_groups`: None measures every layer alone)."""
-    steps = loop.steps
     layers = topology.levels.shape[0]
-    reference = uniform_levels(topology, density)  # [L, H]
-    step_ranges = step_buckets(steps, buckets)
+    step_ranges = step_buckets(loop.steps, buckets)
     layer_ranges = step_buckets(layers, layer_groups or layers)
-    settings = [("steps", r) for r in step_ranges] + [("layers", r) for r in layer_ranges]
-    dense = None
-    errors = []
-    for kind, (start, end) in progress([("dense", (0, 0)), *settings], desc="FAST sensitivity", unit="generation"):
-        if kind == "dense":
-            dense = final_latents(loaded, topology, None, prompts, loop, device, batch_size)
-            continue
-        levels = torch.full((steps, *reference.shape), DENSE_LEVEL, dtype=torch.uint8)
-        if kind == "steps":
-            levels[start:end] = reference
-        else:
-            levels[:, start:end] = reference[start:end]
-        errors.append(relative_error(final_latents(loaded, topology, levels, prompts, loop, device, batch_size),
-                                     dense))
-    return SensitivityErrors(steps, step_ranges, errors[:len(step_ranges)], layer_ranges, errors[len(step_ranges):],
-                             density)
+    parts = [(r, (0, layers)) for r in step_ranges] + [((0, loop.steps), r) for r in layer_ranges]
+    errors = _sparse_one_part_errors(loaded, topology, prompts, loop, density, parts, device, batch_size, progress)
+    return SensitivityErrors(loop.steps, step_ranges, errors[:len(step_ranges)], layer_ranges,
+                             errors[len(step_ranges):], density)
+
+
+def cell_errors(
+    loaded: LoadedModel,
+    topology: Topology,
+    prompts: CalibrationSet,
+    loop: CalibrationLoop,
+    density: float = 0.30,
+    buckets: int = STEP_BUCKETS,
+    device: str | torch.device = "cpu",
+    batch_size: int = 1,
+    progress: Callable = tqdm,
+) -> torch.Tensor:
+    """The final latent error with only one (step bucket, layer) cell sparse, for every cell: float64
+    `[buckets, layers]`, interactions included (what the weights' product a[k] * b[l] approximates, and what a
+    proxy is judged against); 1 + buckets x layers generations per prompt x seed."""
+    layers = topology.levels.shape[0]
+    step_ranges = step_buckets(loop.steps, buckets)
+    parts = [(r, (layer, layer + 1)) for r in step_ranges for layer in range(layers)]
+    errors = _sparse_one_part_errors(loaded, topology, prompts, loop, density, parts, device, batch_size, progress)
+    return torch.tensor(errors, dtype=torch.float64).view(len(step_ranges), layers)
 
 
 def measure_sensitivity(
