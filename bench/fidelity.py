@@ -351,7 +351,7 @@ class Bench:
         self.loaded = load_model(args.model, args.weights, dtype=self.dtype)
         self._loaded32 = None
         preset, run = self.loaded.preset, self.loaded.preset.defaults
-        self.preset, self.weights = preset, self.loaded.path
+        self.preset, self.checkpoint = preset, self.loaded.path
         self.video = parse_video_shape(args.resolution or run.resolution, args.frames or run.frames, preset.codec)
         self.grid = self.video.token_grid(preset.patch_size)
         self.layout, self.block_size = parse_layout(run.layout), run.block_size
@@ -367,7 +367,7 @@ class Bench:
                 scenes.append(scene)
                 seen.add(scene.caption())
         captions = [s.caption() for s in scenes]
-        calibration = builtin_prompts(preset, self.weights, args.calib_prompts)
+        calibration = builtin_prompts(preset, self.checkpoint, args.calib_prompts)
         assert all(module.is_held_out(c) for c in captions), "a test caption is not held out"
         assert not any(module.is_held_out(c) for c in calibration), "a calibration caption is held out"
         assert not set(captions) & set(calibration), "calibration saw a test caption"
@@ -376,8 +376,8 @@ class Bench:
         self.clusters = list(range(len(captions))) * 2
         self.seeds = [SEED_BASES[j] + i for j in range(2) for i in range(len(captions))]
         self.truths = [fm.truth_of(s) for s in self.scenes]
-        self.text = encode_prompts(self.weights, captions, max_length=preset.text_len).repeat(2, 1, 1)
-        self.negative = negative_embeddings(self.weights, preset.text_len, preset.config["text_dim"])
+        self.text = encode_prompts(self.checkpoint, captions, max_length=preset.text_len).repeat(2, 1, 1)
+        self.negative = negative_embeddings(self.checkpoint, preset.text_len, preset.config["text_dim"])
         videos = len(self.seeds)
         self.tf_index = torch.linspace(0, videos - 1, min(args.tf_videos, videos)).round().long().unique()
         self.side_index = torch.arange(min(SIDE_CAPTIONS, len(captions)))  # seed 0 of the first captions
@@ -432,7 +432,7 @@ class Bench:
             dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[self.args.calib_dtype]
             loaded = self.loaded if dtype == self.dtype else load_model(self.args.model, self.args.weights,
                                                                          dtype=dtype)
-            prompts = PromptSource(self.preset, self.args.calib_prompts, None, self.weights).load()
+            prompts = PromptSource(self.preset, self.args.calib_prompts, None, self.checkpoint).load()
             loop = CalibrationLoop((0,), self.steps, self.shift, self.guidance)
             self._calibration_inputs = loaded, prompts, loop
         return self._calibration_inputs
@@ -481,7 +481,7 @@ class Bench:
         self.west = Topology.load(west_path)
         self.table = stage("fast_table", lambda: {"fidelity": fast.compute_fidelity(
             loaded, self.west, prompts, loop, self.args.rows_per_block, self.device, quiet)})["fidelity"]
-        self.quality = self.weights = None
+        self.quality = self.sensitivity = None
         if "FAST v2" in self.args.families:
             # FAST v2's measurements, once: the output-error proxy along the loop (16 rows a head) and the
             # end-to-end sensitivity of step buckets and layers at 30% (the middle preset).
@@ -497,7 +497,7 @@ class Bench:
                 (self.work / "fast_v2_sensitivity.json").write_text(json.dumps(errors.to_metadata()))
                 return {"weights": errors.weights()}
 
-            self.weights = stage("fast_v2_sensitivity", sensitivity)["weights"]
+            self.sensitivity = stage("fast_v2_sensitivity", sensitivity)["weights"]
         self.loaded.transformer.to(self.device)
         layers, heads = self.west.levels.shape[:2]
         centres = block_centres(self.grid, self.layout, self.block_size)
@@ -551,7 +551,7 @@ class Bench:
         if row.family == "FAST v1":
             return fast_v1_budgets(self.west, self.table, row.goal if warm == 0 else rest, warm)
         if row.family == "FAST v2":
-            return fast_v2_budgets(self.west, self.quality, self.weights, row.goal, warm)
+            return fast_v2_budgets(self.west, self.quality, self.sensitivity, row.goal, warm)
         return with_warmup(uniform_budgets(self.maps[row.family], self.steps - warm, rest), warm)
 
     def oracle_densities(self, row: Row) -> torch.Tensor | None:
@@ -658,6 +658,7 @@ class Bench:
         else:
             torch.save(side, previous)
         self.dense_record["device"] = torch.cuda.get_device_name() if self.device.type == "cuda" else "CPU"
+        self.dense_record["torch"] = torch.__version__
         self.dense_record["locality_blocks_kept"] = self.locality_blocks_kept
         (self.work / "dense_record.json").write_text(json.dumps(self.dense_record))
         self.say(f"dense: {len(self.seeds)} videos in {seconds:.0f} s; anchor (other seed) PSNR "
@@ -896,7 +897,8 @@ def report(bench: Bench, ground_truth: dict, out: Path, not_run: list[Row]) -> N
 
     d = bench.dense_record
     gt = ground_truth["rendered"]
-    lines = [f"`{args.model}` ({bench.loaded.weights_id[:12]}), {gpu}, PyTorch {torch.__version__}, "
+    lines = [f"`{args.model}` ({bench.loaded.weights_id[:12]}), {gpu}, PyTorch "
+             f"{bench.dense_record.get('torch', torch.__version__)}, "
              f"{record['date']}. {len(bench.captions)} held-out captions x 2 seeds = {len(bench.seeds)} videos, "
              f"{bench.steps} steps, guidance {bench.guidance}, grid {tuple(bench.grid)}, blocks of "
              f"{bench.block_size} (n = {bench.n}), {bench.layout.name}. Calibration (WEST + FAST table): "

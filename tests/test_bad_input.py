@@ -102,6 +102,15 @@ def test_step_counts_come_from_the_budgets(built, tmp_path):
                           tmp_path / "x.safetensors"), "budgets are for 3 steps")
 
 
+@pytest.mark.parametrize("option", [["--proxy", "residual"], ["--warmup", "2"], ["--rows-per-head", "4"],
+                                    ["--no-sensitivity"]])
+def test_a_v2_option_with_rule_v1_is_an_error_not_a_no_op(built, tmp_path, option):
+    out = tmp_path / "b.safetensors"
+    assert_user_error(run("budgets", *TINY, "--topology", built.topology, "--steps", "3", "--rule", "v1", *option,
+                          "--out", out), option[0], "applies to --rule v2 only")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--block-size", "0"], "--block-size must be a positive number"),
     (["--calib-embeddings", "missing.safetensors"], "missing.safetensors does not exist"),

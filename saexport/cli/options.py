@@ -148,9 +148,19 @@ def budget_rule_options(command: Callable) -> Callable:
                         help="v2: weight steps and layers by their measured end-to-end sensitivity.")(command)
 
 
+V2_OPTIONS = {"proxy": "--proxy", "warmup": "--warmup", "rows_per_head": "--rows-per-head",
+              "sensitivity": "--sensitivity/--no-sensitivity"}
+
+
 def budget_rule(rule: str, proxy: str, warmup: str, rows_per_head: int, sensitivity: bool):
     from saexport.pipeline import BudgetRule
 
+    if rule == "v1":  # v1 reads none of v2's settings: one given is a mistake, not a no-op
+        context = click.get_current_context(silent=True)
+        given = [flag for name, flag in V2_OPTIONS.items() if context is not None
+                 and context.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]
+        if given:
+            raise SaexportError(f"{', '.join(given)} applies to --rule v2 only (FAST v1 ignores it)")
     if warmup != "auto":
         try:
             warmup = int(warmup)
