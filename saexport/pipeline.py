@@ -79,17 +79,19 @@ class Models:
 @dataclass(frozen=True)
 class BudgetRule:
     """How FAST allocates (docs/ARCHITECTURE.md, "The method in one page"): v1, the lowest level reaching a graded
-    fidelity target; v2, per entry the level maximising w * Q - lambda * density, with the quality proxy Q
-    measured along the sampler loop on `rows_per_head` rows a head, the weights w measured end to end
-    (`sensitivity`, over `buckets` step buckets and every layer) and `warmup` dense steps counted in the goal
-    (or "auto")."""
+    fidelity target; v2 (the default: docs/BENCHMARKS.md measured it 3.3-3.7 dB above v1 at every preset), per
+    entry the level maximising w * Q - lambda * density, with the quality proxy Q measured along the sampler loop
+    on `rows_per_head` rows a head, the weights w measured end to end (`sensitivity`, over `buckets` step buckets
+    and every layer, on the first `sensitivity_prompts` calibration prompts: 1 + buckets + layers whole
+    generations each) and `warmup` dense steps counted in the goal (or "auto")."""
 
-    rule: str = "v1"
+    rule: str = "v2"
     proxy: str = "output"
     warmup: int | str = 0
     rows_per_head: int = 16
     sensitivity: bool = True
     buckets: int = 5
+    sensitivity_prompts: int = 1
 
     def key(self) -> dict:
         """What the allocation depends on: v1 reads none of v2's settings."""
@@ -100,6 +102,8 @@ class BudgetRule:
             raise SaexportError(f"--rule must be v1 or v2, got {self.rule}")
         if self.warmup != "auto" and (not isinstance(self.warmup, int) or self.warmup < 0):
             raise SaexportError(f"--warmup must be a number of steps or auto, got {self.warmup}")
+        if self.sensitivity_prompts < 1:
+            raise SaexportError(f"--sensitivity-prompts must be at least 1, got {self.sensitivity_prompts}")
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,7 @@ def make_budgets(models: Models, topology_path: Path, fidelity: str, calibration
     if rule.rule == "v2":
         budgets = compute_budgets_v2(models.get(), topology, prompts, loop, fidelity, proxy=rule.proxy,
                                      rows_per_head=rule.rows_per_head, sensitivity=rule.sensitivity,
+                                     sensitivity_prompts=min(rule.sensitivity_prompts, len(prompts.embeddings)),
                                      buckets=rule.buckets, warmup=rule.warmup, device=calibration.device,
                                      checkpoint_path=partial_path(out_path))
     else:

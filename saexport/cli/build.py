@@ -38,7 +38,8 @@ from saexport.cli.options import (
 @clear_errors
 def build(model, weights, random_weights, seed, fidelity, resolution, frames, dtype_name, block_size, layout, prompts,
           calib_embeddings, seeds, steps, rows_per_block, calib_guidance, calib_passes, aggregation, device, rule,
-          proxy, warmup, rows_per_head, sensitivity, plugin_library, triton_name, gpus, out_dir) -> None:
+          proxy, warmup, rows_per_head, sensitivity, sensitivity_prompts, plugin_library, triton_name, gpus,
+          out_dir) -> None:
     """topology -> budgets -> export -> engine -> Triton repository; reruns only what changed (OUT/build.json)."""
     from saexport.pipeline import BuildSettings, resolve_run, run_build
 
@@ -48,7 +49,8 @@ def build(model, weights, random_weights, seed, fidelity, resolution, frames, dt
                         block_size=block_size, layout=layout),
         calibration=calibration(prompts, calib_embeddings, seeds, rows_per_block, calib_guidance, calib_passes,
                                 aggregation, device),
-        fidelity=fidelity, budget_rule=budget_rule(rule, proxy, warmup, rows_per_head, sensitivity),
+        fidelity=fidelity,
+        budget_rule=budget_rule(rule, proxy, warmup, rows_per_head, sensitivity, sensitivity_prompts),
         plugin=plugin_library, triton_name=triton_name, gpus=tuple(int_list(gpus, "--gpus")))
     fates = run_build(settings, out_dir, echo=lambda line: click.echo(line, err=True))
     for name, fate in fates.items():

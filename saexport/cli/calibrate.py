@@ -77,7 +77,7 @@ def transfer(topology_path, resolution, frames, rule, out_path) -> None:
 @clear_errors
 def budgets(model, weights, random_weights, seed, topology_path, fidelity, prompts, calib_embeddings, seeds, steps,
             rows_per_block, calib_guidance, calib_passes, aggregation, device, rule, proxy, warmup, rows_per_head,
-            sensitivity, out_path) -> None:
+            sensitivity, sensitivity_prompts, out_path) -> None:
     """FAST: measure along the sampler's loop what each level costs and allocate the preset's budgets."""
     from saexport.pipeline import Models, make_budgets, resolve_run
 
@@ -85,7 +85,7 @@ def budgets(model, weights, random_weights, seed, topology_path, fidelity, promp
     run = resolve_run(model, steps=steps)
     calib = calibration(prompts, calib_embeddings, seeds, rows_per_block, calib_guidance, calib_passes, aggregation,
                         device)
-    allocation = budget_rule(rule, proxy, warmup, rows_per_head, sensitivity)
+    allocation = budget_rule(rule, proxy, warmup, rows_per_head, sensitivity, sensitivity_prompts)
     with stage(f"FAST {allocation.rule}"):
         result = make_budgets(Models(source), topology_path, fidelity, calib, run.steps, out_path, allocation)
     click.echo(f"wrote {out_path}: {fidelity}, rule {allocation.rule}, mean density {result.mean_density:.3f}")

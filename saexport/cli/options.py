@@ -134,8 +134,9 @@ def calibration(prompts: int, calib_embeddings: Path | None, seeds: str, rows_pe
 
 
 def budget_rule_options(command: Callable) -> Callable:
-    command = click.option("--rule", default="v1", show_default=True, type=click.Choice(["v1", "v2"]),
-                           help="FAST's allocation: v1 graded fidelity targets; v2 w*Q - lambda*density.")(command)
+    command = click.option("--rule", default="v2", show_default=True, type=click.Choice(["v1", "v2"]),
+                           help="FAST's allocation: v2 w*Q - lambda*density with end-to-end sensitivity weights; "
+                                "v1 graded fidelity targets (cheaper to calibrate, 3-4 dB worse).")(command)
     command = click.option("--proxy", default="output", show_default=True,
                            type=click.Choice(["hellinger", "output", "residual"]),
                            help="v2's quality proxy: Hellinger fidelity, attention-output error, or the gated "
@@ -144,15 +145,19 @@ def budget_rule_options(command: Callable) -> Callable:
                            help="v2: dense warm-up steps counted inside the density goal, or auto.")(command)
     command = click.option("--rows-per-head", default=16, show_default=True, type=click.IntRange(min=1),
                            help="v2: query rows sampled per head for the proxy.")(command)
+    command = click.option("--sensitivity-prompts", default=1, show_default=True, type=click.IntRange(min=1),
+                           help="v2: calibration prompts the sensitivity is measured on (each costs 1 + 5 + "
+                                "layers whole generations).")(command)
     return click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
                         help="v2: weight steps and layers by their measured end-to-end sensitivity.")(command)
 
 
 V2_OPTIONS = {"proxy": "--proxy", "warmup": "--warmup", "rows_per_head": "--rows-per-head",
-              "sensitivity": "--sensitivity/--no-sensitivity"}
+              "sensitivity": "--sensitivity/--no-sensitivity", "sensitivity_prompts": "--sensitivity-prompts"}
 
 
-def budget_rule(rule: str, proxy: str, warmup: str, rows_per_head: int, sensitivity: bool):
+def budget_rule(rule: str, proxy: str, warmup: str, rows_per_head: int, sensitivity: bool,
+                sensitivity_prompts: int = 1):
     from saexport.pipeline import BudgetRule
 
     if rule == "v1":  # v1 reads none of v2's settings: one given is a mistake, not a no-op
@@ -166,7 +171,7 @@ def budget_rule(rule: str, proxy: str, warmup: str, rows_per_head: int, sensitiv
             warmup = int(warmup)
         except ValueError:
             raise SaexportError(f"--warmup must be a number of steps or auto, got '{warmup}'") from None
-    return BudgetRule(rule, proxy, warmup, rows_per_head, sensitivity)
+    return BudgetRule(rule, proxy, warmup, rows_per_head, sensitivity, sensitivity_prompts=sensitivity_prompts)
 
 
 def int_list(text: str, option: str = "--seeds") -> list[int]:

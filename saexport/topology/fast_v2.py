@@ -39,6 +39,7 @@ def compute_budgets_v2(
     proxy: str = "output",
     rows_per_head: int = ROWS_PER_HEAD,
     sensitivity: bool = True,
+    sensitivity_prompts: int | None = None,
     buckets: int = STEP_BUCKETS,
     layer_groups: int | None = None,
     warmup: int | str = 0,
@@ -49,8 +50,9 @@ def compute_budgets_v2(
     checkpoint_path: Path | None = None,
 ) -> Budgets:
     """FAST v2 budgets of `topology` for `preset`: Q of `proxy` measured along `loop`, weights measured end to end
-    at the preset's density (uniform when `sensitivity` is False), warm-up steps given or "auto" (chosen by the
-    final latent error against dense on the calibration prompts)."""
+    at the preset's density (uniform when `sensitivity` is False) on the first `sensitivity_prompts` calibration
+    prompts (None: all; each costs 1 + buckets + layers whole generations), warm-up steps given or "auto" (chosen
+    by the final latent error against dense on the calibration prompts)."""
     if preset not in DENSITY_GOALS:
         raise SaexportError(f"unknown fidelity preset '{preset}'; use one of {', '.join(DENSITY_GOALS)}")
     if proxy not in PROXIES:
@@ -65,9 +67,14 @@ def compute_budgets_v2(
     weights, measured = None, "uniform"
     if sensitivity:
         start = time.perf_counter()
-        errors = sensitivity_errors(loaded, topology, prompts, loop, DENSITY_GOALS[preset], buckets, layer_groups,
+        count = len(prompts.embeddings) if sensitivity_prompts is None else sensitivity_prompts
+        if not 1 <= count <= len(prompts.embeddings):
+            raise SaexportError(f"--sensitivity-prompts must be within 1..{len(prompts.embeddings)} (the calibration "
+                                f"prompts), got {count}")
+        subset = CalibrationSet(prompts.embeddings[:count], prompts.negative, f"{prompts.source}, first {count}")
+        errors = sensitivity_errors(loaded, topology, subset, loop, DENSITY_GOALS[preset], buckets, layer_groups,
                                     device, batch_size, progress)
-        weights, measured = errors.weights(), errors.to_metadata()
+        weights, measured = errors.weights(), {**errors.to_metadata(), "prompts": count}
         log.info("FAST v2: sensitivity measured in %.1f s (%d generations per prompt x seed)",
                  time.perf_counter() - start, 1 + len(errors.buckets) + len(errors.groups))
     judge = latent_error_judge(loaded, topology, prompts, loop, device, batch_size) if warmup == WARMUP_AUTO else None
