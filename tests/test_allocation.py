@@ -1,5 +1,6 @@
 import math
 from dataclasses import replace
+from unittest import mock
 
 import pytest
 import torch
@@ -379,3 +380,31 @@ def test_budgets_v2_end_to_end_on_the_tiny_model(tiny_setup):
     assert weights.shape == (3, 2) and torch.all(weights > 0) and float(weights.mean()) == pytest.approx(1, abs=1e-4)
     with pytest.raises(SaexportError, match="--warmup must be"):
         compute_budgets_v2(tiny, topology, one, loop, "high", warmup=7)
+
+
+def test_an_interrupted_sensitivity_resumes_from_its_last_generation(tiny_setup, tmp_path):
+    tiny, prompts, topology = tiny_setup
+    loop = CalibrationLoop(seeds=(0,), steps=2, flow_shift=3.0)
+    one = CalibrationSet(prompts.embeddings[:1], prompts.negative, "test")
+    args = (tiny, topology, one, loop, 0.3, 2)
+    whole = sensitivity_errors(*args, progress=lambda it, **_: it)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after(count):
+        def wrap(items, **_):
+            for index, item in enumerate(items):
+                if index == count:
+                    raise Interrupt
+                yield item
+        return wrap
+
+    partial = tmp_path / "budgets.partial.sensitivity"
+    with pytest.raises(Interrupt):
+        sensitivity_errors(*args, progress=stop_after(3), checkpoint_path=partial)  # dense + 2 parts done
+    assert partial.is_file()
+    with mock.patch("saexport.topology.sensitivity.final_latents", wraps=final_latents) as generate:
+        resumed = sensitivity_errors(*args, progress=lambda it, **_: it, checkpoint_path=partial)
+    assert generate.call_count == 2  # the 2 parts left; not the dense run nor the finished parts
+    assert resumed == whole and not partial.exists()

@@ -36,7 +36,7 @@ import torch
 from saexport.artifacts import Budgets, Topology
 from saexport.errors import SaexportError
 from saexport.levels import DENSE_LEVEL, density
-from saexport.topology.fast import DENSITY_GOALS, LEVELS
+from saexport.topology.fast import DENSITY_GOALS, LEVELS, fidelity_vs_density
 
 WARMUP_AUTO = "auto"
 
@@ -207,7 +207,8 @@ def fit_budgets_v2(
         curve = {"rule": "v2", "proxy": proxy, "density_goal": goal, "lambda": allocation.lam,
                  "warmup": warmup, "warmup_steps": allocation.warmup_steps, "objective": allocation.objective,
                  "achieved_density": allocation.density,
-                 "weights": [[float(f"{x:.5g}") for x in row] for row in weights.tolist()]}
+                 "weights": [[float(f"{x:.5g}") for x in row] for row in weights.tolist()],
+                 "quality_vs_density": fidelity_vs_density(topology, quality)}
         if candidates is not None:
             curve["warmup_candidates"] = candidates
         return Budgets(allocation.levels, topology.hash(), fidelity=preset, curve=curve,

@@ -73,7 +73,8 @@ def compute_budgets_v2(
                                 f"prompts), got {count}")
         subset = CalibrationSet(prompts.embeddings[:count], prompts.negative, f"{prompts.source}, first {count}")
         errors = sensitivity_errors(loaded, topology, subset, loop, DENSITY_GOALS[preset], buckets, layer_groups,
-                                    device, batch_size, progress)
+                                    device, batch_size, progress, None if checkpoint_path is None
+                                    else checkpoint_path.with_name(checkpoint_path.name + ".sensitivity"))
         weights, measured = errors.weights(), {**errors.to_metadata(), "prompts": count}
         log.info("FAST v2: sensitivity measured in %.1f s (%d generations per prompt x seed)",
                  time.perf_counter() - start, 1 + len(errors.buckets) + len(errors.groups))

@@ -2,7 +2,7 @@
 
 - masks.png: the kept blocks of every layer (rows) and head (columns) at one step;
 - density.png: mean density over steps x layers (the FAST schedule at a glance);
-- fidelity.png: fidelity against density per layer, as measured during FAST;
+- fidelity.png: what FAST measured against density per layer (v1: fidelity; v2: its quality proxy);
 - IoU of the masks of two topologies (e.g. calibrated on disjoint prompt halves) at equal density.
 """
 
@@ -58,17 +58,20 @@ def density_png(topology: Topology, budgets: Budgets, path: Path) -> None:
 
 
 def fidelity_png(budgets: Budgets, path: Path) -> bool:
-    curves = budgets.curve.get("fidelity_vs_density")
+    """What FAST measured against density per layer: v1's fidelity, or v2's quality proxy Q."""
+    curves = budgets.curve.get("fidelity_vs_density") or budgets.curve.get("quality_vs_density")
     if not curves:
         return False  # stand-in budgets have no measurements
+    measure = ("fidelity 1 - Hellinger" if "fidelity_vs_density" in budgets.curve
+               else f"quality Q ({budgets.curve.get('proxy')} proxy)")
     figure, ax = plt.subplots(figsize=(6, 4))
     colours = plt.cm.viridis(torch.linspace(0, 1, len(curves)).numpy())
     for layer, (curve, colour) in enumerate(zip(curves, colours, strict=True)):
         d, f = zip(*curve, strict=True)
         ax.plot(d, f, color=colour, label=f"layer {layer}" if len(curves) <= 12 else None)
     ax.set_xlabel("density (fraction of blocks kept)")
-    ax.set_ylabel("fidelity 1 - Hellinger")
-    ax.set_title("fidelity against density (mean over steps and heads)")
+    ax.set_ylabel(measure)
+    ax.set_title(f"{measure.split(' (')[0]} against density (mean over steps and heads)")
     if len(curves) <= 12:
         ax.legend(fontsize=7)
     _save(figure, path)

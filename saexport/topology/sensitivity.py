@@ -20,9 +20,11 @@ generations instead of buckets + layers. Cost: 1 + buckets + layer groups genera
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -35,9 +37,10 @@ from saexport.models.dit import SparseWanDiT
 from saexport.runtime.denoisers import TorchDenoiser
 from saexport.runtime.sampler import sample
 from saexport.topology.allocation import level_densities
-from saexport.topology.calibration import CalibrationLoop
+from saexport.topology.calibration import CalibrationCheckpoint, CalibrationLoop, calibration_key
 from saexport.topology.prompts import CalibrationSet
 
+log = logging.getLogger("saexport")
 STEP_BUCKETS = 5
 
 
@@ -70,8 +73,9 @@ def final_latents(loaded: LoadedModel, topology: Topology, budget_levels: torch.
 
 def relative_error(latents: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean over samples of ||x - x_ref|| / ||x_ref|| (float64)."""
-    diff = (latents.double() - reference.double()).flatten(1).norm(dim=1)
-    return float((diff / reference.double().flatten(1).norm(dim=1).clamp(min=1e-30)).mean())
+    latents, reference = latents.double().cpu(), reference.double().cpu()
+    diff = (latents - reference).flatten(1).norm(dim=1)
+    return float((diff / reference.flatten(1).norm(dim=1).clamp(min=1e-30)).mean())
 
 
 def step_buckets(steps: int, buckets: int) -> list[tuple[int, int]]:
@@ -115,23 +119,37 @@ class SensitivityErrors:
 
 def _sparse_one_part_errors(loaded: LoadedModel, topology: Topology, prompts: CalibrationSet, loop: CalibrationLoop,
                             density: float, parts: list[tuple[tuple[int, int], tuple[int, int]]],
-                            device: str | torch.device, batch_size: int, progress: Callable) -> list[float]:
+                            device: str | torch.device, batch_size: int, progress: Callable,
+                            checkpoint_path: Path | None = None) -> list[float]:
     """For each part (step range, layer range): the final latent error with only that part sparse (uniform WEST
-    at `density`), every other entry dense; one dense generation first."""
+    at `density`), every other entry dense; one dense generation first. With `checkpoint_path`, each finished
+    generation is saved (the dense latents and the errors so far) and a rerun of the same measurement skips it."""
     steps = loop.steps
     reference = uniform_levels(topology, density)  # [L, H]
-    dense = None
-    errors = []
-    for part in progress([None, *parts], desc="FAST sensitivity", unit="generation"):
-        if part is None:
-            dense = final_latents(loaded, topology, None, prompts, loop, device, batch_size)
+    samples = prompts.embeddings.shape[0] * len(loop.seeds)
+    channels, patch = loaded.transformer.config.in_channels, loaded.transformer.config.patch_size
+    state = {"dense": torch.zeros(samples, channels, *(g * p for g, p in zip(topology.grid, patch, strict=True))),
+             "errors": torch.full((len(parts),), float("nan"), dtype=torch.float64)}
+    key = calibration_key("FAST sensitivity", topology.hash(), loaded.weights_id, prompts.embeddings,
+                          prompts.negative, loop.settings(), density, [list(map(list, part)) for part in parts])
+    checkpoint = CalibrationCheckpoint(checkpoint_path, key, state)
+    if checkpoint.done:
+        log.info("resuming: %d of %d sensitivity generations done", len(checkpoint.done), len(parts) + 1)
+    for index, part in progress(list(enumerate([None, *parts], start=-1)), desc="FAST sensitivity",
+                                unit="generation"):
+        if (index, 0) in checkpoint.done:
             continue
-        (step_start, step_end), (layer_start, layer_end) = part
-        levels = torch.full((steps, *reference.shape), DENSE_LEVEL, dtype=torch.uint8)
-        levels[step_start:step_end, layer_start:layer_end] = reference[layer_start:layer_end]
-        errors.append(relative_error(final_latents(loaded, topology, levels, prompts, loop, device, batch_size),
-                                     dense))
-    return errors
+        if part is None:
+            state["dense"].copy_(final_latents(loaded, topology, None, prompts, loop, device, batch_size))
+        else:
+            (step_start, step_end), (layer_start, layer_end) = part
+            levels = torch.full((steps, *reference.shape), DENSE_LEVEL, dtype=torch.uint8)
+            levels[step_start:step_end, layer_start:layer_end] = reference[layer_start:layer_end]
+            state["errors"][index] = relative_error(
+                final_latents(loaded, topology, levels, prompts, loop, device, batch_size), state["dense"])
+        checkpoint.finish((index, 0))
+    checkpoint.remove()
+    return state["errors"].tolist()
 
 
 def sensitivity_errors(
@@ -145,13 +163,16 @@ def sensitivity_errors(
     device: str | torch.device = "cpu",
     batch_size: int = 1,
     progress: Callable = tqdm,
+    checkpoint_path: Path | None = None,
 ) -> SensitivityErrors:
-    """The end-to-end measurements of the module's docstring (`layer_groups`: None measures every layer alone)."""
+    """The end-to-end measurements of the module's docstring (`layer_groups`: None measures every layer alone);
+    with `checkpoint_path`, an interrupted measurement resumes from its last finished generation."""
     layers = topology.levels.shape[0]
     step_ranges = step_buckets(loop.steps, buckets)
     layer_ranges = step_buckets(layers, layer_groups or layers)
     parts = [(r, (0, layers)) for r in step_ranges] + [((0, loop.steps), r) for r in layer_ranges]
-    errors = _sparse_one_part_errors(loaded, topology, prompts, loop, density, parts, device, batch_size, progress)
+    errors = _sparse_one_part_errors(loaded, topology, prompts, loop, density, parts, device, batch_size, progress,
+                                     checkpoint_path)
     return SensitivityErrors(loop.steps, step_ranges, errors[:len(step_ranges)], layer_ranges,
                              errors[len(step_ranges):], density)
 
