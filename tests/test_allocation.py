@@ -408,3 +408,32 @@ def test_an_interrupted_sensitivity_resumes_from_its_last_generation(tiny_setup,
         resumed = sensitivity_errors(*args, progress=lambda it, **_: it, checkpoint_path=partial)
     assert generate.call_count == 2  # the 2 parts left; not the dense run nor the finished parts
     assert resumed == whole and not partial.exists()
+
+
+def test_an_interrupted_v2_build_keeps_its_measured_proxy(tiny_setup, tmp_path):
+    """Interrupted during the sensitivity's generations, FAST v2 resumes without measuring the proxy again and
+    writes the uninterrupted run's budgets; nothing is left beside the output."""
+    tiny, prompts, topology = tiny_setup
+    loop = CalibrationLoop(seeds=(0,), steps=2, flow_shift=3.0)
+    one = CalibrationSet(prompts.embeddings[:1], prompts.negative, "test")
+    args = (tiny, topology, one, loop, "medium")
+    kwargs = {"rows_per_head": 4, "buckets": 2}
+    whole = compute_budgets_v2(*args, **kwargs, progress=lambda it, **_: it)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_in_sensitivity(items, desc="", **_):
+        for index, item in enumerate(items):
+            if desc == "FAST sensitivity" and index == 2:
+                raise Interrupt
+            yield item
+
+    partial = tmp_path / "budgets.safetensors.partial"
+    with pytest.raises(Interrupt):
+        compute_budgets_v2(*args, **kwargs, progress=stop_in_sensitivity, checkpoint_path=partial)
+    with mock.patch("saexport.topology.fast_v2.compute_quality") as measure:
+        resumed = compute_budgets_v2(*args, **kwargs, progress=lambda it, **_: it, checkpoint_path=partial)
+    assert measure.call_count == 0
+    assert torch.equal(resumed.levels, whole.levels) and resumed.curve == whole.curve
+    assert list(tmp_path.iterdir()) == []

@@ -21,8 +21,8 @@ from saexport.artifacts import Budgets, Topology
 from saexport.errors import SaexportError
 from saexport.models.checkpoint import LoadedModel
 from saexport.topology.allocation import WARMUP_AUTO, fit_budgets_v2
-from saexport.topology.calibration import CalibrationLoop
-from saexport.topology.fast import DENSITY_GOALS
+from saexport.topology.calibration import CalibrationCheckpoint, CalibrationLoop, calibration_key
+from saexport.topology.fast import DENSITY_GOALS, LEVELS
 from saexport.topology.prompts import CalibrationSet
 from saexport.topology.quality import PROXIES, ROWS_PER_HEAD, compute_quality
 from saexport.topology.sensitivity import STEP_BUCKETS, latent_error_judge, sensitivity_errors
@@ -61,8 +61,8 @@ def compute_budgets_v2(
         raise SaexportError(f"--warmup must be a number of steps within 0..{loop.steps} or '{WARMUP_AUTO}', "
                             f"got {warmup!r}")
     start = time.perf_counter()
-    quality = compute_quality(loaded, topology, prompts, loop, (proxy,), rows_per_head, device, progress,
-                              checkpoint_path)[proxy]
+    quality = _measured_quality(loaded, topology, prompts, loop, proxy, rows_per_head, device, progress,
+                                checkpoint_path)
     log.info("FAST v2: %s proxy measured in %.1f s", proxy, time.perf_counter() - start)
     weights, measured = None, "uniform"
     if sensitivity:
@@ -74,7 +74,7 @@ def compute_budgets_v2(
         subset = CalibrationSet(prompts.embeddings[:count], prompts.negative, f"{prompts.source}, first {count}")
         errors = sensitivity_errors(loaded, topology, subset, loop, DENSITY_GOALS[preset], buckets, layer_groups,
                                     device, batch_size, progress, None if checkpoint_path is None
-                                    else checkpoint_path.with_name(checkpoint_path.name + ".sensitivity"))
+                                    else _sibling(checkpoint_path, ".sensitivity"))
         weights, measured = errors.weights(), {**errors.to_metadata(), "prompts": count}
         log.info("FAST v2: sensitivity measured in %.1f s (%d generations per prompt x seed)",
                  time.perf_counter() - start, 1 + len(errors.buckets) + len(errors.groups))
@@ -84,4 +84,28 @@ def compute_budgets_v2(
                              max_warmup=max_warmup, judge=judge)
     log.info("FAST v2: allocation in %.1f s", time.perf_counter() - start)
     budgets.curve.update({"rows_per_head": rows_per_head, "sensitivity": measured})
+    if checkpoint_path is not None:
+        _sibling(checkpoint_path, ".quality").unlink(missing_ok=True)
     return budgets
+
+
+def _sibling(checkpoint_path: Path, suffix: str) -> Path:
+    return checkpoint_path.with_name(checkpoint_path.name + suffix)
+
+
+def _measured_quality(loaded: LoadedModel, topology: Topology, prompts: CalibrationSet, loop: CalibrationLoop,
+                      proxy: str, rows_per_head: int, device, progress: Callable,
+                      checkpoint_path: Path | None) -> torch.Tensor:
+    """The proxy's Q, kept beside `checkpoint_path` once measured (until the budgets are written): a build
+    interrupted during the sensitivity's generations does not measure the proxy again."""
+    steps, (layers, heads) = loop.steps, topology.levels.shape[:2]
+    state = {"quality": torch.zeros(steps, layers, heads, LEVELS, dtype=torch.float64)}
+    key = calibration_key("FAST v2 quality", topology.hash(), loaded.weights_id, prompts.embeddings,
+                          prompts.negative, loop.settings(), proxy, rows_per_head)
+    saved = CalibrationCheckpoint(None if checkpoint_path is None else _sibling(checkpoint_path, ".quality"), key,
+                                  state)
+    if not saved.done:
+        state["quality"].copy_(compute_quality(loaded, topology, prompts, loop, (proxy,), rows_per_head, device,
+                                               progress, checkpoint_path)[proxy])
+        saved.finish((0, 0))
+    return state["quality"]
