@@ -27,6 +27,7 @@ from saexport.topology.sensitivity import (
     uniform_levels,
 )
 from saexport.topology.standin import standin_topology
+from tests.interrupts import Interrupt, interrupt_after
 
 
 def linear_topology(layers: int, heads: int) -> Topology:
@@ -295,21 +296,10 @@ def test_quality_along_the_loop_on_the_tiny_model(tiny_setup, tmp_path):
     budgets = fit_budgets_v2(topology, quality["output"], "medium", proxy="output")
     assert abs(budgets.mean_density - 0.30) <= 0.01
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after(count):
-        def wrap(runs, **_):
-            for index, run in enumerate(runs):
-                if index == count:
-                    raise Interrupt
-                yield run
-        return wrap
-
     partial = tmp_path / "quality.partial"
     args = (tiny, topology, prompts, LOOP, ("output",), 4)
     with pytest.raises(Interrupt):
-        compute_quality(*args, progress=stop_after(8), checkpoint_path=partial)  # the first trajectory: 6 passes
+        compute_quality(*args, progress=interrupt_after(8), checkpoint_path=partial)  # the first trajectory: 6 passes
     assert partial.exists() and all(not block._forward_pre_hooks for block in tiny.transformer.blocks)
     resumed = compute_quality(*args, progress=lambda it, **_: it, checkpoint_path=partial)
     assert torch.allclose(resumed["output"], quality["output"], atol=1e-6) and not partial.exists()
@@ -388,21 +378,9 @@ def test_an_interrupted_sensitivity_resumes_from_its_last_generation(tiny_setup,
     one = CalibrationSet(prompts.embeddings[:1], prompts.negative, "test")
     args = (tiny, topology, one, loop, 0.3, 2)
     whole = sensitivity_errors(*args, progress=lambda it, **_: it)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after(count):
-        def wrap(items, **_):
-            for index, item in enumerate(items):
-                if index == count:
-                    raise Interrupt
-                yield item
-        return wrap
-
     partial = tmp_path / "budgets.partial.sensitivity"
     with pytest.raises(Interrupt):
-        sensitivity_errors(*args, progress=stop_after(3), checkpoint_path=partial)  # dense + 2 parts done
+        sensitivity_errors(*args, progress=interrupt_after(3), checkpoint_path=partial)  # dense + 2 parts done
     assert partial.is_file()
     with mock.patch("saexport.topology.sensitivity.final_latents", wraps=final_latents) as generate:
         resumed = sensitivity_errors(*args, progress=lambda it, **_: it, checkpoint_path=partial)
@@ -419,19 +397,10 @@ def test_an_interrupted_v2_build_keeps_its_measured_proxy(tiny_setup, tmp_path):
     args = (tiny, topology, one, loop, "medium")
     kwargs = {"rows_per_head": 4, "buckets": 2}
     whole = compute_budgets_v2(*args, **kwargs, progress=lambda it, **_: it)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_in_sensitivity(items, desc="", **_):
-        for index, item in enumerate(items):
-            if desc == "FAST sensitivity" and index == 2:
-                raise Interrupt
-            yield item
-
     partial = tmp_path / "budgets.safetensors.partial"
     with pytest.raises(Interrupt):
-        compute_budgets_v2(*args, **kwargs, progress=stop_in_sensitivity, checkpoint_path=partial)
+        compute_budgets_v2(*args, **kwargs, progress=interrupt_after(2, "FAST sensitivity"),
+                           checkpoint_path=partial)
     with mock.patch("saexport.topology.fast_v2.compute_quality") as measure:
         resumed = compute_budgets_v2(*args, **kwargs, progress=lambda it, **_: it, checkpoint_path=partial)
     assert measure.call_count == 0

@@ -22,6 +22,7 @@ from saexport.topology.fast import (
 )
 from saexport.topology.prompts import CalibrationSet
 from saexport.topology.west import AGGREGATIONS, ThresholdMap, block_scores, compute_topology
+from tests.interrupts import Interrupt, interrupt_after
 
 LOOP = CalibrationLoop(seeds=(0,), steps=4, flow_shift=3.0)  # guided, both passes measured: as generation runs
 
@@ -180,22 +181,6 @@ def test_empty_calibration_set_and_unknown_preset(calibrated):
                          CalibrationSet(embeddings.embeddings[:0], embeddings.negative, "none"), LOOP)
     with pytest.raises(SaexportError, match="unknown fidelity preset 'ultra'"):
         fit_budgets(topology, torch.ones(4, 2, 4, 256, dtype=torch.float64), "ultra")
-
-
-class Interrupt(Exception):
-    pass
-
-
-def interrupt_after(steps: int):
-    """A progress wrapper that stops the calibration after `steps` yielded runs (passes), as Ctrl-C would."""
-
-    def wrap(runs, **_):
-        for count, run in enumerate(runs):
-            if count == steps:
-                raise Interrupt
-            yield run
-
-    return wrap
 
 
 def test_interrupted_calibration_resumes_and_gives_the_same_files(calibrated, tmp_path):

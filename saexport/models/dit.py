@@ -52,6 +52,12 @@ def patch_embed(conv: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     return patches @ conv.weight.flatten(1).t() + conv.bias
 
 
+
+def latent_shape(transformer: WanTransformer3DModel, grid: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    """`[channels, frames, height, width]` of the transformer's latents whose tokens form `grid`."""
+    pt, ph, pw = transformer.config.patch_size
+    return (transformer.config.in_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+
 class WanDiT(torch.nn.Module):
     """The DiT for `grid` in `layout`, with dense self-attention until `probe` or a subclass installs another."""
 
@@ -80,8 +86,7 @@ class WanDiT(torch.nn.Module):
 
     def latent_shape(self) -> tuple[int, int, int, int]:
         """`[channels, frames, height, width]` of the latents whose tokens form the grid."""
-        pt, ph, pw = self.transformer.config.patch_size
-        return (self.transformer.config.in_channels, self.grid[0] * pt, self.grid[1] * ph, self.grid[2] * pw)
+        return latent_shape(self.transformer, self.grid)
 
 
     def forward(

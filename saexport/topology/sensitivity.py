@@ -33,7 +33,7 @@ from saexport.artifacts import Budgets, Topology
 from saexport.errors import SaexportError
 from saexport.levels import DENSE_LEVEL
 from saexport.models.checkpoint import LoadedModel
-from saexport.models.dit import SparseWanDiT
+from saexport.models.dit import SparseWanDiT, latent_shape
 from saexport.runtime.denoisers import TorchDenoiser
 from saexport.runtime.sampler import sample
 from saexport.topology.allocation import level_densities
@@ -127,8 +127,7 @@ def _sparse_one_part_errors(loaded: LoadedModel, topology: Topology, prompts: Ca
     steps = loop.steps
     reference = uniform_levels(topology, density)  # [L, H]
     samples = prompts.embeddings.shape[0] * len(loop.seeds)
-    channels, patch = loaded.transformer.config.in_channels, loaded.transformer.config.patch_size
-    state = {"dense": torch.zeros(samples, channels, *(g * p for g, p in zip(topology.grid, patch, strict=True))),
+    state = {"dense": torch.zeros(samples, *latent_shape(loaded.transformer, topology.grid)),
              "errors": torch.full((len(parts),), float("nan"), dtype=torch.float64)}
     key = calibration_key("FAST sensitivity", topology.hash(), loaded.weights_id, prompts.embeddings,
                           prompts.negative, loop.settings(), density, [list(map(list, part)) for part in parts])
@@ -196,23 +195,6 @@ def cell_errors(
     parts = [(r, (layer, layer + 1)) for r in step_ranges for layer in range(layers)]
     errors = _sparse_one_part_errors(loaded, topology, prompts, loop, density, parts, device, batch_size, progress)
     return torch.tensor(errors, dtype=torch.float64).view(len(step_ranges), layers)
-
-
-def measure_sensitivity(
-    loaded: LoadedModel,
-    topology: Topology,
-    prompts: CalibrationSet,
-    loop: CalibrationLoop,
-    density: float = 0.30,
-    buckets: int = STEP_BUCKETS,
-    layer_groups: int | None = None,
-    device: str | torch.device = "cpu",
-    batch_size: int = 1,
-    progress: Callable = tqdm,
-) -> torch.Tensor:
-    """Sensitivity weights w `[steps, layers]` (mean 1): see the module's docstring."""
-    return sensitivity_errors(loaded, topology, prompts, loop, density, buckets, layer_groups, device, batch_size,
-                              progress).weights()
 
 
 def latent_error_judge(loaded: LoadedModel, topology: Topology, prompts: CalibrationSet, loop: CalibrationLoop,
