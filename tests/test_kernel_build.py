@@ -29,8 +29,8 @@ def library(tmp_path_factory) -> ctypes.CDLL:
 def test_abi_version_and_workspace_size(library):
     assert library.saexport_bsa_abi_version() == kernels.ABI_VERSION
     # 12 heads, L = 32760, block 128: n = 256 rows of 8 words each
-    assert library.saexport_bsa_workspace_size(12, 32760, 128) == 12 * 256 * 8 * 4
-    assert library.saexport_bsa_workspace_size(40, 1333, 64) == 40 * 21 * 1 * 4
+    assert library.saexport_bsa_workspace_size(12, 32760, 128) == 12 * 256 * 8 * 4 + 4  # row masks, tile counter
+    assert library.saexport_bsa_workspace_size(40, 1333, 64) == 40 * 21 * 1 * 4 + 4
 
 
 @pytest.mark.parametrize("head_dim,block,dtype,status", [(96, 128, 1, 1), (128, 32, 1, 2), (128, 128, 7, 3)])

@@ -87,7 +87,8 @@ def test_step_index_is_read_on_device_and_clamped():
 
 
 def test_cuda_graph_replay_follows_step_index():
-    q, k, v, topology, budgets, _ = make_case(1, 1024, 12, 128, 128, 0.3, torch.bfloat16, steps=4)
+    """12 x 32 query blocks: more than one per SM, so every replay relies on the tile counter being reset."""
+    q, k, v, topology, budgets, _ = make_case(1, 4096, 12, 128, 128, 0.3, torch.bfloat16, steps=4)
     step = torch.zeros(1, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
     kernels.forward(q, k, v, topology, budgets, step, 128, 0.088, out=out)  # warm-up outside capture
@@ -121,3 +122,21 @@ def test_rows_of_very_different_lengths_in_one_launch():
     topology = pack_levels(levels).cuda()
     got = run_kernel(q, k, v, topology, budgets, 1, 128, 0.088)
     assert rel_err(got, reference(q, k, v, topology, budgets, 1, 128, 0.088)) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_many_query_blocks_per_sm_with_empty_rows_between(dtype):
+    """Each CTA of the persistent grid serves dozens of query blocks, empty ones among them, of uneven lengths
+    and across heads and batch items; two launches in a row (the second must not inherit the first's counter)."""
+    q, k, v, _, budgets, levels = make_case(2, 128 * 60 + 5, 16, 128, 128, 0.5, dtype)
+    gen = torch.Generator().manual_seed(7)
+    empty = torch.rand(levels.shape[:2], generator=gen) < 0.15  # [heads, n]
+    levels[empty] = 255
+    budgets[1] = torch.randint(20, 230, (16,), generator=gen).to(torch.int32)  # per-head densities
+    topology = pack_levels(levels).cuda()
+    want = reference(q, k, v, topology, budgets, 1, 128, 0.088)
+    for _ in range(2):
+        got = run_kernel(q, k, v, topology, budgets, 1, 128, 0.088)
+        rows_empty = empty.repeat_interleave(128, dim=1)[:, :q.shape[1]].T  # [L, heads]
+        assert torch.all(got[:, rows_empty] == 0)
+        assert rel_err(got, want) < TOLERANCE[dtype]

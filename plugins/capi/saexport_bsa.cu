@@ -71,7 +71,7 @@ const char* saexport_bsa_status_string(int status) {
 size_t saexport_bsa_workspace_size(int heads, int seq_len, int block_size) {
     if (heads <= 0 || seq_len <= 0 || block_size <= 0) return 0;
     const int n = ceil_div(seq_len, block_size);
-    return static_cast<size_t>(heads) * n * ceil_div(n, 32) * sizeof(uint32_t);
+    return (static_cast<size_t>(heads) * n * ceil_div(n, 32) + 1) * sizeof(uint32_t);  // row masks, tile counter
 }
 
 int saexport_bsa_forward(const void* q, const void* k, const void* v, void* out, int dtype, int batch, int seq_len,
@@ -95,10 +95,12 @@ int saexport_bsa_forward(const void* q, const void* k, const void* v, void* out,
     p.num_blocks = ceil_div(seq_len, block_size);
     p.mask_words = ceil_div(p.num_blocks, 32);
     p.scale_log2 = scale * 1.4426950408889634f;
-    p.row_masks = static_cast<uint32_t*>(workspace);
+    auto* row_masks = static_cast<uint32_t*>(workspace);
+    p.row_masks = row_masks;
+    p.tile_counter = row_masks + static_cast<size_t>(heads) * p.num_blocks * p.mask_words;
 
-    saexport::build_row_masks(topology, budgets, steps, step_index, heads, p.num_blocks, p.mask_words,
-                              static_cast<uint32_t*>(workspace), stream);
+    saexport::build_row_masks(topology, budgets, steps, step_index, heads, p.num_blocks, p.mask_words, row_masks,
+                              p.tile_counter, stream);
     if (dtype == SAEXPORT_BSA_BF16) {
         dispatch_head_dim<__nv_bfloat16>(p, head_dim, block_size, stream);
     } else {

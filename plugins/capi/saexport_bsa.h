@@ -29,7 +29,8 @@ enum saexport_bsa_status {
 int saexport_bsa_abi_version(void);
 const char* saexport_bsa_status_string(int status);
 
-/* Bytes of workspace for the row bitmasks: heads * ceil(L/block) * ceil(ceil(L/block)/32) * 4. */
+/* Bytes of workspace: the row bitmasks, heads * ceil(L/block) * ceil(ceil(L/block)/32) * 4, and 4 for the
+ * kernel's tile counter. */
 size_t saexport_bsa_workspace_size(int heads, int seq_len, int block_size);
 
 /* out = block-sparse attention(q, k, v) for step *step_index (a device pointer, clamped to [0, steps)).

@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kBlockM * 2) bsa_forward_kernel(BsaParams p) {
         (p.seq_len + kBlockN - 1) / kBlockN);
     int tile = walker.next();
     if (tile < 0) {
-        write_zero_rows<kBlockM, kHeadDim, kThreads>(out, q0, p.seq_len, token_stride);
+        write_zero_rows<kBlockM, kHeadDim, kThreads>(out, q0, p.seq_len, token_stride, threadIdx.x);
         return;
     }
 

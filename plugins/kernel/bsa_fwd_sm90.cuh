@@ -1,14 +1,17 @@
 // Block-sparse attention forward, Hopper path (sm_90a): wgmma for both products, head_dim 128, block 128.
 //
-// One CTA per (query block of 128, head, batch), three warpgroups:
-// - a producer warpgroup (one thread of it) streams the K and V tiles of the row's kept blocks
-//   (KeyTileWalker) into a ring of shared-memory stages with TMA: two bulk tensor copies of a 64-column
-//   panel per tile, completing on the stage's "full" mbarrier (rows past the sequence end arrive as zeros);
+// A persistent grid: one CTA per SM, each serving query blocks ("units": batch, head, query block) one after
+// another as the tile scheduler hands them out (tile_scheduler.cuh). Three warpgroups:
+// - a producer warpgroup (one thread of it) fetches the next unit, publishes it in shared memory with its Q
+//   tile, and streams the K and V tiles of the unit's kept blocks (KeyTileWalker) into a ring of
+//   shared-memory stages with TMA: two bulk tensor copies of a 64-column panel per tile, completing on the
+//   stage's "full" mbarrier (rows past the sequence end arrive as zeros). The ring runs on across units, so
+//   the next unit's Q and first K/V tiles load while the consumers finish the last one and write it out;
 // - two consumer warpgroups of 64 query rows each compute S = Q K^T (wgmma, both operands from shared
 //   memory), the online softmax, and O += P V (wgmma, P from registers, V transposed from shared memory),
-//   then release the stage through an "empty" mbarrier. The P V of one tile is in flight while the scores
-//   of the next are exponentiated.
-// No block-wide barrier inside the loop: the consumers drift apart, so one's softmax runs under the other's
+//   then release the stage through an "empty" mbarrier, and Q through "q_empty" once its last product is
+//   issued and done. The P V of one tile is in flight while the scores of the next are exponentiated.
+// No block-wide barrier after set-up: the consumers drift apart, so one's softmax runs under the other's
 // matrix products. setmaxnreg moves registers from the producer to the consumers.
 // Tiles use the 128-byte-swizzled layout wgmma reads: rows of 128 bytes in 1024-byte atoms of 8 rows,
 // two 64-column panels per 128-column tile.
@@ -28,17 +31,41 @@
 #include "sm80_primitives.cuh"
 #include "sm90_pipeline.cuh"
 #include "sm90_wgmma.cuh"
+#include "tile_scheduler.cuh"
 
 namespace saexport::sm90 {
 
-constexpr int kRows = 128;                   // query rows per CTA = keys per tile = the mask block
+constexpr int kRows = 128;                   // query rows per unit = keys per tile = the mask block
 constexpr int kHeadDim = 128;
 constexpr int kThreads = 384;                // producer warpgroup + two consumer warpgroups
+constexpr int kConsumerThreads = 256;
 constexpr int kStages = 3;
 constexpr int kPanelBytes = kRows * 128;     // one 64-column panel of a 128-row tile: 16 KB
 constexpr int kTileBytes = 2 * kPanelBytes;  // a 128 x 128 tile of 16-bit values: 32 KB
-constexpr int kBarrierBytes = 64;
-constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes + kBarrierBytes;  // Q, K and V stages, barriers
+constexpr int kControlBytes = 128;           // mbarriers and the published unit
+constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes + kControlBytes;  // Q, K and V stages, control
+
+// Shared memory: the Q tile, the K and V rings, then the control block.
+struct SharedState {
+    unsigned char* q;
+    unsigned char* k;        // kStages tiles
+    unsigned char* v;        // kStages tiles
+    uint64_t* q_full;        // the unit is published (and its Q tile landed, unless its row is empty)
+    uint64_t* q_empty;       // both consumers are done with the unit's Q tile and its published index
+    uint64_t* full;          // kStages: the producer's copies of a stage have landed
+    uint64_t* empty;         // kStages: both consumers are done with a stage
+    volatile int* unit;      // the published unit index, -1 when the CTA is done
+
+    __device__ explicit SharedState(unsigned char* smem)
+        : q(smem), k(smem + kTileBytes), v(smem + (1 + kStages) * kTileBytes),
+          q_full(reinterpret_cast<uint64_t*>(smem + (1 + 2 * kStages) * kTileBytes)), q_empty(q_full + 1),
+          full(q_full + 2), empty(full + kStages), unit(reinterpret_cast<volatile int*>(empty + kStages)) {}
+};
+
+__device__ __forceinline__ KeyTileWalker<1> row_walker(const BsaParams& p, const Unit& unit) {
+    return KeyTileWalker<1>(p.row_masks + (static_cast<long long>(unit.head) * p.num_blocks + unit.block) * p.mask_words,
+                            p.mask_words, p.num_blocks);
+}
 
 // A 128-row tile = two boxes of 64 columns (128 bytes, the swizzle span) x 128 tokens, one per panel.
 __device__ __forceinline__ void load_tile(unsigned char* tile, const CUtensorMap* map, int h, int tok0, int b,
@@ -47,74 +74,55 @@ __device__ __forceinline__ void load_tile(unsigned char* tile, const CUtensorMap
     tma_load_4d(tile + kPanelBytes, map, 64, h, tok0, b, bar);
 }
 
+// The producer thread: every unit of this CTA, its Q tile and its K/V tiles, in order.
+__device__ __forceinline__ void produce(const BsaParams& p, const SharedState& s, const CUtensorMap* map_q,
+                                       const CUtensorMap* map_k, const CUtensorMap* map_v) {
+    const TileScheduler scheduler(p);
+    int it = 0;  // K/V tiles issued by this CTA, across units: the ring's position
+    for (int k = 0;; ++k) {
+        const int w = scheduler.fetch(k, p.tile_counter);
+        mbarrier_wait(s.q_empty, (k & 1) ^ 1);  // the consumers have read the last unit and its Q tile
+        *s.unit = w;
+        if (w < 0) {
+            mbarrier_arrive(s.q_full);
+            return;
+        }
+        const Unit unit = TileScheduler::decode(w, p);
+        KeyTileWalker<1> walker = row_walker(p, unit);
+        int tile = walker.next();
+        if (tile < 0) {  // nothing to load: the consumers write zeros
+            mbarrier_arrive(s.q_full);
+            continue;
+        }
+        mbarrier_arrive_expect_tx(s.q_full, kTileBytes);
+        load_tile(s.q, map_q, unit.head, unit.block * kRows, unit.batch, s.q_full);
+        for (; tile >= 0; ++it, tile = walker.next()) {
+            const int stage = it % kStages;
+            mbarrier_wait(&s.empty[stage], ((it / kStages) & 1) ^ 1);
+            mbarrier_arrive_expect_tx(&s.full[stage], 2 * kTileBytes);
+            load_tile(s.k + stage * kTileBytes, map_k, unit.head, tile * kRows, unit.batch, &s.full[stage]);
+            load_tile(s.v + stage * kTileBytes, map_v, unit.head, tile * kRows, unit.batch, &s.full[stage]);
+        }
+    }
+}
+
+// A consumer warpgroup: 64 query rows of every unit the producer publishes.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1)
-    bsa_forward_kernel(BsaParams p, const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
-                       const __grid_constant__ CUtensorMap map_v) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void consume(const BsaParams& p, const SharedState& s, int consumer) {
     using Pack = sm80::MmaTraits<T>;
-    extern __shared__ __align__(1024) unsigned char smem[];
-    unsigned char* s_q = smem;
-    unsigned char* s_k = smem + kTileBytes;                 // kStages tiles
-    unsigned char* s_v = smem + (1 + kStages) * kTileBytes;  // kStages tiles
-    uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + (1 + 2 * kStages) * kTileBytes);
-    uint64_t* full = q_full + 1;         // kStages: the producer's copies of a stage have landed
-    uint64_t* empty = full + kStages;    // kStages: both consumers are done with a stage
-
-    const int u = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const long long token_stride = static_cast<long long>(p.heads) * kHeadDim;
-    T* out = static_cast<T*>(p.out) + static_cast<long long>(b) * p.seq_len * token_stride + h * kHeadDim;
-    const int q0 = u * kRows;
-
-    KeyTileWalker<1> walker(p.row_masks + (static_cast<long long>(h) * p.num_blocks + u) * p.mask_words,
-                            p.mask_words, p.num_blocks);
-    int tile = walker.next();
-    if (tile < 0) {
-        write_zero_rows<kRows, kHeadDim, kThreads>(out, q0, p.seq_len, token_stride);
-        return;
-    }
-    if (threadIdx.x == 0) {
-        mbarrier_init(q_full, 1);
-        for (int s = 0; s < kStages; ++s) {
-            mbarrier_init(&full[s], 1);  // the producer's arrive.expect_tx; the copies' bytes complete it
-            mbarrier_init(&empty[s], 256);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
-
-    if (threadIdx.x < 128) {  // producer: one thread issues every copy
-        registers_decrease<40>();
-        if (threadIdx.x == 0) {
-            mbarrier_arrive_expect_tx(q_full, kTileBytes);
-            load_tile(s_q, &map_q, h, q0, b, q_full);
-            for (int i = 0; tile >= 0; ++i, tile = walker.next()) {
-                const int stage = i % kStages;
-                mbarrier_wait(&empty[stage], ((i / kStages) & 1) ^ 1);
-                mbarrier_arrive_expect_tx(&full[stage], 2 * kTileBytes);
-                load_tile(s_k + stage * kTileBytes, &map_k, h, tile * kRows, b, &full[stage]);
-                load_tile(s_v + stage * kTileBytes, &map_v, h, tile * kRows, b, &full[stage]);
-            }
-        }
-        return;
-    }
-
-    // consumers: the P V of tile i runs while the scores of tile i+1 are exponentiated.
-    registers_increase<232>();
-    const int consumer = threadIdx.x - 128;
     const int warpgroup = consumer / 128, warp = consumer / 32, lane = consumer % 32;
-    const uint32_t q_addr = sm80::smem_addr(s_q) + warpgroup * 64 * 128;  // this warpgroup's 64 rows
+    const uint32_t q_addr = sm80::smem_addr(s.q) + warpgroup * 64 * 128;  // this warpgroup's 64 rows
+    const long long token_stride = static_cast<long long>(p.heads) * kHeadDim;
     float acc_s[kRows / 8][4];  // written first by a wgmma with accumulate = 0
-    float acc_o[kHeadDim / 8][4] = {};
+    float acc_o[kHeadDim / 8][4];
     float(&s_flat)[64] = reinterpret_cast<float(&)[64]>(acc_s);
     float(&o_flat)[64] = reinterpret_cast<float(&)[64]>(acc_o);
     uint32_t p_frag[kRows / 16][4];
     float correction[2];
-    SoftmaxState softmax;
 
     // S = Q K^T: 8 steps of 16 along head_dim; a step is 32 bytes into a swizzled row, 4 per panel.
     auto issue_scores = [&](int stage) {
-        const uint32_t k_addr = sm80::smem_addr(s_k + stage * kTileBytes);
+        const uint32_t k_addr = sm80::smem_addr(s.k + stage * kTileBytes);
 #pragma unroll
         for (int kk = 0; kk < kHeadDim / 16; ++kk) {
             const uint32_t offset = (kk / 4) * kPanelBytes + (kk % 4) * 32;
@@ -124,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // O += P V: 8 steps of 16 keys (2 atoms of 8 rows); V is MN-major: its two 64-column panels are the
     // leading-dimension stride, 8-row atoms the stride dimension.
     auto issue_output = [&](int stage) {
-        const uint32_t v_addr = sm80::smem_addr(s_v + stage * kTileBytes);
+        const uint32_t v_addr = sm80::smem_addr(s.v + stage * kTileBytes);
 #pragma unroll
         for (int kk = 0; kk < kRows / 16; ++kk) {
             wgmma_rs_transb<T>(o_flat, p_frag[kk], smem_desc(v_addr + kk * 16 * 128, kPanelBytes, 1024));
@@ -135,48 +143,98 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int kk = 0; kk < kRows / 16; ++kk) probabilities_fragment<Pack>(acc_s, kk, p_frag[kk]);
     };
 
-    mbarrier_wait(q_full, 0);
-    mbarrier_wait(&full[0], 0);
-    wgmma_fence();
-    issue_scores(0);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(s_flat);
-    softmax.update(acc_s, correction, p.scale_log2, tile * kRows, p.seq_len, lane);
-    pack_probabilities();
-    for (int i = 0;; ++i) {
-        const int stage = i % kStages;
-        const int next = walker.next();
-        if (next < 0) {  // the last tile: only its P V is left
-            wgmma_fence();
+    int it = 0;  // the ring's position, as the producer's
+    for (int k = 0;; ++k) {
+        mbarrier_wait(s.q_full, k & 1);
+        const int w = *s.unit;
+        if (w < 0) return;
+        const Unit unit = TileScheduler::decode(w, p);
+        T* out = static_cast<T*>(p.out) + static_cast<long long>(unit.batch) * p.seq_len * token_stride +
+                 unit.head * kHeadDim;
+        const int q0 = unit.block * kRows;
+        KeyTileWalker<1> walker = row_walker(p, unit);
+        int tile = walker.next();
+        if (tile < 0) {
+            mbarrier_arrive(s.q_empty);
+            write_zero_rows<kRows, kHeadDim, kConsumerThreads>(out, q0, p.seq_len, token_stride, consumer);
+            continue;
+        }
+
+        SoftmaxState softmax;
+#pragma unroll
+        for (int i = 0; i < 64; ++i) o_flat[i] = 0.f;
+        mbarrier_wait(&s.full[it % kStages], (it / kStages) & 1);
+        wgmma_fence();
+        issue_scores(it % kStages);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(s_flat);
+        softmax.update(acc_s, correction, p.scale_log2, tile * kRows, p.seq_len, lane);
+        pack_probabilities();
+        for (;; ++it) {
+            const int stage = it % kStages;
+            const int next = walker.next();
+            if (next < 0) {  // the last tile: only its P V is left, and Q is free for the next unit
+                mbarrier_arrive(s.q_empty);
+                wgmma_fence();
+                fence_operands(o_flat);
+                issue_output(stage);
+                wgmma_commit();
+                wgmma_wait<0>();
+                fence_operands(o_flat);
+                mbarrier_arrive(&s.empty[stage]);
+                ++it;
+                break;
+            }
+            const int next_stage = (it + 1) % kStages;
+            mbarrier_wait(&s.full[next_stage], ((it + 1) / kStages) & 1);
+            wgmma_fence();  // the output accumulators and P were just written by ordinary instructions
             fence_operands(o_flat);
+            issue_scores(next_stage);
+            wgmma_commit();
             issue_output(stage);
             wgmma_commit();
+            wgmma_wait<1>();  // the scores of tile i+1 (the older group) are ready; P V of tile i still runs
+            fence_operands(s_flat);
+            softmax.update(acc_s, correction, p.scale_log2, next * kRows, p.seq_len, lane);
             wgmma_wait<0>();
             fence_operands(o_flat);
-            break;
+            mbarrier_arrive(&s.empty[stage]);
+            rescale(acc_o, correction);
+            pack_probabilities();
         }
-        const int next_stage = (i + 1) % kStages;
-        mbarrier_wait(&full[next_stage], ((i + 1) / kStages) & 1);
-        wgmma_fence();  // the output accumulators and P were just written by ordinary instructions
-        fence_operands(o_flat);
-        issue_scores(next_stage);
-        wgmma_commit();
-        issue_output(stage);
-        wgmma_commit();
-        wgmma_wait<1>();  // the scores of tile i+1 (the older group) are ready; P V of tile i still runs
-        fence_operands(s_flat);
-        softmax.update(acc_s, correction, p.scale_log2, next * kRows, p.seq_len, lane);
-        wgmma_wait<0>();
-        fence_operands(o_flat);
-        mbarrier_arrive(&empty[stage]);
-        rescale(acc_o, correction);
-        pack_probabilities();
-    }
 
-    float inverse[2];
-    softmax.finish(inverse);
-    store_rows<Pack>(out, acc_o, inverse, q0 + warp * 16, p.seq_len, token_stride, lane);
+        float inverse[2];
+        softmax.finish(inverse);
+        store_rows<Pack>(out, acc_o, inverse, q0 + warp * 16, p.seq_len, token_stride, lane);
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    bsa_forward_kernel(BsaParams p, const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                       const __grid_constant__ CUtensorMap map_v) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(1024) unsigned char smem[];
+    const SharedState s(smem);
+    if (threadIdx.x == 0) {
+        mbarrier_init(s.q_full, 1);  // the producer's arrival (with the Q tile's bytes when it loads one)
+        mbarrier_init(s.q_empty, kConsumerThreads);
+        for (int i = 0; i < kStages; ++i) {
+            mbarrier_init(&s.full[i], 1);  // the producer's arrive.expect_tx; the copies' bytes complete it
+            mbarrier_init(&s.empty[i], kConsumerThreads);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (threadIdx.x < 128) {  // producer: one thread issues every copy
+        registers_decrease<40>();
+        if (threadIdx.x == 0) produce(p, s, &map_q, &map_k, &map_v);
+        return;
+    }
+    registers_increase<232>();
+    consume<T>(p, s, threadIdx.x - 128);
 #else
     __trap();  // built for another architecture: the dispatcher only launches this on sm_90
 #endif
@@ -229,7 +287,12 @@ bool launch_bsa_forward_sm90(const BsaParams& params, cudaStream_t stream) {
     }
     auto kernel = sm90::bsa_forward_kernel<T>;
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sm90::kSmemBytes);
-    const dim3 grid(params.num_blocks, params.heads, params.batch);
+    // Persistent: one CTA per SM (its shared memory allows no second), never more CTAs than units.
+    int device = 0, sms = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    const long long units = static_cast<long long>(params.batch) * params.heads * params.num_blocks;
+    const int grid = static_cast<int>(units < sms ? units : sms);
     kernel<<<grid, sm90::kThreads, sm90::kSmemBytes, stream>>>(params, map_q, map_k, map_v);
     return true;
 }

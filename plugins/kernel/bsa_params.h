@@ -18,12 +18,15 @@ struct BsaParams {
     int mask_words;      // 32-bit words per row bitmask: ceil(num_blocks / 32)
     float scale_log2;    // softmax scale * log2(e): the kernel works in base 2
     const uint32_t* row_masks;  // [heads, num_blocks, mask_words], built by build_row_masks
+    uint32_t* tile_counter;     // the persistent grid's next-unit counter, zeroed by build_row_masks
 };
 
-// Row bitmasks of one step: bit v of row (h, u) is set when level(h, u, v) <= budgets[step, h].
+// Row bitmasks of one step: bit v of row (h, u) is set when level(h, u, v) <= budgets[step, h]; also zeroes
+// the tile counter of the forward launch that follows on the stream.
 // step_index is read on the device (clamped to [0, steps)), so the launch is graph-capturable.
 void build_row_masks(const int32_t* topology, const int32_t* budgets, int steps, const int32_t* step_index,
-                     int heads, int num_blocks, int mask_words, uint32_t* row_masks, cudaStream_t stream);
+                     int heads, int num_blocks, int mask_words, uint32_t* row_masks, uint32_t* tile_counter,
+                     cudaStream_t stream);
 
 // The portable path (mma.sync, sm_80 and newer): head_dim 64/128, block 64/128.
 template <typename T, int kHeadDim, int kBlockM>

@@ -9,9 +9,11 @@ namespace {
 // One thread per 32-bit mask word: (head, query block, word).
 __global__ void build_row_masks_kernel(const int32_t* __restrict__ topology, const int32_t* __restrict__ budgets,
                                        int steps, const int32_t* __restrict__ step_index, int heads,
-                                       int num_blocks, int mask_words, uint32_t* __restrict__ row_masks) {
+                                       int num_blocks, int mask_words, uint32_t* __restrict__ row_masks,
+                                       uint32_t* __restrict__ tile_counter) {
     const long long total = static_cast<long long>(heads) * num_blocks * mask_words;
     const long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx == 0) *tile_counter = 0;
     if (idx >= total) return;
     const int word = static_cast<int>(idx % mask_words);
     const long long row = idx / mask_words;  // h * num_blocks + u
@@ -34,12 +36,13 @@ __global__ void build_row_masks_kernel(const int32_t* __restrict__ topology, con
 }  // namespace
 
 void build_row_masks(const int32_t* topology, const int32_t* budgets, int steps, const int32_t* step_index,
-                     int heads, int num_blocks, int mask_words, uint32_t* row_masks, cudaStream_t stream) {
+                     int heads, int num_blocks, int mask_words, uint32_t* row_masks, uint32_t* tile_counter,
+                     cudaStream_t stream) {
     const long long total = static_cast<long long>(heads) * num_blocks * mask_words;
     const int threads = 256;
     const int blocks = static_cast<int>((total + threads - 1) / threads);
     build_row_masks_kernel<<<blocks, threads, 0, stream>>>(topology, budgets, steps, step_index, heads, num_blocks,
-                                                           mask_words, row_masks);
+                                                           mask_words, row_masks, tile_counter);
 }
 
 }  // namespace saexport

@@ -5,11 +5,12 @@
 
 namespace saexport {
 
-// Rows of a query block whose mask row is empty (docs/ARCHITECTURE.md: zeros).
+// Rows of a query block whose mask row is empty (docs/ARCHITECTURE.md: zeros), written by kThreads threads,
+// `thread` being this one's index among them.
 template <int kBlockM, int kHeadDim, int kThreads, typename T>
-__device__ void write_zero_rows(T* out, int q0, int seq_len, long long token_stride) {
+__device__ void write_zero_rows(T* out, int q0, int seq_len, long long token_stride, int thread) {
     constexpr int kChunks = kHeadDim / 8;
-    for (int idx = threadIdx.x; idx < kBlockM * kChunks; idx += kThreads) {
+    for (int idx = thread; idx < kBlockM * kChunks; idx += kThreads) {
         const int tok = q0 + idx / kChunks;
         if (tok < seq_len) {
             *reinterpret_cast<uint4*>(out + tok * token_stride + (idx % kChunks) * 8) = make_uint4(0, 0, 0, 0);
