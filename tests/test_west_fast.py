@@ -258,7 +258,8 @@ def test_the_rank_update_on_the_gpu_is_the_cpus(aggregation):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_block_masses_on_the_gpu_match_the_cpu(dtype):
-    """bf16 q, k through TF32 products (exact for bf16 inputs), fp32 through fp32 products: the CPU's masses."""
+    """The fused probe kernel where Triton is installed, else bf16 q, k through TF32 products (exact for bf16
+    inputs) and fp32 through fp32 products: the CPU's masses either way."""
     q, k = (torch.randn(2, 300, 3, 64).to(dtype) for _ in range(2))
     rows = torch.tensor([0, 7, 150, 299])
     on_cpu = block_masses(q, k, rows, block_size=64)

@@ -5,7 +5,7 @@ RMSNorm across heads, RoPE from the DiT's fp32 tables), then one of three attent
 - `SparseSelfAttnProcessor`: `saexport::block_sparse_attention` with the layer's frozen masks;
 - `ProbedSelfAttnProcessor`: dense, and for a few sampled query rows the softmax over all keys summed per key
   block (*block masses* `[batch, heads, rows, n]`) handed to a callback: what WEST and FAST calibrate from,
-  without ever holding an L x L matrix;
+  without ever holding an L x L matrix (on a GPU with Triton, one fused kernel: `probe_kernel`);
 - `ProbedRowsSelfAttnProcessor`: dense, and for a few sampled query rows *per head* the block masses and the
   per-key-block partial outputs `sum_{j in block} p_j v_j` (`RowProbe`), from which the attention output of
   every sparse mask of those rows follows (FAST's output-error proxies); with `BlockInputs` hooked on the
@@ -15,9 +15,11 @@ RMSNorm across heads, RoPE from the DiT's fp32 tables), then one of three attent
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -93,8 +95,31 @@ def tf32_products(enabled: bool):
         torch.backends.cuda.matmul.fp32_precision = before
 
 
-def block_masses(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, block_size: int, chunk: int = 512):
+@functools.cache
+def _probe_kernel() -> ModuleType | None:
+    """`saexport.models.probe_kernel`, or None where Triton does not import (CI, CPU-only installs)."""
+    try:
+        from saexport.models import probe_kernel
+    except ImportError:
+        return None
+    return probe_kernel
+
+
+def block_masses(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, block_size: int,
+                 chunk: int = 512) -> torch.Tensor:
     """Softmax of the sampled rows over all keys, summed per key block: fp32 `[batch, heads, R, n]`.
+
+    On CUDA tensors with Triton and shapes it takes, the fused kernel (`probe_kernel`); else `block_masses_torch`."""
+    if q.is_cuda:
+        kernel = _probe_kernel()
+        if kernel is not None and kernel.supports(q, k, rows, block_size):
+            return kernel.block_masses_triton(q, k, rows, block_size)
+    return block_masses_torch(q, k, rows, block_size, chunk)
+
+
+def block_masses_torch(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, block_size: int,
+                       chunk: int = 512) -> torch.Tensor:
+    """`block_masses` in torch, `chunk` rows at a time: the reference the fused kernel is checked against.
 
     Half-precision q and k are exact in TF32 (their 8-bit significands fit its 11), so on a GPU their logits
     come from the tensor cores with fp32 accumulation and nothing lost; fp32 inputs keep full fp32 products.
