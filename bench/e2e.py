@@ -2,14 +2,19 @@
 
 Also times WEST calibration passes (a dense forward with every layer probed, the rank update on the GPU)
 against the dense forward. Prints a table; GPU named.
-With --compile both sides run through torch.compile (inductor fuses the norms, RoPE, modulation and
-GELU around the attention, as a TensorRT engine does): the closer proxy of a deployed engine.
-    python bench/e2e.py [--model wan2.1] [--resolution 480p] [--frames 81] [--densities 0.5,0.3,0.15] [--compile]
+--modes picks how both sides run: `eager`; `compile` (torch.compile: inductor fuses the norms, RoPE, modulation
+and GELU around the attention, as a TensorRT engine does — the closer proxy of a deployed engine); `graphs`
+(torch.compile with CUDA graphs, mode "reduce-overhead": the whole step replayed as one graph). One sparse model
+serves every density (its budgets are overwritten in place), so each mode compiles it once; the compiled sparse
+output is checked against the eager one.
+    python bench/e2e.py [--model wan2.1] [--resolution 480p] [--frames 81] [--densities 0.45,0.3,0.2]
+                        [--modes eager,compile,graphs]
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from functools import partial
 
 import torch
@@ -28,20 +33,34 @@ from saexport.topology.prompts import CalibrationSet
 from saexport.topology.standin import standin_budgets, standin_topology
 from saexport.topology.west import compute_topology
 
+COMPILE_MODES = {"eager": None, "compile": "default", "graphs": "reduce-overhead"}
+
+
+def run_mode(module: torch.nn.Module, mode: str):
+    return module if COMPILE_MODES[mode] is None else torch.compile(module, mode=COMPILE_MODES[mode])
+
+
+def set_budgets(sparse: torch.nn.Module, budgets) -> None:
+    """Overwrite the sparse model's per-layer budgets in place (buffers: a compiled graph reads them)."""
+    for layer, masks in enumerate(sparse.masks):
+        masks.budgets.copy_(budgets.levels[:, layer].to(masks.budgets))
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="wan2.1")
     parser.add_argument("--resolution", default="480p")
     parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--densities", default="0.5,0.3,0.15")
+    parser.add_argument("--densities", default="0.45,0.3,0.2")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-calibration", action="store_true", help="Skip timing WEST calibration passes.")
     parser.add_argument("--calib-rows", default="16,4", help="Sampled query rows per block of the timed WEST runs.")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the dense and the sparse model.")
+    parser.add_argument("--modes", default="eager,compile", help=f"Comma-separated, of {', '.join(COMPILE_MODES)}.")
     args = parser.parse_args()
     assert kernels.load_library() is not None, "build the kernel library first"
+    modes = args.modes.split(",")
+    assert set(modes) <= set(COMPILE_MODES), f"--modes takes {', '.join(COMPILE_MODES)}"
     dtype = torch.bfloat16
     loaded = load_model(args.model, random_weights=True, dtype=dtype, random_device="cuda")
     loaded.transformer.cuda()
@@ -49,28 +68,41 @@ def main() -> None:
     grid = video.token_grid(loaded.preset.patch_size)
     args_cpu = example_inputs(loaded, video, dtype)
     inputs = [t.cuda() for t in args_cpu]
-    print(f"GPU: {torch.cuda.get_device_name()}  {args.model} {video.describe()} grid {grid} "
-          f"(L = {grid[0] * grid[1] * grid[2]}), bf16, median of {args.reps}"
-          + (", torch.compile on both sides" if args.compile else ""))
-    compiled = torch.compile if args.compile else (lambda module: module)
-    rows = []
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  {args.model} {video.describe()} "
+          f"grid {grid} (L = {grid[0] * grid[1] * grid[2]}), bf16, median of {args.reps}", flush=True)
+    dense_ms, rows, started = {}, [], time.perf_counter()
     with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         # diffusers' own processors first: building the sparse DiT replaces them in place.
-        dense = compiled(loaded.transformer)
-        dense_ms = time_ms(partial(dense, *inputs[:3], return_dict=False), args.reps, args.warmup)
-        rows.append(("dense (cuDNN SDPA)", 1.0, dense_ms))
+        for mode in modes:
+            dense = run_mode(loaded.transformer, mode)
+            dense_ms[mode] = time_ms(partial(dense, *inputs[:3], return_dict=False), args.reps, args.warmup)
+            rows.append((mode, "dense (cuDNN SDPA)", 1.0, dense_ms[mode]))
+            print(*rows[-1], f"(at {time.perf_counter() - started:.0f} s: compiling is in the first call)", flush=True)
         p = loaded.preset
         topology = standin_topology(p.name, p.config_hash(), loaded.weights_id, p.num_layers, p.num_heads, grid,
                                     128, parse_layout("tile3d"))
-        for density in [float(d) for d in args.densities.split(",")]:
-            budgets = standin_budgets(topology, steps=1, target_density=density)
-            sparse = compiled(build_sparse_dit(loaded, topology, budgets, video).cuda())
-            ms = time_ms(partial(sparse, *inputs), args.reps, args.warmup)
-            rows.append(("sparse, stand-in masks", budgets.mean_density, ms))
+        densities = [float(d) for d in args.densities.split(",")]
+        sparse = build_sparse_dit(loaded, topology, standin_budgets(topology, steps=1, target_density=1.0),
+                                  video).cuda()
+        for mode in modes:
+            model = run_mode(sparse, mode)
+            for density in densities:
+                budgets = standin_budgets(topology, steps=1, target_density=density)
+                set_budgets(sparse, budgets)
+                ms = time_ms(partial(model, *inputs), args.reps, args.warmup)
+                rows.append((mode, "sparse, stand-in masks", budgets.mean_density, ms))
+                print(*rows[-1], f"(at {time.perf_counter() - started:.0f} s)", flush=True)
+            if mode != "eager":  # the compiled graph read the budgets written last, not stale copies
+                got = model(*inputs).clone()
+                want = sparse(*inputs)
+                err = float((got.float() - want.float()).norm() / want.float().norm())
+                print(f"{mode}: relative difference to eager at density {densities[-1]}: {err:.2e}", flush=True)
+                assert err < 2e-2, "the compiled sparse model disagrees with the eager one"
     print()
-    print(f"{'DiT forward':28s} {'density':>8s} {'ms':>9s} {'speed-up':>9s}")
-    for name, density, ms in rows:
-        print(f"{name:28s} {density:8.3f} {ms:9.1f} {dense_ms / ms:8.2f}x")
+    print(f"{'mode':8s} {'DiT forward':24s} {'density':>8s} {'ms':>9s} {'speed-up':>9s}")
+    for mode, name, density, ms in rows:
+        print(f"{mode:8s} {name:24s} {density:8.3f} {ms:9.1f} {dense_ms[mode] / ms:8.2f}x")
+    dense_ms = dense_ms[modes[0]]
     if not args.no_calibration:
         # WEST along 2 guided steps (4 probed passes) of one prompt, per rows-per-block setting; the rank update
         # runs on the GPU beside the probes.

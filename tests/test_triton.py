@@ -10,6 +10,7 @@ from google.protobuf import text_format
 from saexport.artifacts import ArtifactFolder, Budgets, OnnxMetadata, Topology
 from saexport.errors import SaexportError
 from saexport.models.checkpoint import load_model, resolve_weights
+from saexport.models.dit import SparseWanDiT
 from saexport.models.presets import PIXELS, get_preset
 from saexport.models.text_encoder import encode_prompts
 from saexport.pipeline import Models, ModelSource, make_export, make_standins, resolve_run
@@ -160,6 +161,7 @@ def test_a_bf16_graph_without_an_engine_serves_the_torch_dit(tiny_bf16, checkpoi
     folder = repo / "wan_dit" / "1"
     settings = read_config(folder, "dit.json")
     assert settings["backend"] == "torch" and settings["dtype"] == "bf16" and settings["steps"] == 3
+    assert settings["compile"] is True  # torch.compile on the GPU
     assert settings["checkpoint"] == str(checkpoint) and not (folder / "model.onnx").exists()
     meta = OnnxMetadata.read(tiny_bf16.onnx)
     assert Topology.load(ArtifactFolder(folder).topology).hash() == meta.topology_hash
@@ -209,6 +211,7 @@ def test_the_torch_dit_matches_onnx_runtime_and_refuses_bad_requests(tiny_bf16, 
         assert rel_err(torch_fp32(inputs), want) < 1e-4
         bf16 = Dit.open(folder, "cpu")
         assert bf16.output.dtype == "bf16"
+        assert isinstance(bf16.denoiser.model, SparseWanDiT)  # "compile" applies on a GPU only
         got = bf16({k: v.bfloat16() if v.is_floating_point() and k != "timestep" else v for k, v in inputs.items()})
         assert got.dtype == torch.bfloat16 and rel_err(got.float(), want) < 0.05
 

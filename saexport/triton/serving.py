@@ -152,7 +152,8 @@ class TextEncoder:
 
 def torch_denoiser(folder: Path, config: dict, device: torch.device):
     """The sparse DiT (`SparseWanDiT`) of the checkpoint, with the topology and budgets copied beside `dit.json`,
-    as `generate --backend torch` builds it (`open_denoiser`), on `device` in the graph's precision."""
+    as `generate --backend torch` builds it (`open_denoiser`), on `device` in the graph's precision; on a GPU
+    `torch.compile`d when `dit.json` says `"compile": true` (Triton's warm-up request pays for the compilation)."""
     from saexport.runtime.denoisers import TorchDenoiser
     from saexport.runtime.generation import Artifacts, open_denoiser
 
@@ -164,8 +165,9 @@ def torch_denoiser(folder: Path, config: dict, device: torch.device):
         raise SaexportError(f"{folder}: budgets for {artifacts.budgets.steps} steps, dit.json says {config['steps']}")
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         denoiser = open_denoiser(artifacts, "torch", Path(config["checkpoint"]), False, 0, config["dtype"], None)
-    if denoiser.device.type != device.type:
-        denoiser = TorchDenoiser(denoiser.model.to(device), denoiser.steps)
+    compiled = bool(config.get("compile", False)) and device.type == "cuda"
+    if denoiser.device.type != device.type or compiled:
+        denoiser = TorchDenoiser(denoiser.model.to(device), denoiser.steps, compiled=compiled)
     return denoiser
 
 
