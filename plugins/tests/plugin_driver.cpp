@@ -438,7 +438,8 @@ std::vector<DynamicPluginTensorDesc> buildDescs(Geometry const& g, DataType type
 
 size_t expectedWorkspace(Geometry const& g, int64_t seqLen) {
     int64_t const n = ceilDiv(seqLen, g.blockSize);
-    return static_cast<size_t>(g.heads) * static_cast<size_t>(n) * static_cast<size_t>(ceilDiv(n, 32)) * 4;
+    // The row bitmasks, then the persistent kernel's tile counter (plugins/capi/saexport_bsa.h).
+    return (static_cast<size_t>(g.heads) * static_cast<size_t>(n) * static_cast<size_t>(ceilDiv(n, 32)) + 1) * 4;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
