@@ -224,6 +224,7 @@ def main() -> None:
             mass[name][str(d)] = {"pooled": float(kept.mean()),
                                   "worst_head_vs_reference": float((kept - reference).min()),
                                   "best_head_vs_reference": float((kept - reference).max()),
+                                  "heads_below_reference": float((kept < reference).double().mean()),
                                   "blocks_kept": float(masks_at(levels, d).double().mean())}
 
     record = {"settings": settings, "n": n, "calibration_captions": calibration_captions,
@@ -252,13 +253,13 @@ def main() -> None:
     print(f"\nAttention mass kept on held-out runs ({args.heldout_captions} held-out captions x seeds "
           f"{list(heldout_seeds)}, {steps} steps, both passes; {heldout_rows} of {block_size} rows per block probed; "
           f"{heldout['wall_s']:.0f} s): pooled share, and in brackets the worst head's difference from the "
-          f"{args.reference}-row map's mask")
+          f"{args.reference}-row map's mask and the share of heads that keep less than it")
     print("\n| map | " + " | ".join(f"{d:.0%}" for d in DENSITIES) + " |")
     print("| --- |" + " --- |" * len(DENSITIES))
     for name, values in mass.items():
         label = f"{name} rows" if name.isdigit() else name
-        cells = " | ".join(f"{values[str(d)]['pooled']:.4f} ({values[str(d)]['worst_head_vs_reference']:+.4f})"
-                           for d in DENSITIES)
+        cells = " | ".join(f"{v['pooled']:.4f} ({v['worst_head_vs_reference']:+.4f}, "
+                           f"{v['heads_below_reference']:.0%})" for v in (values[str(d)] for d in DENSITIES))
         print(f"| {label} | {cells} |")
     kept = ", ".join(f"{d:.0%}: {min(v[str(d)]['blocks_kept'] for v in mass.values()):.3f}-"
                      f"{max(v[str(d)]['blocks_kept'] for v in mass.values()):.3f}" for d in DENSITIES)
