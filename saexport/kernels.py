@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 LIBRARY_NAME = "libsaexport_kernels.so"
-ABI_VERSION = 1
+ABI_VERSION = 2  # plugins/capi/saexport_bsa.h
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_BLOCK_SIZES = (64, 128)

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file, save_file
 
+from saexport import kernels
 from saexport.artifacts import EngineMetadata, OnnxMetadata
 from saexport.cli import main
 from saexport.errors import SaexportError
@@ -103,7 +104,7 @@ def test_engine_metadata_of_another_plugin_or_gpu_is_refused(artifacts):
                              plugin_libraries=("libsaexport_trt_plugin.so",))
     written.write(folder / "engine.json")
     assert EngineMetadata.read(folder / "engine.json") == written
-    with pytest.raises(SaexportError, match="kernel ABI 99; this saexport has 1 / 1: rebuild it"):
+    with pytest.raises(SaexportError, match=f"kernel ABI 99; this saexport has 1 / {kernels.ABI_VERSION}: rebuild it"):
         check_engine_metadata(engine)
     with pytest.raises(SaexportError, match=r"built for NVIDIA H100 \(\(9, 0\)\), this GPU is B \(\(10, 0\)\)"):
         replace(written, kernel_abi=1).check_loadable(engine, "1", 1, ("B", (10, 0)))

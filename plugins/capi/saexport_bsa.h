@@ -13,7 +13,9 @@
 extern "C" {
 #endif
 
-#define SAEXPORT_BSA_ABI_VERSION 1
+/* Bumped whenever a signature or the workspace layout changes: an engine records the workspace size it was
+ * built with, so a library that needs more must refuse it (2: the tile counter after the row masks). */
+#define SAEXPORT_BSA_ABI_VERSION 2
 
 enum saexport_bsa_dtype { SAEXPORT_BSA_FP16 = 0, SAEXPORT_BSA_BF16 = 1 };
 
