@@ -240,7 +240,7 @@ def write_triton_repository(
                 library = next((p.resolve() for p in kernels.library_candidates() if p.is_file()), None)
                 settings.update(checkpoint=str(plan.checkpoint), dtype=metadata.dtype, block_size=metadata.block_size,
                                 head_dim=preset.head_dim, kernel_library=str(library) if library else None,
-                                compile=True)  # on a GPU: 1.6-1.9x faster than eager at 30% (docs/BENCHMARKS.md)
+                                compile=True)  # on a GPU: 1.3-1.5x faster than eager at 30% (docs/BENCHMARKS.md)
                 parameters = {CPU_ONLY_INPUTS: "no"}
             else:
                 for file in onnx_path.parent.glob(onnx_path.name + "*"):  # model.onnx and model.onnx.data
