@@ -163,11 +163,12 @@ def torch_denoiser(folder: Path, config: dict, device: torch.device):
     artifacts = Artifacts.open(folder)
     if artifacts.budgets.steps != int(config["steps"]):
         raise SaexportError(f"{folder}: budgets for {artifacts.budgets.steps} steps, dit.json says {config['steps']}")
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        denoiser = open_denoiser(artifacts, "torch", Path(config["checkpoint"]), False, 0, config["dtype"], None)
     compiled = bool(config.get("compile", False)) and device.type == "cuda"
-    if denoiser.device.type != device.type or compiled:
-        denoiser = TorchDenoiser(denoiser.model.to(device), denoiser.steps, compiled=compiled)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        denoiser = open_denoiser(artifacts, "torch", Path(config["checkpoint"]), False, 0, config["dtype"], None,
+                                 compile_model=compiled)
+    if denoiser.device.type != device.type:  # a CPU instance on a machine with a GPU (never compiled)
+        denoiser = TorchDenoiser(denoiser.model.to(device), denoiser.steps)
     return denoiser
 
 
