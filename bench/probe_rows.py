@@ -2,11 +2,12 @@
 
 WEST (`saexport topology`) estimates every block pair's score from `--rows-per-block` sampled query rows of each
 query block (`topology.calibration.SampledRows`, seed 0: the rows of a smaller count are the first rows of a larger
-one). On the H100 a pass probing 4 rows costs 1.39x a dense forward, 16 rows 2.21x (docs/BENCHMARKS.md). This
-script calibrates one map per count with `topology.west.compute_topology`, exactly as `saexport topology` does
-(the model's fp32 weights, its built-in calibration captions, the guided loop with both passes measured, the
-"min" aggregation; only the count changes), times each, and compares each map with the reference map
-(`--reference`, the default count 16) and with the largest count's:
+one). On the H100 a pass probing 4 rows cost 1.39x a dense forward and 16 rows 2.21x with the torch probe, 1.14x
+and 1.20x with the fused Triton probe (docs/BENCHMARKS.md). This script calibrates one map per count with
+`topology.west.compute_topology`, exactly as `saexport topology` does (the model's fp32 weights, its built-in
+calibration captions, the guided loop with both passes measured, the "min" aggregation; only the count changes),
+times each, and compares each map with the reference map (`--reference`, the default count 16) and with the
+largest count's:
 
 - levels identical: the fraction of off-diagonal (layer, head, query block, key block) levels that are equal;
 - IoU: per (layer, head), the intersection over union of the off-diagonal pairs kept at each density (the
