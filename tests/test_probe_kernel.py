@@ -111,3 +111,28 @@ def test_block_masses_on_the_cpu_never_reaches_for_triton(monkeypatch):
     q, k = torch.randn(1, 40, 2, 16), torch.randn(1, 40, 2, 16)
     rows = torch.tensor([0, 17, 39])
     assert torch.allclose(block_masses(q, k, rows, 16), reference_masses(q, k, rows, 16).float(), atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_cuda_triton
+def test_a_probe_kernel_that_does_not_build_falls_back_to_torch_once(monkeypatch):
+    """Where Triton cannot build the kernel on this GPU, calibration warns once and probes with the torch path."""
+    from triton.errors import TritonError
+
+    from saexport.models import probe_kernel
+
+    calls = []
+
+    def fails_to_build(*args):
+        calls.append(args)
+        raise TritonError("out of shared memory")
+
+    monkeypatch.setattr(probe_kernel, "block_masses_triton", fails_to_build)
+    monkeypatch.setattr(processors, "_unbuildable", set())
+    q, k = torch.randn(1, 300, 2, 64, device="cuda"), torch.randn(1, 300, 2, 64, device="cuda")
+    rows = torch.tensor([0, 150, 299])
+    with pytest.warns(UserWarning, match="fused probe does not build.*TritonError: out of shared memory"):
+        got = block_masses(q, k, rows, 64)
+    assert torch.allclose(got.cpu(), reference_masses(q, k, rows, 64).float(), atol=1e-5)
+    block_masses(q, k, rows, 64)  # the failure is remembered: no second attempt
+    assert len(calls) == 1

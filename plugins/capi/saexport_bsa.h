@@ -38,7 +38,8 @@ size_t saexport_bsa_workspace_size(int heads, int seq_len, int block_size);
 /* out = block-sparse attention(q, k, v) for step *step_index (a device pointer, clamped to [0, steps)).
  * q, k, v, out: contiguous [batch, seq_len, heads, head_dim] of `dtype`, on the device.
  * topology: int32 [heads, n, ceil(n/4)] packed levels; budgets: int32 [steps, heads]; both on the device.
- * workspace: at least saexport_bsa_workspace_size() bytes, 4-byte aligned. stream: a cudaStream_t. */
+ * workspace: at least saexport_bsa_workspace_size() bytes, 4-byte aligned, not shared with a launch that may run
+ * at the same time (it holds this launch's row masks and tile counter). stream: a cudaStream_t. */
 int saexport_bsa_forward(const void* q, const void* k, const void* v, void* out, int dtype, int batch, int seq_len,
                          int heads, int head_dim, int block_size, float scale, const int32_t* topology,
                          const int32_t* budgets, int steps, const int32_t* step_index, void* workspace,

@@ -9,8 +9,8 @@ streams K once: per key block it keeps only the block's row max and sum of expon
 log2(e) folded into the logits, as FlashAttention does). A second, tiny kernel turns those `[.., R, n]` pairs into
 masses: `sum_b * 2^(max_b - max) / sum_b' (sum_b' * 2^(max_b' - max))`, the torch path's normalisation (the row's
 block masses divided by their sum). Memory traffic is q[rows], K (once per 64-row tile, mostly from L2) and the
-`[.., R, n]` outputs; the logits never leave registers. One sweep over K rather than FlashAttention's two (row max,
-then masses) halves the products and exponentials, the kernel's whole cost.
+`[.., R, n]` outputs; the logits never leave registers. One sweep over K rather than two (the row
+max and sum first, then each block's share) halves the products and exponentials, the kernel's whole cost.
 
 Products: half-precision q and k go to the tensor cores with fp32 accumulation (their products are exact in fp32);
 fp32 q and k use IEEE fp32 products (no TF32 rounding).
@@ -27,6 +27,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.errors import TritonError
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ROWS_PER_PROGRAM = 64  # sampled rows per program: the M of the tile products (tl.dot needs >= 16)
@@ -51,7 +52,12 @@ def supports(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, block_size: i
         and block_size >= 16
         and rows.dim() == 1
         and rows.numel() > 0
+        and (not q.is_cuda or q.dtype == torch.float32 or torch.cuda.get_device_capability(q.device) >= (8, 0))
     )
+
+# What Triton raises when it cannot build or launch a kernel here (compilation, ptxas, shared memory): the caller
+# falls back to the torch probe.
+BUILD_FAILURES = (TritonError,)
 
 
 @triton.jit

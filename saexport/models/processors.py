@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -105,15 +106,25 @@ def _probe_kernel() -> ModuleType | None:
     return probe_kernel
 
 
+_unbuildable: set[tuple] = set()  # (dtype, head_dim, block_size, device) the fused probe failed to build for
+
+
 def block_masses(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, block_size: int,
                  chunk: int = 512) -> torch.Tensor:
     """Softmax of the sampled rows over all keys, summed per key block: fp32 `[batch, heads, R, n]`.
 
-    On CUDA tensors with Triton and shapes it takes, the fused kernel (`probe_kernel`); else `block_masses_torch`."""
+    On CUDA tensors with Triton and shapes it takes, the fused kernel (`probe_kernel`); else, or where Triton cannot
+    build it on this GPU (said once), `block_masses_torch`."""
     if q.is_cuda:
         kernel = _probe_kernel()
-        if kernel is not None and kernel.supports(q, k, rows, block_size):
-            return kernel.block_masses_triton(q, k, rows, block_size)
+        key = (q.dtype, q.shape[-1], block_size, q.device)
+        if kernel is not None and key not in _unbuildable and kernel.supports(q, k, rows, block_size):
+            try:
+                return kernel.block_masses_triton(q, k, rows, block_size)
+            except kernel.BUILD_FAILURES as e:
+                _unbuildable.add(key)
+                warnings.warn(f"the fused probe does not build for {key} here ({type(e).__name__}: {e}); "
+                              "calibration probes with the slower torch path", stacklevel=2)
     return block_masses_torch(q, k, rows, block_size, chunk)
 
 

@@ -317,8 +317,8 @@ def _readme(names: dict[str, str], plan: RepositoryPlan, metadata: OnnxMetadata,
     dit = {
         "tensorrt": "the TensorRT plan (`model.plan`) with the `BlockSparseAttention` plugin, " + where,
         "torch": ("the sparse DiT in PyTorch (`SparseWanDiT`, " + metadata.dtype + ") on the GPU, " + where + ", "
-                  "through `torch.compile` (`\"compile\": true` in `dit.json`; the warm-up request at load pays for "
-                  "the compilation, a minute or more): attention runs the CUDA kernel library "
+                  "through `torch.compile` (`\"compile\": true` in `dit.json`, false serves it eagerly; the warm-up "
+                  "request at load pays for the compilation, a minute or more): attention runs the CUDA kernel library "
                   "(`libsaexport_kernels.so`: `dit.json` names the one found when this repository was written; "
                   "`SAEXPORT_KERNEL_LIBRARY` overrides it; without it the slow "
                   "reference runs, said in the server log). The topology and budgets are copied beside "
