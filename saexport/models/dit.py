@@ -52,11 +52,11 @@ def patch_embed(conv: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     return patches @ conv.weight.flatten(1).t() + conv.bias
 
 
-
 def latent_shape(transformer: WanTransformer3DModel, grid: tuple[int, int, int]) -> tuple[int, int, int, int]:
     """`[channels, frames, height, width]` of the transformer's latents whose tokens form `grid`."""
     pt, ph, pw = transformer.config.patch_size
     return (transformer.config.in_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+
 
 class WanDiT(torch.nn.Module):
     """The DiT for `grid` in `layout`, with dense self-attention until `probe` or a subclass installs another."""

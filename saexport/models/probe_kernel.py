@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from triton.errors import TritonError
 
+from saexport import levels
+
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ROWS_PER_PROGRAM = 64  # sampled rows per program: the M of the tile products (tl.dot needs >= 16)
 NORMALISE_WIDTH = 1024  # key blocks per step of the normalising kernel's loops
@@ -133,7 +135,7 @@ def block_masses_triton(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, bl
         raise ValueError(f"the probe kernel does not take q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} "
                          f"{k.dtype}, {rows.numel()} rows, block size {block_size}")
     batch, seq_len, heads, dim = q.shape
-    num_blocks = -(-seq_len // block_size)
+    num_blocks = levels.num_blocks(seq_len, block_size)
     q_rows = q[:, rows.to(q.device)].transpose(1, 2).contiguous()  # [B, H, R, D]: the sampled rows, small
     if k.stride(-1) != 1:
         k = k.contiguous()
