@@ -11,6 +11,8 @@
 //   memory), the online softmax, and O += P V (wgmma, P from registers, V transposed from shared memory),
 //   then release the stage through an "empty" mbarrier, and Q through "q_empty" once its last product is
 //   issued and done. The P V of one tile is in flight while the scores of the next are exponentiated.
+// The producer alone reads the row masks (global memory): it publishes each unit (with an empty-row flag) and
+// each stage's key tile (with a last-tile flag) in shared memory, so no mask load stalls the consumers.
 // No block-wide barrier after set-up: the consumers drift apart, so one's softmax runs under the other's
 // matrix products. setmaxnreg moves registers from the producer to the consumers.
 // Tiles use the 128-byte-swizzled layout wgmma reads: rows of 128 bytes in 1024-byte atoms of 8 rows,
@@ -42,7 +44,7 @@ constexpr int kConsumerThreads = 256;
 constexpr int kStages = 3;
 constexpr int kPanelBytes = kRows * 128;     // one 64-column panel of a 128-row tile: 16 KB
 constexpr int kTileBytes = 2 * kPanelBytes;  // a 128 x 128 tile of 16-bit values: 32 KB
-constexpr int kControlBytes = 128;           // mbarriers and the published unit
+constexpr int kControlBytes = 128;           // mbarriers, the published unit and the stages' key tiles
 constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes + kControlBytes;  // Q, K and V stages, control
 
 // Shared memory: the Q tile, the K and V rings, then the control block.
@@ -54,13 +56,19 @@ struct SharedState {
     uint64_t* q_empty;       // both consumers are done with the unit's Q tile and its published index
     uint64_t* full;          // kStages: the producer's copies of a stage have landed
     uint64_t* empty;         // kStages: both consumers are done with a stage
-    volatile int* unit;      // the published unit index, -1 when the CTA is done
+    volatile int* unit;      // the published unit index (| kEmptyRow), -1 when the CTA is done
+    volatile int* key_tile;  // kStages: the key tile in a stage (| kLastTile for its unit's last)
 
     __device__ explicit SharedState(unsigned char* smem)
         : q(smem), k(smem + kTileBytes), v(smem + (1 + kStages) * kTileBytes),
           q_full(reinterpret_cast<uint64_t*>(smem + (1 + 2 * kStages) * kTileBytes)), q_empty(q_full + 1),
-          full(q_full + 2), empty(full + kStages), unit(reinterpret_cast<volatile int*>(empty + kStages)) {}
+          full(q_full + 2), empty(full + kStages), unit(reinterpret_cast<volatile int*>(empty + kStages)),
+          key_tile(unit + 1) {}
 };
+
+// Flags in the published words.
+constexpr int kEmptyRow = 1 << 30;  // in `unit`: the unit's row keeps no block
+constexpr int kLastTile = 1 << 30;  // in `key_tile`: the unit's last kept tile
 
 __device__ __forceinline__ KeyTileWalker<1> row_walker(const BsaParams& p, const Unit& unit) {
     return KeyTileWalker<1>(p.row_masks + (static_cast<long long>(unit.head) * p.num_blocks + unit.block) * p.mask_words,
@@ -82,8 +90,8 @@ __device__ __forceinline__ void produce(const BsaParams& p, const SharedState& s
     for (int k = 0;; ++k) {
         const int w = scheduler.fetch(k, p.tile_counter);
         mbarrier_wait(s.q_empty, (k & 1) ^ 1);  // the consumers have read the last unit and its Q tile
-        *s.unit = w;
         if (w < 0) {
+            *s.unit = -1;
             mbarrier_arrive(s.q_full);
             return;
         }
@@ -91,17 +99,22 @@ __device__ __forceinline__ void produce(const BsaParams& p, const SharedState& s
         KeyTileWalker<1> walker = row_walker(p, unit);
         int tile = walker.next();
         if (tile < 0) {  // nothing to load: the consumers write zeros
+            *s.unit = w | kEmptyRow;
             mbarrier_arrive(s.q_full);
             continue;
         }
+        *s.unit = w;
         mbarrier_arrive_expect_tx(s.q_full, kTileBytes);
         load_tile(s.q, map_q, unit.head, unit.block * kRows, unit.batch, s.q_full);
-        for (; tile >= 0; ++it, tile = walker.next()) {
+        for (; tile >= 0; ++it) {
+            const int next = walker.next();
             const int stage = it % kStages;
             mbarrier_wait(&s.empty[stage], ((it / kStages) & 1) ^ 1);
+            s.key_tile[stage] = next < 0 ? tile | kLastTile : tile;
             mbarrier_arrive_expect_tx(&s.full[stage], 2 * kTileBytes);
             load_tile(s.k + stage * kTileBytes, map_k, unit.head, tile * kRows, unit.batch, &s.full[stage]);
             load_tile(s.v + stage * kTileBytes, map_v, unit.head, tile * kRows, unit.batch, &s.full[stage]);
+            tile = next;
         }
     }
 }
@@ -143,18 +156,21 @@ __device__ __forceinline__ void consume(const BsaParams& p, const SharedState& s
         for (int kk = 0; kk < kRows / 16; ++kk) probabilities_fragment<Pack>(acc_s, kk, p_frag[kk]);
     };
 
-    int it = 0;  // the ring's position, as the producer's
+    int it = 0;      // the ring's position, as the producer's
+    int tile_word;   // the key tile in stage `it`, with kLastTile on its unit's last
+    auto wait_stage = [&](int i) {  // tile i's K and V have landed: its key tile word
+        mbarrier_wait(&s.full[i % kStages], (i / kStages) & 1);
+        return s.key_tile[i % kStages];
+    };
     for (int k = 0;; ++k) {
         mbarrier_wait(s.q_full, k & 1);
         const int w = *s.unit;
         if (w < 0) return;
-        const Unit unit = TileScheduler::decode(w, p);
+        const Unit unit = TileScheduler::decode(w & ~kEmptyRow, p);
         T* out = static_cast<T*>(p.out) + static_cast<long long>(unit.batch) * p.seq_len * token_stride +
                  unit.head * kHeadDim;
         const int q0 = unit.block * kRows;
-        KeyTileWalker<1> walker = row_walker(p, unit);
-        int tile = walker.next();
-        if (tile < 0) {
+        if (w & kEmptyRow) {
             mbarrier_arrive(s.q_empty);
             write_zero_rows<kRows, kHeadDim, kConsumerThreads>(out, q0, p.seq_len, token_stride, consumer);
             continue;
@@ -163,18 +179,17 @@ __device__ __forceinline__ void consume(const BsaParams& p, const SharedState& s
         SoftmaxState softmax;
 #pragma unroll
         for (int i = 0; i < 64; ++i) o_flat[i] = 0.f;
-        mbarrier_wait(&s.full[it % kStages], (it / kStages) & 1);
+        tile_word = wait_stage(it);
         wgmma_fence();
         issue_scores(it % kStages);
         wgmma_commit();
         wgmma_wait<0>();
         fence_operands(s_flat);
-        softmax.update(acc_s, correction, p.scale_log2, tile * kRows, p.seq_len, lane);
+        softmax.update(acc_s, correction, p.scale_log2, (tile_word & ~kLastTile) * kRows, p.seq_len, lane);
         pack_probabilities();
         for (;; ++it) {
             const int stage = it % kStages;
-            const int next = walker.next();
-            if (next < 0) {  // the last tile: only its P V is left, and Q is free for the next unit
+            if (tile_word & kLastTile) {  // only its P V is left, and Q is free for the next unit
                 mbarrier_arrive(s.q_empty);
                 wgmma_fence();
                 fence_operands(o_flat);
@@ -187,7 +202,7 @@ __device__ __forceinline__ void consume(const BsaParams& p, const SharedState& s
                 break;
             }
             const int next_stage = (it + 1) % kStages;
-            mbarrier_wait(&s.full[next_stage], ((it + 1) / kStages) & 1);
+            tile_word = wait_stage(it + 1);
             wgmma_fence();  // the output accumulators and P were just written by ordinary instructions
             fence_operands(o_flat);
             issue_scores(next_stage);
@@ -196,14 +211,13 @@ __device__ __forceinline__ void consume(const BsaParams& p, const SharedState& s
             wgmma_commit();
             wgmma_wait<1>();  // the scores of tile i+1 (the older group) are ready; P V of tile i still runs
             fence_operands(s_flat);
-            softmax.update(acc_s, correction, p.scale_log2, next * kRows, p.seq_len, lane);
+            softmax.update(acc_s, correction, p.scale_log2, (tile_word & ~kLastTile) * kRows, p.seq_len, lane);
             wgmma_wait<0>();
             fence_operands(o_flat);
             mbarrier_arrive(&s.empty[stage]);
             rescale(acc_o, correction);
             pack_probabilities();
         }
-
         float inverse[2];
         softmax.finish(inverse);
         store_rows<Pack>(out, acc_o, inverse, q0 + warp * 16, p.seq_len, token_stride, lane);
