@@ -46,6 +46,8 @@ constexpr int kPanelBytes = kRows * 128;     // one 64-column panel of a 128-row
 constexpr int kTileBytes = 2 * kPanelBytes;  // a 128 x 128 tile of 16-bit values: 32 KB
 constexpr int kControlBytes = 128;           // mbarriers, the published unit and the stages' key tiles
 constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes + kControlBytes;  // Q, K and V stages, control
+static_assert((2 + 2 * kStages) * sizeof(uint64_t) + (1 + kStages) * sizeof(int) <= kControlBytes,
+              "the control block's mbarriers and published words must fit kControlBytes");
 
 // Shared memory: the Q tile, the K and V rings, then the control block.
 struct SharedState {

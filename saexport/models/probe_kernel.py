@@ -57,6 +57,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, block_size: i
         and (not q.is_cuda or q.dtype == torch.float32 or torch.cuda.get_device_capability(q.device) >= (8, 0))
     )
 
+
 # What Triton raises when it cannot build or launch a kernel here (compilation, ptxas, shared memory): the caller
 # falls back to the torch probe.
 BUILD_FAILURES = (TritonError,)
