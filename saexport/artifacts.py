@@ -74,12 +74,71 @@ class ArtifactFolder:
         return self.root / "calibration_embeddings.safetensors"
 
     def holds_only_artifacts(self) -> bool:
-        """Everything in the folder is a file saexport writes there (or a hidden temporary of one): a folder of
-        single-stage outputs, or of an older saexport without an owner marker."""
-        known = {path.name for path in (self.topology, self.budgets, self.onnx, self.engine, self.engine_metadata,
-                                        self.timing_cache, self.triton, self.manifest, self.calibration_embeddings)}
-        return all(entry.name in known or entry.name.startswith(".") or entry.name.endswith((".partial", ".data"))
-                   or entry.name.startswith("calibration_embeddings.") for entry in self.root.iterdir())
+        """Everything in the folder is a file saexport wrote there, recognised by its content (or a hidden
+        temporary of one): a folder of single-stage outputs, or of an older saexport without an owner marker. A
+        user's own `model.onnx` or `budgets.safetensors` is not saexport's because of its name."""
+        ours = {
+            self.topology.name: lambda: artifact_kind(self.topology) == "topology",
+            self.budgets.name: lambda: artifact_kind(self.budgets) == "budgets",
+            self.onnx.name: lambda: _is_saexport_onnx(self.onnx),
+            self.onnx.name + ".data": lambda: _is_saexport_onnx(self.onnx),
+            self.engine_metadata.name: lambda: _readable(EngineMetadata.read, self.engine_metadata),
+            self.engine.name: lambda: _readable(EngineMetadata.read, self.engine_metadata),
+            self.timing_cache.name: lambda: _readable(EngineMetadata.read, self.engine_metadata),
+            self.manifest.name: lambda: _is_manifest(self.manifest),
+            self.triton.name: lambda: (self.triton / ".saexport-owner").is_file(),
+        }
+
+        def recognised(entry: Path) -> bool:
+            if entry.name.startswith("."):  # hidden temporaries of saexport's atomic writes and staging
+                return True
+            if entry.name in ours:
+                return ours[entry.name]()
+            if entry.name.startswith(self.calibration_embeddings.stem + "."):
+                return artifact_kind(entry) == "calibration_embeddings"
+            if entry.name.startswith((self.topology.name + ".partial", self.budgets.name + ".partial")):
+                return artifact_kind(entry) == "calibration_progress"
+            return False
+
+        return all(recognised(entry) for entry in self.root.iterdir())
+
+
+def artifact_kind(path: Path) -> str | None:
+    """What a safetensors file saexport wrote is, from its metadata: its `kind` (topology, budgets, latents), or
+    the calibration prompts' cache, or a calibration's progress; None for any other file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return None
+    if "key" in meta and "prompts" in meta:
+        return "calibration_embeddings"
+    if "key" in meta and "done" in meta:
+        return "calibration_progress"
+    try:
+        kind = json.loads(meta.get("kind", "null"))
+    except json.JSONDecodeError:
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def _is_saexport_onnx(path: Path) -> bool:
+    return path.is_file() and _readable(OnnxMetadata.read, path)
+
+
+def _is_manifest(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text()).get("stages"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _readable(read, path: Path) -> bool:
+    try:
+        read(path)
+    except SaexportError:
+        return False
+    return True
 
 
 @dataclass

@@ -15,12 +15,14 @@ How a command uses it:
             ...                                # stage files in tmp, then rename them into out
 
     # a folder replaced whole (triton): check before compute, build beside it, swap it in
-    out = check_output_folder(args.out, "triton", inputs=[onnx_path])
+    out = check_replaceable_folder(args.out, "triton", inputs=[onnx_path])
     ... compute ...
-    replace_folder_atomically(out, lambda staging: write_repository(staging), "triton", inputs=[onnx_path])
+    with staged_folder(out, "triton", inputs=[onnx_path]) as staging:
+        write_repository(staging)
 
-    # a file (generate --out video.gif): check before sampling, then write it with saexport.atomic
-    path = check_writable_file_target(args.out, suffixes=(".gif", ".mp4", ".safetensors"))
+    # a file (generate --out video.gif): check before sampling, then write it with saexport.atomic; an existing
+    # file is replaced only when `ours` recognises it as saexport's, or with overwrite
+    path = check_writable_file_target(args.out, suffixes=(".gif", ".mp4"), ours=written_by_generate)
 
     # any write: an OSError (ENOSPC, EACCES, ENOTDIR, ...) becomes one line naming the file
     with plain_os_errors(path):
@@ -201,6 +203,7 @@ def _write_marker(folder: Path, owner: str, contents: list[str] | None = None, *
     record: dict = {"owner": owner, "version": MARKER_VERSION}
     if contents is not None:
         record["contents"] = contents
+        record["fingerprints"] = _fingerprints(folder, contents)
     data = (json.dumps(record, indent=1) + "\n").encode()
     path = folder / MARKER
     with plain_os_errors(path):
@@ -473,8 +476,30 @@ def _swap(staging: Path, target: Path) -> None:
         _fsync_folder(target.parent)
 
 
-def _refuse_unrecorded(target: Path, option: str) -> None:
-    """A replaced folder's marker lists what saexport wrote; anything else in it is a user's: keep it."""
+def _fingerprint(file: Path) -> str:
+    """What a file held when saexport wrote it: its SHA-256, or past 64 MiB (a copied graph or engine, never
+    edited by hand) its size and modification time."""
+    stat = file.stat()
+    if stat.st_size > 64 << 20:
+        return f"size:{stat.st_size}:mtime:{stat.st_mtime_ns}"
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fingerprints(folder: Path, tree: list[str] | None) -> dict[str, str] | None:
+    if tree is None:
+        return None
+    return {name: _fingerprint(folder / name) for name in tree
+            if name != MARKER and (folder / name).is_file() and not (folder / name).is_symlink()}
+
+
+def _refuse_foreign_or_edited(target: Path, option: str, overwrite: bool) -> None:
+    """A replaced folder's marker lists what saexport wrote, with each file's fingerprint. Anything else in it is a
+    user's: keep it. A file of saexport's changed since (a hand edit of a config) is kept too, unless the caller
+    was told to overwrite it."""
     if not target.is_dir():
         return
     marker = _read_marker(target)
@@ -488,17 +513,37 @@ def _refuse_unrecorded(target: Path, option: str) -> None:
     if extra:
         raise SaexportError(f"refusing to replace {_show(target)}: it holds {_show(extra[0])}, which saexport did "
                             f"not write; move it out, or pass {option} another folder")
+    written = marker.get("fingerprints")
+    if overwrite or not isinstance(written, dict):
+        return
+    edited = [name for name, fingerprint in written.items()
+              if (target / name).is_file() and _fingerprint(target / name) != fingerprint]
+    if edited:
+        raise SaexportError(f"refusing to replace {_show(target)}: {_show(edited[0])} was changed since saexport "
+                            "wrote it (a hand edit would be lost); copy your change elsewhere, or pass --overwrite "
+                            "to replace it")
+
+
+def check_replaceable_folder(target: Pathish, owner: str, inputs: Iterable[Pathish] = (), *, option: str = "--out",
+                             overwrite: bool = False) -> Path:
+    """Before any compute: `staged_folder(target, ...)` would accept `target` (as far as can be told without its
+    lock). Writes nothing; returns the resolved path."""
+    path = check_output_folder(target, owner, inputs, option=option)
+    _refuse_foreign_or_edited(path, option, overwrite)
+    return path
 
 
 @contextlib.contextmanager
 def staged_folder(target: Pathish, owner: str, inputs: Iterable[Pathish] = (), *, option: str = "--out",
-                  lock_timeout: float | None = 0.0, echo: Callable[[str], None] | None = None) -> Iterator[Path]:
+                  overwrite: bool = False, lock_timeout: float | None = 0.0,
+                  echo: Callable[[str], None] | None = None) -> Iterator[Path]:
     """Yield an empty staging folder beside `target`; when the block succeeds, swap it in for `target`.
 
     `target` must pass `check_output_folder` (new, empty, or marked as `owner`'s) and hold nothing that
-    saexport did not write there. While the block runs, a lock beside the target (`.name.saexport.lock`) keeps
-    out another saexport. Stale staging folders of killed runs are deleted first. If the block raises (or
-    Ctrl-C), the staging folder is deleted and `target` is untouched.
+    saexport did not write there, nor a file of saexport's edited since (unless `overwrite`). While the block
+    runs, a lock beside the target (`.name.saexport.lock`) keeps out another saexport. Stale staging folders of
+    killed runs are deleted first. If the block raises (or Ctrl-C), the staging folder is deleted and `target` is
+    untouched.
     """
     inputs = list(inputs)
     path = check_output_folder(target, owner, inputs, option=option)
@@ -507,7 +552,7 @@ def staged_folder(target: Pathish, owner: str, inputs: Iterable[Pathish] = (), *
     with FolderLock(path, beside=True, timeout=lock_timeout, echo=echo):
         _recover(path)
         path = check_output_folder(path, owner, inputs, option=option)  # it may have changed while we waited
-        _refuse_unrecorded(path, option)
+        _refuse_foreign_or_edited(path, option, overwrite)
         staging = _new_hidden_folder(path.parent, f".{path.name}.staging-")
         try:
             _write_marker(staging, owner)
@@ -517,15 +562,6 @@ def staged_folder(target: Pathish, owner: str, inputs: Iterable[Pathish] = (), *
         finally:
             if os.path.lexists(staging):
                 shutil.rmtree(staging, ignore_errors=True)
-
-
-def replace_folder_atomically(target: Pathish, build: Callable[[Path], object], owner: str,
-                              inputs: Iterable[Pathish] = (), *, option: str = "--out",
-                              lock_timeout: float | None = 0.0, echo: Callable[[str], None] | None = None) -> Path:
-    """`build(staging)` writes the new content; then it replaces `target` (see `staged_folder`). Returns target."""
-    with staged_folder(target, owner, inputs, option=option, lock_timeout=lock_timeout, echo=echo) as staging:
-        build(staging)
-    return _resolve(target)
 
 
 # ---------------------------------------------------------------------------------------------- lock
@@ -664,11 +700,14 @@ class FolderLock:
 
 
 def check_writable_file_target(path: Pathish, suffixes: Iterable[str] | None = None, *,
-                               inputs: Iterable[Pathish] = (), option: str = "--out") -> Path:
+                               inputs: Iterable[Pathish] = (), option: str = "--out", overwrite: bool = False,
+                               ours: Callable[[Path], bool] | None = None) -> Path:
     """Refuse, before any compute, a file path that cannot be written; create nothing. Returns the resolved path.
 
     The suffix must be one of `suffixes` (case-insensitive); the path must not be a folder, a device or
-    another non-regular file, nor one of `inputs`; its nearest existing ancestor must be a writable folder.
+    another non-regular file, one of `inputs` or inside an input folder (a checkpoint); its nearest existing
+    ancestor must be a writable folder. An existing file is replaced only when `ours(file)` recognises it as one
+    saexport wrote, or with `overwrite`: a user's file is never lost to a mistyped path.
     """
     target = _resolve(path)
     if suffixes is not None:
@@ -681,8 +720,15 @@ def check_writable_file_target(path: Pathish, suffixes: Iterable[str] | None = N
     if os.path.lexists(target) and not target.is_file():
         raise SaexportError(f"{option} {_show(target)} is not a regular file (a device?): pass another path")
     for item in inputs:
-        if _resolve(item) == target:
+        source = _resolve(item)
+        if source == target:
             raise SaexportError(f"{option} {_show(target)} is an input of this command: pass another path")
+        if source.is_dir() and target.is_relative_to(source):
+            raise SaexportError(f"{option} {_show(target)} lies inside the input {_show(source)}: pass a path "
+                                "outside it")
+    if target.is_file() and not overwrite and not (ours is not None and ours(target)):
+        raise SaexportError(f"{option} {_show(target)} already exists and saexport did not write it: pass "
+                            "--overwrite to replace it, or another path")
     _check_ancestor_writable(target, _nearest_existing(target.parent), "write", f"pass {option} a path outside it",
                              f"pass {option} somewhere you can write")
     return target

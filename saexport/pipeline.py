@@ -23,10 +23,16 @@ from pathlib import Path
 
 import torch
 
-from saexport.artifacts import ArtifactFolder, Budgets, Topology
+from saexport.artifacts import ArtifactFolder, Budgets, Topology, artifact_kind
 from saexport.atomic import write_text_atomic
 from saexport.errors import SaexportError
-from saexport.folders import FolderLock, check_writable_file_target, claim_output_folder, read_owner
+from saexport.folders import (
+    FolderLock,
+    check_replaceable_folder,
+    check_writable_file_target,
+    claim_output_folder,
+    read_owner,
+)
 from saexport.layout import parse_layout
 from saexport.models.checkpoint import LoadedModel, detect_layout, load_model, parse_dtype, resolve_weights
 from saexport.models.presets import ModelPreset, RunDefaults, get_preset
@@ -196,12 +202,19 @@ def calibration_set(models: Models, calibration: Calibration, out_path: Path):
     return encoded
 
 
-def make_topology(models: Models, run: RunDefaults, calibration: Calibration, out_path: Path) -> Topology:
+def check_artifact_target(out_path: Path, kind: str, inputs: list[Path | None], overwrite: bool) -> None:
+    """`out_path` may receive a `kind` file: not an input nor inside one (a checkpoint), and not a file saexport
+    did not write unless `overwrite` (a topology rerun replaces its own topology, never a user's file)."""
+    check_writable_file_target(out_path, (".safetensors",), inputs=[p for p in inputs if p is not None],
+                               overwrite=overwrite, ours=lambda path: artifact_kind(path) == kind)
+
+
+def make_topology(models: Models, run: RunDefaults, calibration: Calibration, out_path: Path,
+                  overwrite: bool = False) -> Topology:
     """WEST: calibrate the dense model along the sampler's loop; write the threshold map to `out_path`."""
     from saexport.topology.west import compute_topology
 
-    check_writable_file_target(out_path, (".safetensors",),
-                               inputs=[calibration.embeddings_file] if calibration.embeddings_file else [])
+    check_artifact_target(out_path, "topology", [calibration.embeddings_file, models.source.checkpoint], overwrite)
     source = models.source
     video = video_of(source, run, calibration.device)
     topology = compute_topology(models.get(), video.token_grid(source.preset.patch_size), run.block_size,
@@ -213,7 +226,7 @@ def make_topology(models: Models, run: RunDefaults, calibration: Calibration, ou
 
 
 def make_budgets(models: Models, topology_path: Path, fidelity: str, calibration: Calibration, steps: int,
-                 out_path: Path, rule: BudgetRule = BudgetRule()) -> Budgets:
+                 out_path: Path, rule: BudgetRule = BudgetRule(), overwrite: bool = False) -> Budgets:
     """FAST: measure along the sampler's loop what each level of the map costs; allocate the preset's budgets by
     `rule` and write them to `out_path`."""
     from saexport.topology.fast import DENSITY_GOALS, compute_fidelity, fit_budgets
@@ -221,7 +234,8 @@ def make_budgets(models: Models, topology_path: Path, fidelity: str, calibration
 
     if fidelity not in DENSITY_GOALS:
         raise SaexportError(f"unknown fidelity preset '{fidelity}'; use one of {', '.join(DENSITY_GOALS)}")
-    check_writable_file_target(out_path, (".safetensors",), inputs=[topology_path])
+    check_artifact_target(out_path, "budgets", [topology_path, calibration.embeddings_file,
+                                                models.source.checkpoint], overwrite)
     source = models.source
     topology = Topology.load(topology_path)
     topology.check_matches(source.preset.name, source.preset.config_hash(), topology.grid, topology.block_size,
@@ -279,12 +293,14 @@ def make_engine(onnx_path: Path, plugin: Path, out_dir: Path, **options) -> Path
 
 
 def make_triton(onnx_path: Path, out_dir: Path, name: str, engine_path: Path | None, gpus: list[int],
-                weights: Path | None = None) -> Path:
+                weights: Path | None = None, overwrite: bool = False) -> Path:
     """`weights`: the checkpoint the graph was exported from (its text encoder, VAE and, for a bf16 graph without
-    an engine, its DiT serve from there); None: the package's own checkpoint where the model ships one."""
+    an engine, its DiT serve from there); None: the package's own checkpoint where the model ships one.
+    `overwrite`: replace the old repository even where a file of it was edited by hand."""
     from saexport.triton.repository import write_triton_repository
 
-    return write_triton_repository(onnx_path, out_dir, name, engine_path=engine_path, gpus=gpus, weights=weights)
+    return write_triton_repository(onnx_path, out_dir, name, engine_path=engine_path, gpus=gpus, weights=weights,
+                                   overwrite=overwrite)
 
 
 def engine_unavailable(plugin: Path | None, dtype: str) -> str | None:
@@ -312,6 +328,7 @@ class BuildSettings:
     plugin: Path | None = None
     triton_name: str = "wan"
     gpus: tuple[int, ...] = (0,)
+    overwrite: bool = False  # replace a Triton repository whose files were edited by hand
 
 
 def content_digest(path: Path) -> str:
@@ -388,6 +405,7 @@ def _run_stages(settings: BuildSettings, folder: ArtifactFolder, echo: Callable[
         raise SaexportError(f"a {settings.run.dtype} build without an engine serves its DiT from the checkpoint, and "
                             "random weights have none: give --plugin with TensorRT, or build with --dtype fp32")
     manifest = Manifest.load(folder.manifest)
+    check_replaceable_folder(folder.triton, "triton", overwrite=settings.overwrite)  # before hours of calibration
     source, run, calibration = settings.source, settings.run, settings.calibration
     preset = source.preset
     video = video_of(source, run)
@@ -436,6 +454,7 @@ def _run_stages(settings: BuildSettings, folder: ArtifactFolder, echo: Callable[
     triton_key = stage_key("triton", export_key, engine_key, settings.triton_name, list(settings.gpus),
                            str(source.checkpoint))  # the repository references the checkpoint by its path
     stage("triton", triton_key, [folder.triton], lambda: make_triton(
-        folder.onnx, folder.triton, settings.triton_name, engine_path, list(settings.gpus), source.checkpoint))
+        folder.onnx, folder.triton, settings.triton_name, engine_path, list(settings.gpus), source.checkpoint,
+        settings.overwrite))
     return fates
 

@@ -30,12 +30,18 @@ from saexport.folders import (
     pid_alive,
     plain_os_errors,
     read_owner,
-    replace_folder_atomically,
     staged_folder,
     temporary_folder,
 )
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def replace_folder_atomically(target, build, owner, inputs=(), **options) -> Path:
+    """`build(staging)` writes the new content, then it replaces `target`: how the Triton writer uses the stage."""
+    with staged_folder(target, owner, inputs, **options) as staging:
+        build(staging)
+    return Path(target).resolve()
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -370,6 +376,19 @@ def test_a_replaced_folder_with_a_users_file_added_is_refused(tmp_path):
     assert snapshot(repo) == before and siblings(repo) == ["repo"]
 
 
+def test_a_replaced_folder_with_a_file_edited_by_hand_is_refused_unless_overwrite(tmp_path):
+    repo = tmp_path / "repo"
+    replace_folder_atomically(repo, write_repo("one"), "triton")
+    config = next(repo.rglob("*.pbtxt"))
+    config.write_text(config.read_text() + "\n# tuned by hand\n")
+    before = snapshot(repo)
+    message = refused(replace_folder_atomically, repo, write_repo("two"), "triton")
+    assert config.relative_to(repo).as_posix() in message and "--overwrite" in message
+    assert snapshot(repo) == before and siblings(repo) == ["repo"]
+    replace_folder_atomically(repo, write_repo("two"), "triton", overwrite=True)
+    assert "tuned by hand" not in config.read_text()
+
+
 def test_an_empty_unmarked_folder_is_replaced(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -508,7 +527,15 @@ def test_file_targets(tmp_path):
     assert "a folder" in refused(check_writable_file_target, tmp_path / "dir.gif", (".gif",))
     assert "regular file" in refused(check_writable_file_target, "/dev/null")
     assert "input" in refused(check_writable_file_target, file, inputs=[tmp_path / "." / "file"])
-    assert check_writable_file_target(file) == file  # an existing file is replaced atomically later
+    ckpt = tmp_path / "ckpt" / "transformer"
+    ckpt.mkdir(parents=True)
+    assert "inside the input" in refused(check_writable_file_target, ckpt / "new.safetensors", inputs=[ckpt.parent])
+    # An existing file is someone's: replaced only when recognised as saexport's, or with overwrite.
+    assert "--overwrite" in refused(check_writable_file_target, file)
+    assert check_writable_file_target(file, ours=lambda path: path.read_text() == "x") == file
+    assert "--overwrite" in refused(check_writable_file_target, file, ours=lambda path: False)
+    assert check_writable_file_target(file, overwrite=True) == file
+    assert file.read_text() == "x"  # a check writes nothing
 
 
 def test_os_errors_become_one_line(tmp_path):

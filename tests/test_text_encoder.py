@@ -3,6 +3,7 @@
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
@@ -16,16 +17,17 @@ WORDS = sorted({w.strip(".,").lower() for p in CALIBRATION_PROMPTS for w in p.sp
 
 @pytest.fixture
 def checkpoint(tiny, tmp_path):
-    tiny.transformer.save_pretrained(tmp_path / "transformer")
+    root = tmp_path / "ckpt"
+    tiny.transformer.save_pretrained(root / "transformer")
     config = UMT5Config(vocab_size=len(WORDS) + 3, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
                         relative_attention_num_buckets=8)
-    UMT5EncoderModel(config).save_pretrained(tmp_path / "text_encoder")
+    UMT5EncoderModel(config).save_pretrained(root / "text_encoder")
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(tmp_path / "tokenizer")
-    return tmp_path
+                            unk_token="<unk>").save_pretrained(root / "tokenizer")
+    return root
 
 
 def test_encoding_pads_with_zeros_and_is_cached(checkpoint, tmp_path):
@@ -41,6 +43,11 @@ def test_encoding_pads_with_zeros_and_is_cached(checkpoint, tmp_path):
     assert cache.stat().st_mtime_ns == stamp  # served from the cache
     other = encode_prompts(checkpoint, ["a dog"], cache, max_length=16)
     assert other.shape == (1, 16, 32) and cache.stat().st_mtime_ns != stamp
+    mine = tmp_path / "mine.safetensors"  # a user's file where the cache would go: used for nothing, kept
+    save_file({"embeddings": torch.ones(1, 16, 32)}, str(mine))
+    before = mine.read_bytes()
+    assert torch.equal(encode_prompts(checkpoint, ["a dog"], mine, max_length=16), other)
+    assert mine.read_bytes() == before
 
 
 def test_topology_calibrates_on_the_built_in_prompts(checkpoint, tmp_path):

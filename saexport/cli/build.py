@@ -18,6 +18,7 @@ from saexport.cli.options import (
     int_list,
     model_options,
     model_source,
+    overwrite_option,
     video_options,
 )
 
@@ -35,11 +36,12 @@ from saexport.cli.options import (
 @click.option("--triton-name", default="wan", show_default=True)
 @click.option("--gpus", default="0", show_default=True, help="GPU ids of the Triton instance group.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@overwrite_option
 @clear_errors
 def build(model, weights, random_weights, seed, fidelity, resolution, frames, dtype_name, block_size, layout, prompts,
           calib_embeddings, seeds, steps, rows_per_block, calib_guidance, calib_passes, aggregation, device, rule,
           proxy, warmup, rows_per_head, sensitivity, sensitivity_prompts, plugin_library, triton_name, gpus,
-          out_dir) -> None:
+          out_dir, overwrite) -> None:
     """topology -> budgets -> export -> engine -> Triton repository; reruns only what changed (OUT/build.json)."""
     from saexport.pipeline import BuildSettings, resolve_run, run_build
 
@@ -51,7 +53,7 @@ def build(model, weights, random_weights, seed, fidelity, resolution, frames, dt
                                 aggregation, device),
         fidelity=fidelity,
         budget_rule=budget_rule(rule, proxy, warmup, rows_per_head, sensitivity, sensitivity_prompts),
-        plugin=plugin_library, triton_name=triton_name, gpus=tuple(int_list(gpus, "--gpus")))
+        plugin=plugin_library, triton_name=triton_name, gpus=tuple(int_list(gpus, "--gpus")), overwrite=overwrite)
     fates = run_build(settings, out_dir, echo=lambda line: click.echo(line, err=True))
     for name, fate in fates.items():
         click.echo(f"{name:9s} {fate}")

@@ -16,6 +16,7 @@ from saexport.cli.options import (
     clear_errors,
     model_options,
     model_source,
+    overwrite_option,
     stage,
     video_options,
 )
@@ -28,9 +29,11 @@ from saexport.errors import SaexportError
 @block_options
 @calibration_options
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="topology.safetensors")
+@overwrite_option
 @clear_errors
 def topology(model, weights, random_weights, seed, resolution, frames, block_size, layout, prompts, calib_embeddings,
-             seeds, steps, rows_per_block, calib_guidance, calib_passes, aggregation, device, out_path) -> None:
+             seeds, steps, rows_per_block, calib_guidance, calib_passes, aggregation, device, out_path,
+             overwrite) -> None:
     """WEST: calibrate the dense model along the sampler's loop and write the per-head threshold map."""
     from saexport.pipeline import Models, make_topology, resolve_run
 
@@ -39,7 +42,7 @@ def topology(model, weights, random_weights, seed, resolution, frames, block_siz
     calib = calibration(prompts, calib_embeddings, seeds, rows_per_block, calib_guidance, calib_passes, aggregation,
                         device)
     with stage("WEST calibration"):
-        result = make_topology(Models(source), run, calib, out_path)
+        result = make_topology(Models(source), run, calib, out_path, overwrite)
     click.echo(f"wrote {out_path} (grid {result.grid}, {result.levels.shape[-1]} blocks per side)")
 
 
@@ -50,16 +53,17 @@ def topology(model, weights, random_weights, seed, resolution, frames, block_siz
 @click.option("--rule", default="min", show_default=True, type=click.Choice(["min", "bilinear"]),
               help="min over the covered block pairs, or the method's bilinear upsampling with levels rounded up.")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="topology.safetensors")
+@overwrite_option
 @clear_errors
-def transfer(topology_path, resolution, frames, rule, out_path) -> None:
+def transfer(topology_path, resolution, frames, rule, out_path, overwrite) -> None:
     """Derive a threshold map for another resolution from a computed one."""
     from saexport.artifacts import Topology
-    from saexport.folders import check_writable_file_target
     from saexport.models.presets import get_preset
     from saexport.models.video_shape import parse_video_shape
+    from saexport.pipeline import check_artifact_target
     from saexport.topology.transfer import transfer_topology
 
-    check_writable_file_target(out_path, (".safetensors",), inputs=[topology_path])
+    check_artifact_target(out_path, "topology", [topology_path], overwrite)
     source = Topology.load(topology_path)
     preset = get_preset(source.model)
     grid = parse_video_shape(resolution, frames, preset.codec).token_grid(preset.patch_size)
@@ -74,10 +78,11 @@ def transfer(topology_path, resolution, frames, rule, out_path) -> None:
 @calibration_options
 @budget_rule_options
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="budgets.safetensors")
+@overwrite_option
 @clear_errors
 def budgets(model, weights, random_weights, seed, topology_path, fidelity, prompts, calib_embeddings, seeds, steps,
             rows_per_block, calib_guidance, calib_passes, aggregation, device, rule, proxy, warmup, rows_per_head,
-            sensitivity, sensitivity_prompts, out_path) -> None:
+            sensitivity, sensitivity_prompts, out_path, overwrite) -> None:
     """FAST: measure along the sampler's loop what each level costs and allocate the preset's budgets."""
     from saexport.pipeline import Models, make_budgets, resolve_run
 
@@ -87,7 +92,8 @@ def budgets(model, weights, random_weights, seed, topology_path, fidelity, promp
                         device)
     allocation = budget_rule(rule, proxy, warmup, rows_per_head, sensitivity, sensitivity_prompts)
     with stage(f"FAST {allocation.rule}"):
-        result = make_budgets(Models(source), topology_path, fidelity, calib, run.steps, out_path, allocation)
+        result = make_budgets(Models(source), topology_path, fidelity, calib, run.steps, out_path, allocation,
+                              overwrite)
     click.echo(f"wrote {out_path}: {fidelity}, rule {allocation.rule}, mean density {result.mean_density:.3f}")
 
 

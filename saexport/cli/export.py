@@ -13,6 +13,7 @@ from saexport.cli.options import (
     int_list,
     model_options,
     model_source,
+    overwrite_option,
     stage,
     video_options,
 )
@@ -141,11 +142,12 @@ def engine(onnx_path, plugin_library, workspace_gib, timing_cache, version_compa
 @click.option("--name", default="wan", show_default=True, help="Model name prefix.")
 @click.option("--gpus", default="0", show_default=True, help="Comma-separated GPU ids of the instance group.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@overwrite_option
 @clear_errors
-def triton(onnx_path, engine_path, weights, name, gpus, out_dir) -> None:
+def triton(onnx_path, engine_path, weights, name, gpus, out_dir, overwrite) -> None:
     """Write a Triton model repository: NAME_text_encoder, NAME_dit, NAME_vae and NAME_pipeline (prompt in,
     frames out; the sampler loop over NAME_dit with the graph's step count)."""
     from saexport.pipeline import make_triton
 
-    repo = make_triton(onnx_path, out_dir, name, engine_path, int_list(gpus, "--gpus"), weights)
+    repo = make_triton(onnx_path, out_dir, name, engine_path, int_list(gpus, "--gpus"), weights, overwrite)
     click.echo(f"wrote {repo} (see {repo / 'README.md'})")

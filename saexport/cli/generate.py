@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from saexport.cli.options import DTYPE_NAMES, clear_errors, model_options
+from saexport.cli.options import DTYPE_NAMES, clear_errors, model_options, overwrite_option
 
 
 @click.command()
@@ -33,10 +33,11 @@ from saexport.cli.options import DTYPE_NAMES, clear_errors, model_options
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the DiT (torch back end, GPU).")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help="latents.safetensors, or video.gif / video.mp4.")
+@overwrite_option
 @clear_errors
 def generate(model, weights, random_weights, seed, artifacts, backend, plugin_library, embeddings_path,
              negative_path, prompt, negative_prompt, steps, guidance, sample_seed, vae_path, upscale, dtype_name,
-             compile_model, out_path) -> None:
+             compile_model, out_path, overwrite) -> None:
     """Run Wan2.1's sampler loop (UniPC, guidance) on a back end; write latents or a video."""
     from saexport.runtime.generation import generate as run_generation
 
@@ -45,5 +46,5 @@ def generate(model, weights, random_weights, seed, artifacts, backend, plugin_li
                    random_weights=random_weights, seed=seed, dtype=dtype_name, plugin=plugin_library, prompt=prompt,
                    negative_prompt=negative_prompt, embeddings_file=embeddings_path, negative_file=negative_path,
                    steps=steps, guidance=guidance, sample_seed=sample_seed, vae=vae_path, upscale=upscale,
-                   compile_model=compile_model)
+                   compile_model=compile_model, overwrite=overwrite)
     click.echo(f"wrote {out_path}")

@@ -65,6 +65,12 @@ class stage:  # noqa: N801  (a context manager used like a statement)
             log.info("%s: done in %.1f s", self.name, time.perf_counter() - self.start)
 
 
+def overwrite_option(command: Callable) -> Callable:
+    return click.option("--overwrite", is_flag=True,
+                        help="Replace an existing output that saexport did not write (or that was edited since).")(
+        command)
+
+
 def model_options(command: Callable) -> Callable:
     command = click.option("--model", default=DEFAULT_MODEL, show_default=True,
                            type=click.Choice(list(PRESETS)), help="Architecture preset.")(command)

@@ -97,16 +97,18 @@ def encode_prompts(weights: Path, prompts: list[str], cache: Path | None = None,
     the same. UMT5 runs on `device` in `dtype` (bf16 on a GPU, as Wan's pipeline runs it)."""
     if not has_text_encoder(weights) or is_word_encoder(weights):  # errors, or a table lookup: nothing to cache
         return open_text_encoder(weights, max_length, device, dtype)(prompts)
-    key = _cache_key(weights, prompts, max_length)
+    key, replaceable = _cache_key(weights, prompts, max_length), cache is not None and not cache.exists()
     if cache is not None and cache.is_file():
         try:
             with safe_open(str(cache), framework="pt") as f:
-                if (f.metadata() or {}).get("key") == key:
+                meta = f.metadata() or {}
+                if meta.get("key") == key:
                     return f.get_tensor("embeddings")
+                replaceable = "key" in meta and "prompts" in meta  # an older cache of ours, not a user's file
         except (SafetensorError, OSError):
-            pass  # unreadable cache: encode again
+            pass  # unreadable: encode again, and leave the file alone
     embeddings = UMT5Encoder(weights, max_length, torch.device(device), dtype).encode(prompts)
-    if cache is not None:
+    if replaceable:
         with atomic_path(cache) as tmp:
             save_file({"embeddings": embeddings.contiguous()}, str(tmp),
                       metadata={"key": key, "prompts": json.dumps(prompts)})

@@ -39,6 +39,7 @@ from saexport.runtime.video import (
     load_vae,
     write_latents,
     write_video,
+    written_by_generate,
 )
 
 log = logging.getLogger("saexport")
@@ -183,12 +184,14 @@ def generate(root: Path, out_path: Path, backend: str = "torch", *, model: str |
              plugin: Path | None = None, prompt: str | None = None, negative_prompt: str = "",
              embeddings_file: Path | None = None, negative_file: Path | None = None, steps: int | None = None,
              guidance: float = DEFAULT_GUIDANCE, sample_seed: int = 0, vae: Path | None = None,
-             upscale: int = 1, compile_model: bool = False) -> Path:
-    """Run the sampler on the folder's artifacts and write `out_path` (.safetensors latents, or .gif / .mp4)."""
+             upscale: int = 1, compile_model: bool = False, overwrite: bool = False) -> Path:
+    """Run the sampler on the folder's artifacts and write `out_path` (.safetensors latents, or .gif / .mp4). An
+    existing `out_path` is replaced only when `generate` wrote it, or with `overwrite`."""
     folder = ArtifactFolder(Path(root))
     check_writable_file_target(out_path, OUTPUT_SUFFIXES, inputs=[
         folder.topology, folder.budgets, folder.onnx, folder.engine,
-        *(path for path in (embeddings_file, negative_file) if path is not None)])
+        *(path for path in (embeddings_file, negative_file, weights, vae) if path is not None)],
+        overwrite=overwrite, ours=written_by_generate)
     preset = get_preset(Topology.load(folder.topology).model)
     if out_path.suffix.lower() in VIDEO_SUFFIXES and preset.codec.name != "pixels" and vae is None:
         raise SaexportError(f"a video of {preset.name}'s latents needs --vae (the checkpoint's vae/ folder); "

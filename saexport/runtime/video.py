@@ -3,16 +3,19 @@ whose latents are pixels), and pixels -> GIF / MP4 files."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from saexport.artifacts import artifact_kind
 from saexport.atomic import atomic_path
 from saexport.errors import SaexportError
 from saexport.models.presets import LatentCodec
 
 FPS = 16  # Wan2.1's frame rate
+SIGNATURE = b"saexport generate"  # in a GIF's comment: the file is one saexport wrote, replaceable on a rerun
 VIDEO_SUFFIXES = (".gif", ".mp4")
 OUTPUT_SUFFIXES = (".safetensors", *VIDEO_SUFFIXES)
 
@@ -22,7 +25,23 @@ def write_latents(latents: torch.Tensor, path: Path) -> None:
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file({"latents": latents.contiguous()}, str(tmp))
+        save_file({"latents": latents.contiguous()}, str(tmp), metadata={"kind": json.dumps("latents")})
+
+
+def written_by_generate(path: Path) -> bool:
+    """Whether an existing output file is one `generate` wrote (latents, or a GIF with its signature); an MP4
+    carries no mark, so an existing one is never taken for saexport's."""
+    if path.suffix.lower() == ".safetensors":
+        return artifact_kind(path) == "latents"
+    if path.suffix.lower() == ".gif":
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                return image.info.get("comment") == SIGNATURE
+        except (OSError, UnidentifiedImageError):
+            return False
+    return False
 
 
 def latents_to_frames(codec: LatentCodec, latents: torch.Tensor, vae_path: str | Path | None,
@@ -79,7 +98,7 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = FPS, scale: int
         target = tmp.with_suffix(path.suffix)  # imageio picks the format by extension
         try:
             if path.suffix.lower() == ".gif":
-                iio.imwrite(target, frames, extension=".gif", duration=1000 / fps, loop=0)
+                iio.imwrite(target, frames, extension=".gif", duration=1000 / fps, loop=0, comment=SIGNATURE)
             else:
                 iio.imwrite(target, frames, extension=".mp4", fps=fps)
         except (ImportError, OSError, ValueError) as e:

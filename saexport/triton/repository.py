@@ -33,7 +33,7 @@ import onnx
 from saexport import kernels
 from saexport.artifacts import ArtifactFolder, Budgets, OnnxMetadata, Topology
 from saexport.errors import SaexportError
-from saexport.folders import check_output_folder, staged_folder
+from saexport.folders import check_output_folder, check_replaceable_folder, staged_folder
 from saexport.models.checkpoint import detect_layout
 from saexport.models.presets import ModelPreset, check_config_matches, get_preset
 from saexport.models.text_encoder import has_text_encoder
@@ -171,15 +171,17 @@ def write_triton_repository(
     engine_path: str | Path | None = None,
     gpus: list[int] | None = None,
     weights: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the repository atomically (a staging folder swapped into place). `weights`: the checkpoint folder the
     graph was exported from (text encoder, VAE, and the torch DiT load it from there); without it, the package's
     own checkpoint where the model ships one. The sampler's step count and flow shift come from the graph's
-    metadata: the budgets frozen into it were made for that many steps."""
+    metadata: the budgets frozen into it were made for that many steps. A file of the old repository edited since
+    it was written (a hand-tuned `config.pbtxt`) refuses the replacement, unless `overwrite`."""
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     engine_path = Path(engine_path) if engine_path is not None else None
     sources = [onnx_path, *([engine_path] if engine_path is not None else [])]
-    check_output_folder(out_dir, "triton", sources)  # before anything is read or written
+    check_replaceable_folder(out_dir, "triton", sources, overwrite=overwrite)  # before anything is read or written
     metadata = OnnxMetadata.read(onnx_path)
     plan = plan_repository(onnx_path, metadata, engine_path, weights)
     if plan.checkpoint is not None:
@@ -203,7 +205,7 @@ def write_triton_repository(
 
     # Built beside the target and swapped in: the old repository stays whole until the new one is complete, and
     # only a folder this command wrote (marked as the triton repository's) is ever replaced.
-    with staged_folder(out_dir, "triton", sources) as staging:
+    with staged_folder(out_dir, "triton", sources, overwrite=overwrite) as staging:
         configs: dict[str, str] = {}
 
         def version(part: str) -> Path:
