@@ -22,6 +22,7 @@ from timing import time_ms  # bench/timing.py: scripts run as python bench/<name
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from saexport import kernels
+from saexport.artifacts import BlockedGrid
 from saexport.exporter.onnx_export import build_sparse_dit, example_inputs
 from saexport.layout import parse_layout
 from saexport.models.checkpoint import load_model
@@ -80,8 +81,8 @@ def main() -> None:
             rows.append((mode, "dense (cuDNN SDPA)", 1.0, dense_ms[mode]))
             print(*rows[-1], f"(at {time.perf_counter() - started:.0f} s: compiling is in the first call)", flush=True)
         p = loaded.preset
-        topology = standin_topology(p.name, p.config_hash(), loaded.weights_id, p.num_layers, p.num_heads, grid,
-                                    128, parse_layout("tile3d"))
+        topology = standin_topology(loaded.identity, p.num_layers, p.num_heads,
+                                    BlockedGrid(grid, 128, parse_layout("tile3d")))
         densities = [float(d) for d in args.densities.split(",")]
         sparse = build_sparse_dit(loaded, topology, standin_budgets(topology, steps=1, target_density=1.0),
                                   video).cuda()

@@ -18,6 +18,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from saexport import kernels
+from saexport.artifacts import BlockedGrid
 from saexport.layout import parse_layout
 from saexport.models.checkpoint import load_model
 from saexport.models.dit import SparseWanDiT, WanDiT
@@ -56,8 +57,8 @@ def main() -> None:
     grid = video.token_grid(preset.patch_size)
     text = synthetic_embeddings(preset.text_len, preset.config["text_dim"], 2, 0)
     prompt, negative = text[:1], text[1:]
-    topology = standin_topology(preset.name, preset.config_hash(), loaded.weights_id, preset.num_layers,
-                                preset.num_heads, grid, 128, parse_layout(preset.defaults.layout))
+    topology = standin_topology(loaded.identity, preset.num_layers, preset.num_heads,
+                                BlockedGrid(grid, 128, parse_layout(preset.defaults.layout)))
     budgets = standin_budgets(topology, args.steps, args.density)
     print(f"GPU: {torch.cuda.get_device_name()}  {args.model} {video.describe()} grid {grid}, bf16, {args.steps} "
           f"steps x 2 passes; sparse: stand-in masks, mean density {budgets.mean_density:.3f}", flush=True)

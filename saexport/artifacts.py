@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from saexport.atomic import atomic_path, write_text_atomic
 from saexport.errors import SaexportError
 from saexport.layout import TokenLayout, parse_layout
+from saexport.levels import num_blocks
 
 FORMAT_VERSION = 1
 
@@ -141,6 +142,33 @@ def _readable(read, path: Path) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model and weights an artifact was made from: the preset, its config hash, and the weights' id."""
+
+    model: str
+    config_hash: str
+    weights_id: str
+
+
+@dataclass(frozen=True)
+class BlockedGrid:
+    """A token grid `(frames, height, width)` in a token layout, cut into blocks of `block_size` tokens: the shape
+    a topology is made for (its file records all three)."""
+
+    grid: tuple[int, int, int]
+    block_size: int
+    layout: TokenLayout
+
+    @property
+    def seq_len(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def num_blocks(self) -> int:
+        return num_blocks(self.seq_len, self.block_size)
+
+
 @dataclass
 class Topology:
     """Threshold levels uint8 `[layers, heads, n, n]` for one model, token grid, block size and layout."""
@@ -167,6 +195,10 @@ class Topology:
             "calibration": self.calibration,
         }
 
+    @property
+    def blocks(self) -> BlockedGrid:
+        return BlockedGrid(tuple(self.grid), self.block_size, self.layout)
+
     def hash(self) -> str:
         return _content_hash(self.levels, self.metadata())
 
@@ -182,7 +214,7 @@ class Topology:
             raise SaexportError(f"{path}: the metadata has no valid grid and block_size") from None
         if len(grid) != 3 or min(grid) < 1 or block_size < 1:
             raise SaexportError(f"{path}: grid {grid} and block size {block_size} must be positive")
-        n = math.ceil(math.prod(grid) / block_size)
+        n = num_blocks(math.prod(grid), block_size)
         if levels.dim() != 4 or tuple(levels.shape[2:]) != (n, n):
             raise SaexportError(f"{path}: levels must be [layers, heads, {n}, {n}] for grid {grid} and blocks of "
                                 f"{block_size}, got {list(levels.shape)}")
@@ -197,20 +229,23 @@ class Topology:
             calibration=meta.get("calibration", {}),
         )
 
-    def check_matches(self, model: str, config_hash: str, grid: tuple[int, int, int], block_size: int,
-                      weights_id: str | None = None) -> None:
-        if weights_id is not None and weights_id != self.weights_id:
+    @property
+    def made_for(self) -> ModelIdentity:
+        return ModelIdentity(self.model, self.config_hash, self.weights_id)
+
+    def check_matches(self, model: ModelIdentity, grid: tuple[int, int, int] | None = None) -> None:
+        """Refuse a topology made for another model or other weights, or (when `grid` is given) another token
+        grid. The block size and layout are the topology's own: whoever reads it uses them."""
+        if model.weights_id != self.weights_id:
             raise SaexportError(f"the artifacts were made from weights {self.weights_id[:16]}, these are "
-                                f"{weights_id[:16]}: pass the same --weights (or --random-weights --seed)")
+                                f"{model.weights_id[:16]}: load the same weights (or the same random-weights seed)")
         problems = []
-        if self.model != model or self.config_hash != config_hash:
+        if (self.model, self.config_hash) != (model.model, model.config_hash):
             problems.append(f"it was built for model {self.model} (config {self.config_hash}), "
-                            f"not {model} (config {config_hash})")
-        if tuple(self.grid) != tuple(grid):
+                            f"not {model.model} (config {model.config_hash})")
+        if grid is not None and tuple(self.grid) != tuple(grid):
             problems.append(f"its token grid is {tuple(self.grid)}, the export's is {tuple(grid)} "
                             "(resolution or frames differ)")
-        if self.block_size != block_size:
-            problems.append(f"its block size is {self.block_size}, not {block_size}")
         if problems:
             raise SaexportError("the topology does not fit this export: " + "; ".join(problems))
 

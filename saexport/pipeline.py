@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from saexport.artifacts import ArtifactFolder, Budgets, Topology, artifact_kind
+from saexport.artifacts import ArtifactFolder, BlockedGrid, Budgets, Topology, artifact_kind
 from saexport.atomic import write_text_atomic
 from saexport.errors import SaexportError
 from saexport.folders import (
@@ -238,8 +238,7 @@ def make_budgets(models: Models, topology_path: Path, fidelity: str, calibration
                                                 models.source.checkpoint], overwrite)
     source = models.source
     topology = Topology.load(topology_path)
-    topology.check_matches(source.preset.name, source.preset.config_hash(), topology.grid, topology.block_size,
-                           models.get().weights_id)
+    topology.check_matches(models.get().identity)
     video = video_of_grid(topology.grid, source.preset.patch_size, source.preset.codec)
     check_fits_in_memory(source.preset, video, calibration.device)
     prompts, loop = calibration_set(models, calibration, out_path), calibration.loop(steps, video)
@@ -277,8 +276,8 @@ def make_standins(models: Models, run: RunDefaults, density: float) -> tuple[Top
 
     loaded, preset = models.get(parse_dtype(run.dtype)), models.source.preset  # the export's precision: one load
     grid = video_of(models.source, run).token_grid(preset.patch_size)
-    topology = standin_topology(preset.name, preset.config_hash(), loaded.weights_id, preset.num_layers,
-                                preset.num_heads, grid, run.block_size, parse_layout(run.layout))
+    topology = standin_topology(loaded.identity, preset.num_layers, preset.num_heads,
+                                BlockedGrid(grid, run.block_size, parse_layout(run.layout)))
     return topology, standin_budgets(topology, run.steps, density)
 
 

@@ -5,7 +5,7 @@ from unittest import mock
 import pytest
 import torch
 
-from saexport.artifacts import Budgets, Topology
+from saexport.artifacts import BlockedGrid, Budgets, Topology
 from saexport.errors import SaexportError
 from saexport.layout import parse_layout
 from saexport.levels import density
@@ -276,8 +276,7 @@ def tiny_setup(tiny):
     embeddings = synthetic_embeddings(tiny.preset.text_len, 32, prompts=3, seed=int(torch.randint(0, 99, ())))
     prompts = CalibrationSet(embeddings[:2], embeddings[2:], "test")
     layers, heads = tiny.preset.num_layers, tiny.preset.num_heads
-    topology = standin_topology(tiny.preset.name, tiny.preset.config_hash(), tiny.weights_id, layers, heads,
-                                (3, 4, 4), 8, parse_layout("tile3d:1x2x4"))
+    topology = standin_topology(tiny.identity, layers, heads, BlockedGrid((3, 4, 4), 8, parse_layout("tile3d:1x2x4")))
     return tiny, prompts, topology
 
 

@@ -7,6 +7,7 @@ from diffusers import WanPipeline
 from safetensors.torch import load_file
 
 import saexport
+from saexport.artifacts import BlockedGrid, ModelIdentity
 from saexport.errors import SaexportError
 from saexport.layout import parse_layout
 from saexport.models.dit import SparseWanDiT
@@ -22,8 +23,8 @@ VIDEO = parse_video_shape("64x64", 9)  # grid 3 x 4 x 4, blocks of 8: n = 6
 
 def test_apply_makes_diffusers_wan_pipeline_run_the_sparse_attention(tiny, tmp_path):
     p = tiny.preset
-    topology = standin_topology(p.name, p.config_hash(), tiny.weights_id, p.num_layers, p.num_heads,
-                                VIDEO.token_grid(p.patch_size), 8, parse_layout("tile3d:1x2x4"), seed=5)
+    topology = standin_topology(tiny.identity, p.num_layers, p.num_heads,
+                                BlockedGrid(VIDEO.token_grid(p.patch_size), 8, parse_layout("tile3d:1x2x4")), seed=5)
     budgets = standin_budgets(topology, steps=4, target_density=0.3)
     topology.save(tmp_path / "t.safetensors")
     budgets.save(tmp_path / "b.safetensors")
@@ -50,7 +51,8 @@ def test_apply_makes_diffusers_wan_pipeline_run_the_sparse_attention(tiny, tmp_p
 
 
 def test_apply_refuses_a_topology_of_another_model(tiny, tmp_path):
-    topology = standin_topology("wan2.1-small", "other", "w", 2, 4, (3, 4, 4), 8, parse_layout("identity"))
+    topology = standin_topology(ModelIdentity("wan2.1-small", "other", "w"), 2, 4,
+                                BlockedGrid((3, 4, 4), 8, parse_layout("identity")))
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tiny.transformer,
                        scheduler=wan_scheduler(3.0))
     with pytest.raises(SaexportError, match="made for wan2.1-small"):

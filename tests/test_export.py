@@ -3,7 +3,7 @@ import onnx
 import pytest
 import torch
 
-from saexport.artifacts import OnnxMetadata
+from saexport.artifacts import BlockedGrid, OnnxMetadata
 from saexport.errors import SaexportError
 from saexport.exporter.onnx_export import INPUT_NAMES, build_sparse_dit, example_inputs, export_onnx
 from saexport.layout import parse_layout
@@ -18,8 +18,9 @@ from tests.conftest import rel_err
 def artifacts(loaded, video, block_size=16, layout="tile3d:1x4x4", steps=4, density=0.3):
     p = loaded.preset
     grid = video.token_grid(p.patch_size)
-    topology = standin_topology(p.name, p.config_hash(), loaded.weights_id, p.num_layers, p.num_heads, grid,
-                                block_size, parse_layout(layout), seed=int(torch.randint(0, 1000, ())))
+    topology = standin_topology(loaded.identity, p.num_layers, p.num_heads,
+                                BlockedGrid(grid, block_size, parse_layout(layout)),
+                                seed=int(torch.randint(0, 1000, ())))
     return topology, standin_budgets(topology, steps, density)
 
 

@@ -1,14 +1,17 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
-from saexport.artifacts import Budgets, Topology
+from saexport.artifacts import BlockedGrid, Budgets, ModelIdentity, Topology
 from saexport.errors import SaexportError
 from saexport.layout import parse_layout
 from saexport.topology.standin import standin_budgets, standin_topology
 
 
 def make_topology(seed=0):
-    return standin_topology("wan2.1-tiny", "cfg", "w", 2, 4, (3, 4, 4), 8, parse_layout("tile3d:1x2x4"), seed)
+    return standin_topology(ModelIdentity("wan2.1-tiny", "cfg", "w"), 2, 4,
+                            BlockedGrid((3, 4, 4), 8, parse_layout("tile3d:1x2x4")), seed)
 
 
 def test_roundtrip_and_hashes(tmp_path):
@@ -33,14 +36,17 @@ def test_same_inputs_give_byte_identical_files(tmp_path):
     assert (tmp_path / "a-budgets.safetensors").read_bytes() == (tmp_path / "b-budgets.safetensors").read_bytes()
 
 
-def test_model_grid_and_block_mismatch_are_named(tmp_path):
+def test_model_weights_and_grid_mismatch_are_named(tmp_path):
     topology = make_topology()
+    ours = topology.made_for
     with pytest.raises(SaexportError, match="built for model wan2.1-tiny"):
-        topology.check_matches("wan2.1", "cfg", (3, 4, 4), 8)
+        topology.check_matches(replace(ours, model="wan2.1"), (3, 4, 4))
     with pytest.raises(SaexportError, match="token grid"):
-        topology.check_matches("wan2.1-tiny", "cfg", (5, 4, 4), 8)
-    with pytest.raises(SaexportError, match="block size is 8, not 128"):
-        topology.check_matches("wan2.1-tiny", "cfg", (3, 4, 4), 128)
+        topology.check_matches(ours, (5, 4, 4))
+    with pytest.raises(SaexportError, match="made from weights"):
+        topology.check_matches(replace(ours, weights_id="other"))
+    topology.check_matches(ours, (3, 4, 4))
+    topology.check_matches(ours)  # no grid given: only the model and weights
 
 
 def test_corrupt_wrong_kind_and_old_version(tmp_path):

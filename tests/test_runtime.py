@@ -10,7 +10,7 @@ from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file, save_file
 
 from saexport import kernels
-from saexport.artifacts import EngineMetadata, OnnxMetadata
+from saexport.artifacts import BlockedGrid, EngineMetadata, OnnxMetadata
 from saexport.cli import main
 from saexport.errors import SaexportError
 from saexport.exporter.onnx_export import build_sparse_dit, export_onnx
@@ -28,8 +28,8 @@ VIDEO = parse_video_shape("64x64", 9)  # grid 3 x 4 x 4
 def artifacts(tiny, tmp_path):
     p = tiny.preset
     grid = VIDEO.token_grid(p.patch_size)
-    topology = standin_topology(p.name, p.config_hash(), tiny.weights_id, p.num_layers, p.num_heads, grid, 8,
-                                parse_layout("tile3d:1x2x4"), seed=int(torch.randint(0, 99, ())))
+    topology = standin_topology(tiny.identity, p.num_layers, p.num_heads,
+                                BlockedGrid(grid, 8, parse_layout("tile3d:1x2x4")), seed=int(torch.randint(0, 99, ())))
     budgets = standin_budgets(topology, steps=5, target_density=0.3)
     topology.save(tmp_path / "topology.safetensors")
     budgets.save(tmp_path / "budgets.safetensors")
@@ -139,8 +139,8 @@ def test_tensorrt_engine_matches_torch(tmp_path):
     loaded = load_model("wan2.1-small", random_weights=True, dtype=torch.bfloat16)
     video = parse_video_shape("256x256", 9)  # grid 3 x 16 x 16 = 768 tokens, 12 blocks of 64
     p = loaded.preset
-    topology = standin_topology(p.name, p.config_hash(), loaded.weights_id, p.num_layers, p.num_heads,
-                                video.token_grid(p.patch_size), 64, parse_layout("tile3d:1x8x8"))
+    topology = standin_topology(loaded.identity, p.num_layers, p.num_heads,
+                                BlockedGrid(video.token_grid(p.patch_size), 64, parse_layout("tile3d:1x8x8")))
     budgets = standin_budgets(topology, steps=3)
     export_onnx(loaded, topology, budgets, video, tmp_path, torch.bfloat16)
     build_engine(tmp_path / "model.onnx", PLUGIN, tmp_path)

@@ -48,8 +48,7 @@ def example_inputs(loaded: LoadedModel, video: VideoShape, dtype: torch.dtype, b
 def build_sparse_dit(loaded: LoadedModel, topology: Topology, budgets: Budgets, video: VideoShape) -> SparseWanDiT:
     """The sparse DiT for `video`, after checking that topology and budgets were made for it."""
     grid = video.token_grid(loaded.preset.patch_size)
-    topology.check_matches(loaded.preset.name, loaded.preset.config_hash(), grid, topology.block_size,
-                           loaded.weights_id)
+    topology.check_matches(loaded.identity, grid)
     budgets.check_matches(topology)
     return SparseWanDiT(loaded.transformer, grid, topology.layout, topology.levels, budgets.levels,
                         topology.block_size)

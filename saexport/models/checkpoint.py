@@ -19,6 +19,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from safetensors import SafetensorError, safe_open
 
+from saexport.artifacts import ModelIdentity
 from saexport.errors import SaexportError
 from saexport.models.presets import ModelPreset, check_config_matches, get_preset
 from saexport.models.wan_keys import original_config_to_diffusers, original_to_diffusers_key
@@ -42,6 +43,10 @@ class LoadedModel:
     @property
     def random_weights(self) -> bool:
         return self.weights_id.startswith("random:")
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(self.preset.name, self.preset.config_hash(), self.weights_id)
 
 
 @dataclass

@@ -81,7 +81,7 @@ def open_denoiser(artifacts: Artifacts, backend: str, weights: Path | None, rand
         device = default_device()
         dtype = dtype or (preset.defaults.dtype if device == "cuda" else "fp32")
         loaded = load_model(preset.name, weights, dtype=parse_dtype(dtype), random_weights=random_weights, seed=seed)
-        topo.check_matches(preset.name, preset.config_hash(), topo.grid, topo.block_size, loaded.weights_id)
+        topo.check_matches(loaded.identity)
         model = SparseWanDiT(loaded.transformer, topo.grid, topo.layout, topo.levels, artifacts.budgets.levels,
                              topo.block_size).to(device)
         return TorchDenoiser(model, steps, compiled=compile_model)

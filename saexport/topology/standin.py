@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from saexport.artifacts import Budgets, Topology
-from saexport.layout import TokenLayout
+from saexport.artifacts import BlockedGrid, Budgets, ModelIdentity, Topology
 from saexport.levels import density, levels_from_scores
 
 
-def standin_topology(
-    model: str, config_hash: str, weights_id: str, layers: int, heads: int,
-    grid: tuple[int, int, int], block_size: int, layout: TokenLayout, seed: int = 0,
-) -> Topology:
-    n = -(-grid[0] * grid[1] * grid[2] // block_size)
+def standin_topology(model: ModelIdentity, layers: int, heads: int, blocks: BlockedGrid, seed: int = 0) -> Topology:
+    n = blocks.num_blocks
     gen = torch.Generator().manual_seed(seed)
     offset = torch.randint(-n // 2, n // 2 + 1, (layers, heads, 1, 1), generator=gen)
     falloff = torch.rand((layers, heads, 1, 1), generator=gen) * 2 + 0.2
@@ -29,8 +25,8 @@ def standin_topology(
     noise = torch.rand((layers, heads, n, n), generator=gen)
     levels = levels_from_scores(-distance * falloff + 2 * noise)
     levels[..., torch.arange(n), torch.arange(n)] = 0  # structural: the diagonal is always kept
-    return Topology(levels, model, config_hash, weights_id, grid, block_size, layout,
-                    calibration={"method": "stand-in (not WEST)", "seed": seed})
+    return Topology(levels, model.model, model.config_hash, model.weights_id, blocks.grid, blocks.block_size,
+                    blocks.layout, calibration={"method": "stand-in (not WEST)", "seed": seed})
 
 
 def standin_budgets(topology: Topology, steps: int, target_density: float = 0.3, seed: int = 0) -> Budgets:
