@@ -12,7 +12,6 @@ blocks, as real maps do. Usage:
 from __future__ import annotations
 
 import argparse
-import math
 from functools import partial
 
 import torch
@@ -22,7 +21,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from saexport import kernels
 from saexport.artifacts import Topology
-from saexport.levels import kept_blocks, pack_levels, unpack_levels
+from saexport.levels import kept_blocks, num_blocks, pack_levels, unpack_levels
 
 SHAPES = {  # batch, heads, L, head_dim: Wan2.1 1.3B at 480p x 81 and 14B at 720p x 81
     "wan2.1": (1, 12, 32760, 128),
@@ -74,7 +73,8 @@ def bench_shape(name: str, masks: str, levels: torch.Tensor, densities: list[flo
     for density in densities:
         topology, budgets = topology_for(levels, density)
         kept = float(kept_blocks(unpack_levels(topology), budgets[0]).float().mean())
-        ours_ms = time_ms(partial(kernels.forward, q, k, v, topology, budgets, step, BLOCK, scale), reps)
+        ours_ms = time_ms(partial(kernels.forward, q, k, v, kernels.PackedMasks(topology, budgets, BLOCK), step, scale),
+                          reps)
         try:
             mask = flex_block_mask(topology, budgets, seq_len)
             flex_ms = time_ms(partial(flex, qt, kt, vt, block_mask=mask, scale=scale), reps)
@@ -102,7 +102,7 @@ def main() -> None:
           f"median of {args.reps}")
     rows = []
     for name in args.shapes.split(","):
-        heads, n = SHAPES[name][1], math.ceil(SHAPES[name][2] / BLOCK)
+        heads, n = SHAPES[name][1], num_blocks(SHAPES[name][2], BLOCK)
         rows += bench_shape(name, "random", random_levels(heads, n), densities, args.reps, flex)
         if args.west_map:
             rows += bench_shape(name, "west", west_levels(args.west_map, heads, n), densities, args.reps, flex)

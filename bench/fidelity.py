@@ -82,7 +82,7 @@ from saexport import kernels  # noqa: E402
 from saexport.artifacts import Topology  # noqa: E402
 from saexport.demo import video_module  # noqa: E402
 from saexport.layout import TokenLayout, parse_layout  # noqa: E402
-from saexport.levels import DENSE_LEVEL, density, levels_from_scores  # noqa: E402
+from saexport.levels import DENSE_LEVEL, density, levels_from_scores, num_blocks  # noqa: E402
 from saexport.models.checkpoint import load_model  # noqa: E402
 from saexport.models.dit import SparseWanDiT, WanDiT  # noqa: E402
 from saexport.models.processors import (  # noqa: E402
@@ -95,7 +95,7 @@ from saexport.models.processors import (  # noqa: E402
 from saexport.models.text_encoder import encode_prompts, negative_embeddings  # noqa: E402
 from saexport.models.video_shape import parse_video_shape  # noqa: E402
 from saexport.runtime.denoisers import TorchDenoiser  # noqa: E402
-from saexport.runtime.sampler import sample  # noqa: E402
+from saexport.runtime.sampler import SamplerSettings, sample  # noqa: E402
 from saexport.runtime.schedule import flow_shift_for  # noqa: E402
 from saexport.runtime.video import latents_to_frames  # noqa: E402
 from saexport.topology import fast  # noqa: E402
@@ -134,7 +134,7 @@ def block_centres(grid: tuple[int, int, int], layout: TokenLayout, block_size: i
     perm = layout.permutation(grid)
     coords = torch.stack(torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width),
                                         indexing="ij"), -1).reshape(-1, 3).float()[perm]
-    n = math.ceil(len(perm) / block_size)
+    n = num_blocks(len(perm), block_size)
     block = torch.arange(len(perm)) // block_size
     return torch.zeros(n, 3).index_add_(0, block, coords) / torch.bincount(block, minlength=n).unsqueeze(-1)
 
@@ -222,7 +222,7 @@ def oracle_block_mass(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, rows
     """True dense attention mass of each block pair, from `rows_per_block` sampled query rows of every block:
     fp32 `[batch, heads, n, n]` (each query block's row sums to rows_per_block)."""
     batch, seq_len, heads, dim = q.shape
-    n = math.ceil(seq_len / block_size)
+    n = num_blocks(seq_len, block_size)
     qs = q[:, rows].transpose(1, 2)  # [B, H, R, D]
     kt = k.transpose(1, 2).transpose(-1, -2)  # [B, H, D, L]
     out = []
@@ -262,7 +262,7 @@ class OracleProcessor:
         check_self_attention_call(encoder_hidden_states, attention_mask, rotary_emb)
         q, k, v = project_qkv(attn, hidden_states, rotary_emb)
         batch, seq_len, heads, dim = q.shape
-        n = math.ceil(seq_len / self.block_size)
+        n = num_blocks(seq_len, self.block_size)
         densities = self.densities[int(self.context.step_index.reshape(-1)[0])]
         if bool((densities >= 1.0).all()):
             levels = torch.zeros(batch * heads, n, n, dtype=torch.uint8, device=q.device)
@@ -309,8 +309,8 @@ class Recorder:
         self.records: list[dict] = []
         self._cond: torch.Tensor | None = None
 
-    def predict(self, latents, timestep, step_index, text_embeddings):
-        out = self.inner.predict(latents, timestep, step_index, text_embeddings)
+    def predict(self, latents, timestep, text_embeddings, step_index):
+        out = self.inner.predict(latents, timestep, text_embeddings, step_index)
         if self._cond is None:
             self.records.append({"latents": latents[self.keep].float().clone(), "timestep": timestep[self.keep],
                                  "step_index": step_index.clone()})
@@ -357,7 +357,7 @@ class Bench:
         self.layout, self.block_size = parse_layout(run.layout), run.block_size
         self.steps = args.steps or run.steps
         self.shift, self.guidance = flow_shift_for(self.video.height), args.guidance
-        self.n = math.ceil(math.prod(self.grid) / self.block_size)
+        self.n = num_blocks(math.prod(self.grid), self.block_size)
         module = video_module(args.model)
 
         # The test set: held-out captions (distinct), two seeds each; calibration's captions, disjoint.
@@ -594,8 +594,9 @@ class Bench:
     def generate(self, model: WanDiT, index: torch.Tensor, denoiser=None) -> torch.Tensor:
         """Pixels in [0, 1] `[videos, 3, frames, H, W]` (on the device) of the test videos `index`, one call."""
         denoiser = denoiser or TorchDenoiser(model, self.steps)
-        latents = sample(denoiser, self.text[index], self.negative, self.video.latent_shape(), self.steps,
-                         self.shift, [self.seeds[i] for i in index], self.guidance, progress=_quiet)
+        settings = SamplerSettings(self.video.latent_shape(), self.steps, self.shift, self.guidance)
+        latents = sample(denoiser, settings, self.text[index], self.negative, [self.seeds[i] for i in index],
+                         progress=_quiet)
         return ((latents.clamp(-1, 1) + 1) / 2).to(self.device)
 
     @torch.no_grad()
@@ -606,10 +607,10 @@ class Bench:
         negative = self.negative.expand_as(text)
         errors = []
         for record in self.trajectory:
-            cond = denoiser.predict(record["latents"], record["timestep"], record["step_index"], text).float()
+            cond = denoiser.predict(record["latents"], record["timestep"], text, record["step_index"]).float()
             if self.guidance != 1.0:
-                uncond = denoiser.predict(record["latents"], record["timestep"], record["step_index"],
-                                          negative).float()
+                uncond = denoiser.predict(record["latents"], record["timestep"], negative,
+                                          record["step_index"]).float()
                 cond = uncond + self.guidance * (cond - uncond)
             ref = record["guided"]
             errors.append(((cond - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).cpu())

@@ -25,7 +25,7 @@ from saexport.models.dit import SparseWanDiT, WanDiT
 from saexport.models.text_encoder import synthetic_embeddings
 from saexport.models.video_shape import parse_video_shape
 from saexport.runtime.denoisers import TorchDenoiser
-from saexport.runtime.sampler import sample
+from saexport.runtime.sampler import SamplerSettings, sample
 from saexport.runtime.schedule import flow_shift_for
 from saexport.runtime.video import decode_latents
 from saexport.topology.standin import standin_budgets, standin_topology
@@ -72,11 +72,11 @@ def main() -> None:
         denoiser = TorchDenoiser(model.cuda(), args.steps, compiled=compiled)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             if compiled:  # compile before the timed run
-                denoiser.predict(torch.randn(1, *video.latent_shape()), torch.tensor([999.0]),
-                                 torch.tensor([0], dtype=torch.int32), prompt)
-            latents, seconds, peak = timed(lambda d=denoiser: sample(
-                d, prompt, negative, video.latent_shape(), args.steps, flow_shift_for(video.height), 0,
-                progress=lambda it, **_: it))
+                denoiser.predict(torch.randn(1, *video.latent_shape()), torch.tensor([999.0]), prompt,
+                                 torch.tensor([0], dtype=torch.int32))
+            settings = SamplerSettings(video.latent_shape(), args.steps, flow_shift_for(video.height))
+            latents, seconds, peak = timed(lambda d=denoiser, s=settings: sample(d, s, prompt, negative, 0,
+                                                                                 progress=lambda it, **_: it))
         name = f"{kind}{' compiled' if compiled else ''}"
         rows.append((name, seconds, peak))
         print(f"{name:16s} sampler {seconds:7.1f} s  peak {peak:5.1f} GiB", flush=True)

@@ -41,7 +41,7 @@ import torch
 from saexport.artifacts import Topology
 from saexport.demo import VIDEO_MODULES, video_module
 from saexport.layout import parse_layout
-from saexport.levels import DENSE_LEVEL, density, kept_blocks, levels_from_scores
+from saexport.levels import DENSE_LEVEL, density, kept_blocks, levels_from_scores, num_blocks
 from saexport.models.checkpoint import load_model
 from saexport.models.text_encoder import encode_prompts, negative_embeddings
 from saexport.models.video_shape import parse_video_shape
@@ -112,7 +112,7 @@ def heldout_masses(loaded, grid, block_size, layout, prompts: CalibrationSet, lo
     """Attention mass of the probed rows summed per (query block, key block): float64 `[L, H, n, n]`, over every
     measured pass. A mask's share of the mass is then `(masses * mask).sum() / masses.sum()`."""
     preset, seq_len = loaded.preset, math.prod(grid)
-    n = math.ceil(seq_len / block_size)
+    n = num_blocks(seq_len, block_size)
     rows = SampledRows.draw(seq_len, block_size, rows_per_block, seed=HELDOUT_ROWS_SEED)
     block = rows.block.to(device)
     total = torch.zeros(preset.num_layers, preset.num_heads, n, n, dtype=torch.float64, device=device)
@@ -165,7 +165,7 @@ def main() -> None:
     seeds = tuple(int(s) for s in args.seeds.split(","))
     heldout_seeds = tuple(int(s) for s in args.heldout_seeds.split(","))
     assert not set(seeds) & set(heldout_seeds), "held-out seeds must differ from the calibration seeds"
-    n = math.ceil(math.prod(grid) / block_size)
+    n = num_blocks(math.prod(grid), block_size)
     heldout_rows = args.heldout_rows or block_size
     source = PromptSource(preset, args.prompts, None, loaded.path)
     prompts = source.load()

@@ -84,7 +84,7 @@ class DitAsDenoiser:
     def __init__(self, dit, device: torch.device):
         self.dit, self.steps, self.device, self.dtype = dit, dit.steps, device, torch.bfloat16
 
-    def predict(self, latents, timestep, step_index, text_embeddings):
+    def predict(self, latents, timestep, text_embeddings, step_index):
         return self.dit({"hidden_states": latents.to(self.dtype), "timestep": timestep.float(),
                          "encoder_hidden_states": text_embeddings.to(self.dtype),
                          "step_index": step_index.to(torch.int32)}).to(self.device)
@@ -102,12 +102,13 @@ def main() -> int:
     from saexport import kernels
     from saexport.artifacts import ArtifactFolder
     from saexport.errors import SaexportError
-    from saexport.models.checkpoint import load_model, resolve_weights
+    from saexport.folders import Output
+    from saexport.models.checkpoint import ModelSource, load_model
     from saexport.models.dit import SparseWanDiT
     from saexport.models.presets import get_preset
     from saexport.models.text_encoder import encode_prompts
     from saexport.runtime.denoisers import TorchDenoiser
-    from saexport.runtime.generation import Artifacts, SparsePipeline, open_denoiser
+    from saexport.runtime.generation import Artifacts, BackendOptions, SparsePipeline, open_denoiser
     from saexport.runtime.video import latents_to_frames
     from saexport.triton.repository import write_triton_repository
     from saexport.triton.serving import Decoder, Dit, Pipeline, TextEncoder, read_config
@@ -123,7 +124,7 @@ def main() -> int:
     start = time.perf_counter()
     demo = ArtifactFolder(export("wan2.1-demo", None, work / "demo", resolution="32x32", frames=16, block_size=64,
                                  layout="tile3d:4x4x4", steps=args.steps, dtype="bf16"))
-    repo = write_triton_repository(demo.onnx, work / "repo", "demo", gpus=[args.cuda_device])
+    repo = write_triton_repository(demo.onnx, Output(work / "repo"), "demo", gpus=[args.cuda_device])
     settings = read_config(repo / "demo_dit" / "1", "dit.json")
     check("bf16 graph without an engine -> torch DiT", settings["backend"] == "torch",
           f"exported and written in {time.perf_counter() - start:.1f} s")
@@ -132,8 +133,7 @@ def main() -> int:
     dit = Dit.open(repo / "demo_dit" / "1", device)
     check("the DiT core runs the CUDA kernel", dit.warning is None, dit.warning or "")
     check("the DiT core is on the GPU in bf16", dit.denoiser.device == device and dit.denoiser.dtype == torch.bfloat16)
-    runtime = open_denoiser(Artifacts.open(demo.root), "torch", resolve_weights(get_preset("wan2.1-demo"), None),
-                            False, 0, "bf16", None)
+    runtime = open_denoiser(Artifacts.open(demo.root), "torch", ModelSource("wan2.1-demo"), BackendOptions("bf16"))
     loaded = load_model("wan2.1-demo", dtype=torch.float32)
     artifacts = Artifacts.open(demo.root)
     topo = artifacts.topology
@@ -147,9 +147,9 @@ def main() -> int:
                   "encoder_hidden_states": text.to(device, torch.bfloat16),
                   "step_index": torch.tensor([step], dtype=torch.int32)}
         served = dit(inputs)
-        same = runtime.predict(inputs["hidden_states"], inputs["timestep"], inputs["step_index"],
-                               inputs["encoder_hidden_states"])
-        fp32 = reference.predict(latents, inputs["timestep"], inputs["step_index"], text)
+        same = runtime.predict(inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"],
+                               inputs["step_index"])
+        fp32 = reference.predict(latents, inputs["timestep"], text, inputs["step_index"])
         check(f"step {step}: served DiT == runtime torch back end (bf16, GPU)",
               served.dtype == torch.bfloat16 and rel_err(served, same) < 1e-3, f"rel err {rel_err(served, same):.2e}")
         check(f"step {step}: served DiT ~ fp32 sparse DiT on the CPU", rel_err(served, fp32) < 5e-2,
@@ -174,7 +174,7 @@ def main() -> int:
                         Decoder.open(repo / "demo_vae" / "1"))
     prompt = "a red circle moving right on blue stripes"
     frames = pipeline({"prompt": np.array([prompt.encode()], dtype=object), "seed": np.array([7], np.int64)})
-    local = SparsePipeline(demo.root, "torch", dtype="bf16")(prompt, seed=7)
+    local = SparsePipeline(demo.root, "torch", options=BackendOptions("bf16"))(prompt, seed=7)
     diff = int(np.abs(frames.astype(int) - local.astype(int)).max())
     check("pipeline frames == SparsePipeline(torch, GPU) frames within 1 LSB",
           frames.shape == local.shape == (16, 32, 32, 3) and diff <= 1, f"max |diff| {diff}")
@@ -183,7 +183,7 @@ def main() -> int:
     checkpoint = tiny_wan_checkpoint(work / "checkpoint")
     tiny = ArtifactFolder(export("wan2.1-tiny", checkpoint, work / "tiny", resolution="64x64", frames=5, block_size=8,
                                  layout="identity", steps=2, dtype="bf16"))
-    tiny_repo = write_triton_repository(tiny.onnx, work / "tiny_repo", "wan", gpus=[args.cuda_device],
+    tiny_repo = write_triton_repository(tiny.onnx, Output(work / "tiny_repo"), "wan", gpus=[args.cuda_device],
                                         weights=checkpoint)
     encoder = TextEncoder.open(tiny_repo / "wan_text_encoder" / "1", device)
     prompts = ["a red circle", "blue stripes moving right", ""]

@@ -21,7 +21,9 @@ def apply(pipe, topology, budgets):
 
 def load(artifacts, backend: str = "torch", **options):
     """A callable pipeline over a build or export folder: `(prompt, seed=0, negative_prompt="", guidance=5.0)` ->
-    uint8 frames `[frames, height, width, 3]`. Options: weights, random_weights, seed, dtype, plugin, vae."""
-    from saexport.runtime.generation import SparsePipeline
+    uint8 frames `[frames, height, width, 3]`. Options: `weights` (the checkpoint the artifacts were made from;
+    default: the model's shipped weights) or `random_weights` seeded by `weights_seed`; `dtype` and `compile_model`
+    for the torch back end, `plugin` for tensorrt; `vae` to decode Wan2.1's latents."""
+    from saexport.runtime.generation import open_pipeline
 
-    return SparsePipeline(artifacts, backend, **options)
+    return open_pipeline(artifacts, backend, **options)

@@ -74,6 +74,14 @@ class ArtifactFolder:
     def calibration_embeddings(self) -> Path:
         return self.root / "calibration_embeddings.safetensors"
 
+    @property
+    def fidelity_report(self) -> Path:
+        return self.root / "fidelity.json"
+
+    @property
+    def fidelity_picture(self) -> Path:
+        return self.root / "quality.png"
+
     def holds_only_artifacts(self) -> bool:
         """Everything in the folder is a file saexport wrote there, recognised by its content (or a hidden
         temporary of one): a folder of single-stage outputs, or of an older saexport without an owner marker. A
@@ -87,6 +95,8 @@ class ArtifactFolder:
             self.engine.name: lambda: _readable(EngineMetadata.read, self.engine_metadata),
             self.timing_cache.name: lambda: _readable(EngineMetadata.read, self.engine_metadata),
             self.manifest.name: lambda: _is_manifest(self.manifest),
+            self.fidelity_report.name: lambda: _readable(FidelityReport.read, self.fidelity_report),
+            self.fidelity_picture.name: lambda: _readable(FidelityReport.read, self.fidelity_report),
             self.triton.name: lambda: (self.triton / ".saexport-owner").is_file(),
         }
 
@@ -404,6 +414,63 @@ class OnnxMetadata:
 
 
 @dataclass(frozen=True)
+class FidelityReport:
+    """`fidelity.json` beside the budgets (`topology.report`): what the budgets deliver against the dense model on
+    prompts and seeds the calibration did not use (PSNR, and SSIM for pixel models: mean and 95% half-width over
+    prompts), the quality search's curve on the held-out calibration prompts, the mean density and the expected
+    speed-up. Written by `budgets` and `build`, copied by `export`, shown by `inspect`, carried into `engine.json`
+    and the Triton repository's README."""
+
+    model: str
+    goal: str
+    rule: str
+    mean_density: float
+    prompts: str
+    seeds: list[int]
+    held_out: dict[str, Any]  # {"psnr": {"mean", "ci95", "n"}, "ssim": {...}}
+    search: dict[str, Any] | None  # the quality target's search (target, achieved, psnr_vs_density), or None
+    speedup: dict[str, Any]  # {"attention", "dit" (or None), "source", "attention_share"}
+    budgets_hash: str
+
+    KIND = "saexport fidelity report"
+
+    @property
+    def target(self) -> float | None:
+        return None if self.search is None else self.search["psnr"]
+
+    def summary(self) -> str:
+        """One line for the end of a build."""
+        psnr = self.held_out["psnr"]
+        text = f"{self.goal}: {psnr['mean']:.1f} dB"
+        if psnr.get("ci95") is not None:
+            text += f" +- {psnr['ci95']:.1f}"
+        if "ssim" in self.held_out:
+            text += f", SSIM {self.held_out['ssim']['mean']:.3f}"
+        text += f" against dense on {psnr['n']} held-out prompts, at {self.mean_density:.0%} of the blocks"
+        if self.target is not None:
+            text += f" (target {self.target:g} dB: {'met' if psnr['mean'] >= self.target else 'MISSED'} on average)"
+        speed = self.speedup
+        text += f"; expected attention speed-up {speed['attention']:.1f}x"
+        if speed.get("dit") is not None:
+            text += f", DiT step {speed['dit']:.2f}x"
+        return text
+
+    def write(self, path: Path) -> None:
+        write_text_atomic(path, json.dumps({"kind": self.KIND, "format_version": FORMAT_VERSION, **asdict(self)},
+                                           indent=1) + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> FidelityReport:
+        try:
+            record = json.loads(Path(path).read_text())
+            if record.pop("kind") != cls.KIND or record.pop("format_version") != FORMAT_VERSION:
+                raise KeyError("kind")
+            return cls(**record)
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise SaexportError(f"{path} is not a fidelity report of this saexport ({e})") from None
+
+
+@dataclass(frozen=True)
 class EngineMetadata:
     """`engine.json` beside `model.engine`: the graph's metadata plus what the engine was built with and for.
 
@@ -418,6 +485,7 @@ class EngineMetadata:
     gpu_capability: tuple[int, int] | None
     plugin_libraries: tuple[str, ...] = ()  # what must ship with the engine (Triton's plugins= option)
     version_compatible: bool = False
+    fidelity: str | None = None  # the fidelity report's summary, where the graph's folder has one
 
     def write(self, path: Path) -> None:
         record = asdict(self)

@@ -46,6 +46,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from saexport.errors import SaexportError
@@ -58,6 +59,15 @@ _HOUSEKEEPING = re.compile(rf"{re.escape(LOCK_NAME)}|\..+\.saexport\.lock")  # t
 _MAX_RECORDED = 10_000  # a replaced folder's contents are recorded in its marker up to this many entries
 
 Pathish = str | os.PathLike
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where a command writes (a file or a folder), and whether it may replace what saexport did not write there
+    (or what was edited since it did)."""
+
+    path: Path
+    overwrite: bool = False
 
 
 # ---------------------------------------------------------------------------------------------- messages
@@ -197,7 +207,7 @@ def _read_marker(folder: Path) -> dict | None:
 
 
 def _write_marker(folder: Path, owner: str, contents: list[str] | None = None, *, overwrite: bool = False,
-                  option: str = "--out") -> None:
+                  option: str = "`out`") -> None:
     """Create the marker if absent (O_EXCL, so two commands racing for a new folder cannot both win), or
     overwrite it (in a staging folder, which only we see)."""
     record: dict = {"owner": owner, "version": MARKER_VERSION}
@@ -231,7 +241,7 @@ def _other_owner(folder: Path, found: str, owner: str, option: str) -> str:
 # ---------------------------------------------------------------------------------------------- output folders
 
 
-def check_output_folder(target: Pathish, owner: str, inputs: Iterable[Pathish] = (), *, option: str = "--out",
+def check_output_folder(target: Pathish, owner: str, inputs: Iterable[Pathish] = (), *, option: str = "`out`",
                         adopt: Callable[[Path], bool] | None = None) -> Path:
     """Refuse, before any compute, a folder `owner` may not write; write nothing. Returns the resolved path.
 
@@ -290,7 +300,7 @@ def _check_contents(folder: Path, owner: str, option: str, adopt: Callable[[Path
                         f"(e.g. {_show(names[0])}; no {MARKER}): pass {option} a new or empty folder")
 
 
-def claim_output_folder(target: Pathish, owner: str, inputs: Iterable[Pathish] = (), *, option: str = "--out",
+def claim_output_folder(target: Pathish, owner: str, inputs: Iterable[Pathish] = (), *, option: str = "`out`",
                         adopt: Callable[[Path], bool] | None = None) -> Path:
     """`check_output_folder`, then create the folder (mode 0o777 & ~umask) and mark it as `owner`'s.
 
@@ -520,11 +530,11 @@ def _refuse_foreign_or_edited(target: Path, option: str, overwrite: bool) -> Non
               if (target / name).is_file() and _fingerprint(target / name) != fingerprint]
     if edited:
         raise SaexportError(f"refusing to replace {_show(target)}: {_show(edited[0])} was changed since saexport "
-                            "wrote it (a hand edit would be lost); copy your change elsewhere, or pass --overwrite "
+                            "wrote it (a hand edit would be lost); copy your change elsewhere, or pass `overwrite` "
                             "to replace it")
 
 
-def check_replaceable_folder(target: Pathish, owner: str, inputs: Iterable[Pathish] = (), *, option: str = "--out",
+def check_replaceable_folder(target: Pathish, owner: str, inputs: Iterable[Pathish] = (), *, option: str = "`out`",
                              overwrite: bool = False) -> Path:
     """Before any compute: `staged_folder(target, ...)` would accept `target` (as far as can be told without its
     lock). Writes nothing; returns the resolved path."""
@@ -534,9 +544,8 @@ def check_replaceable_folder(target: Pathish, owner: str, inputs: Iterable[Pathi
 
 
 @contextlib.contextmanager
-def staged_folder(target: Pathish, owner: str, inputs: Iterable[Pathish] = (), *, option: str = "--out",
-                  overwrite: bool = False, lock_timeout: float | None = 0.0,
-                  echo: Callable[[str], None] | None = None) -> Iterator[Path]:
+def staged_folder(target: Pathish, owner: str, inputs: Iterable[Pathish] = (), *, option: str = "`out`",
+                  overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty staging folder beside `target`; when the block succeeds, swap it in for `target`.
 
     `target` must pass `check_output_folder` (new, empty, or marked as `owner`'s) and hold nothing that
@@ -549,7 +558,7 @@ def staged_folder(target: Pathish, owner: str, inputs: Iterable[Pathish] = (), *
     path = check_output_folder(target, owner, inputs, option=option)
     with plain_os_errors(path.parent, "create"):
         path.parent.mkdir(mode=0o777, parents=True, exist_ok=True)
-    with FolderLock(path, beside=True, timeout=lock_timeout, echo=echo):
+    with FolderLock(path, beside=True):
         _recover(path)
         path = check_output_folder(path, owner, inputs, option=option)  # it may have changed while we waited
         _refuse_foreign_or_edited(path, option, overwrite)
@@ -588,7 +597,7 @@ class FolderLock:
     """
 
     def __init__(self, folder: Pathish, *, beside: bool = False, timeout: float | None = 0.0,
-                 command: str | None = None, option: str = "--out", echo: Callable[[str], None] | None = None,
+                 command: str | None = None, option: str = "`out`", echo: Callable[[str], None] | None = None,
                  poll_s: float = 0.1) -> None:
         folder = _resolve(folder)
         self.folder = folder
@@ -700,7 +709,7 @@ class FolderLock:
 
 
 def check_writable_file_target(path: Pathish, suffixes: Iterable[str] | None = None, *,
-                               inputs: Iterable[Pathish] = (), option: str = "--out", overwrite: bool = False,
+                               inputs: Iterable[Pathish] = (), option: str = "`out`", overwrite: bool = False,
                                ours: Callable[[Path], bool] | None = None) -> Path:
     """Refuse, before any compute, a file path that cannot be written; create nothing. Returns the resolved path.
 
@@ -728,7 +737,7 @@ def check_writable_file_target(path: Pathish, suffixes: Iterable[str] | None = N
                                 "outside it")
     if target.is_file() and not overwrite and not (ours is not None and ours(target)):
         raise SaexportError(f"{option} {_show(target)} already exists and saexport did not write it: pass "
-                            "--overwrite to replace it, or another path")
+                            "`overwrite` to replace it, or another path")
     _check_ancestor_writable(target, _nearest_existing(target.parent), "write", f"pass {option} a path outside it",
                              f"pass {option} somewhere you can write")
     return target

@@ -10,6 +10,7 @@ import ctypes
 import functools
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -22,6 +23,15 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 
 class KernelLibraryError(RuntimeError):
     pass
+
+
+class PackedMasks(NamedTuple):
+    """One layer's masks as the ONNX node and the kernel take them: the packed INT32 threshold map
+    `[heads, n, ceil(n/4)]`, the budgets INT32 `[steps, heads]`, and the block size."""
+
+    topology: torch.Tensor
+    budgets: torch.Tensor
+    block_size: int
 
 
 def library_candidates() -> list[Path]:
@@ -67,17 +77,17 @@ def supports(q: torch.Tensor, block_size: int) -> bool:
             and block_size in SUPPORTED_BLOCK_SIZES and load_library() is not None)
 
 
-def forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topology: torch.Tensor, budgets: torch.Tensor,
-    step_index: torch.Tensor, block_size: int, scale: float, out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Launch on the current stream; no host synchronisation. Inputs are validated by the caller."""
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: PackedMasks, step_index: torch.Tensor,
+            scale: float) -> torch.Tensor:
+    """Launch on the current stream; no host synchronisation. Inputs are validated by the caller. The output and
+    the workspace come from torch's caching allocator (under CUDA graph capture, from the graph's pool)."""
+    topology, budgets, block_size = masks
     lib = load_library()
     if lib is None:
         raise KernelLibraryError(f"{LIBRARY_NAME} is not built (looked in {library_candidates()})")
     q, k, v = (t.contiguous() for t in (q, k, v))
     batch, seq_len, heads, head_dim = q.shape
-    out = torch.empty_like(q) if out is None else out
+    out = torch.empty_like(q)
     workspace = torch.empty(lib.saexport_bsa_workspace_size(heads, seq_len, block_size), dtype=torch.uint8,
                             device=q.device)
     status = lib.saexport_bsa_forward(

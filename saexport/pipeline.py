@@ -17,54 +17,37 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from saexport.artifacts import ArtifactFolder, BlockedGrid, Budgets, Topology, artifact_kind
-from saexport.atomic import write_text_atomic
+from saexport.artifacts import ArtifactFolder, BlockedGrid, Budgets, FidelityReport, Topology, artifact_kind
+from saexport.atomic import atomic_path, write_text_atomic
 from saexport.errors import SaexportError
 from saexport.folders import (
     FolderLock,
+    Output,
     check_replaceable_folder,
     check_writable_file_target,
     claim_output_folder,
     read_owner,
 )
 from saexport.layout import parse_layout
-from saexport.models.checkpoint import LoadedModel, detect_layout, load_model, parse_dtype, resolve_weights
+from saexport.models.checkpoint import LoadedModel, ModelSource, load_model, parse_dtype
 from saexport.models.presets import ModelPreset, RunDefaults, get_preset
 from saexport.models.video_shape import VideoShape, parse_video_shape, video_of_grid
+from saexport.runtime.generation import generation_dtype
 from saexport.runtime.sampler import DEFAULT_GUIDANCE, PASSES
 from saexport.runtime.schedule import flow_shift_for
+from saexport.topology.goals import BudgetRule, Goal
 
 log = logging.getLogger("saexport")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Which model: a preset and its checkpoint (or random weights, for speed measurements only)."""
-
-    model: str
-    weights: Path | None = None
-    random_weights: bool = False
-    seed: int = 0
-
-    @property
-    def preset(self) -> ModelPreset:
-        return get_preset(self.model)
-
-    @property
-    def checkpoint(self) -> Path | None:
-        return None if self.random_weights else resolve_weights(self.preset, self.weights)
-
-    def fingerprint(self) -> list | str:
-        """Cheap to compute on every build (hashing 28 GB is not): names, sizes and modification times."""
-        if self.checkpoint is None:
-            return f"random:{self.seed}"
-        return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in detect_layout(self.checkpoint).files]
+# Prompts of a quality goal's checks and of the fidelity report, where not given: what a batched GPU loop makes in
+# seconds (8: intervals that mean something), and what a CPU affords (2).
+HELD_OUT_PROMPTS = {"cuda": 8, "cpu": 2}
 
 
 class Models:
@@ -78,43 +61,15 @@ class Models:
         if dtype not in self._loaded:
             log.info("loading %s (%s)", self.source.model, str(dtype).removeprefix("torch."))
             self._loaded[dtype] = load_model(self.source.model, self.source.checkpoint, dtype=dtype,
-                                             random_weights=self.source.random_weights, seed=self.source.seed)
+                                             random_weights=self.source.random_weights,
+                                             seed=self.source.weights_seed)
         return self._loaded[dtype]
 
 
 @dataclass(frozen=True)
-class BudgetRule:
-    """How FAST allocates (docs/ARCHITECTURE.md, "The method in one page"): v1, the lowest level reaching a graded
-    fidelity target; v2 (the default: docs/BENCHMARKS.md measured it 3.3-3.7 dB above v1 at every preset), per
-    entry the level maximising w * Q - lambda * density, with the quality proxy Q measured along the sampler loop
-    on `rows_per_head` rows a head, the weights w measured end to end (`sensitivity`, over `buckets` step buckets
-    and every layer, on the first `sensitivity_prompts` calibration prompts: 1 + buckets + layers whole
-    generations each) and `warmup` dense steps counted in the goal (or "auto")."""
-
-    rule: str = "v2"
-    proxy: str = "output"
-    warmup: int | str = 0
-    rows_per_head: int = 16
-    sensitivity: bool = True
-    buckets: int = 5
-    sensitivity_prompts: int = 1
-
-    def key(self) -> dict:
-        """What the allocation depends on: v1 reads none of v2's settings."""
-        return asdict(self) if self.rule == "v2" else {"rule": "v1"}
-
-    def __post_init__(self):
-        if self.rule not in ("v1", "v2"):
-            raise SaexportError(f"--rule must be v1 or v2, got {self.rule}")
-        if self.warmup != "auto" and (not isinstance(self.warmup, int) or self.warmup < 0):
-            raise SaexportError(f"--warmup must be a number of steps or auto, got {self.warmup}")
-        if self.sensitivity_prompts < 1:
-            raise SaexportError(f"--sensitivity-prompts must be at least 1, got {self.sensitivity_prompts}")
-
-
-@dataclass(frozen=True)
 class Calibration:
-    """How WEST and FAST calibrate: the prompts, and the sampler loop they walk (as generation runs it)."""
+    """How WEST and FAST calibrate: the prompts, and the sampler loop they walk (as generation runs it; `steps`
+    None: the model's)."""
 
     prompts: int = 4
     embeddings_file: Path | None = None
@@ -124,17 +79,50 @@ class Calibration:
     passes: tuple[str, ...] = PASSES
     device: str = "cpu"
     aggregation: str = "min"  # how WEST combines its runs (topology.west.AGGREGATIONS)
+    steps: int | None = None
+    check_prompts: int | None = None  # held-out calibration prompts a quality goal is checked on (None: by device)
+    report_prompts: int | None = None  # prompts of the fidelity report, never calibrated on (None: by device)
 
-    def prompt_source(self, source: ModelSource):
+    def __post_init__(self):
+        if self.steps is not None and self.steps < 1:
+            raise SaexportError(f"`steps` must be at least 1, got {self.steps}")
+
+    def steps_for(self, preset: ModelPreset) -> int:
+        return self.steps if self.steps is not None else preset.defaults.steps
+
+    def prompt_source(self, source: ModelSource, role: str = "calibration"):
         from saexport.topology.prompts import PromptSource
 
-        return PromptSource(source.preset, self.prompts, self.embeddings_file, source.checkpoint)
+        held_out = HELD_OUT_PROMPTS["cuda" if self.device.startswith("cuda") else "cpu"]
+        count = {"calibration": self.prompts, "check": self.check_prompts or held_out,
+                 "report": self.report_prompts or held_out}[role]
+        return PromptSource(source.preset, count, self.embeddings_file, source.checkpoint, role)
 
-    def loop(self, steps: int, video: VideoShape):
-        from saexport.topology.calibration import CalibrationLoop
+    def calibrator(self, models: Models, video: VideoShape, out_path: Path, held_out: bool = False):
+        """The calibrator of a stage writing `out_path`: the model as generation runs it on the calibration device
+        (bf16 and the CUDA kernel on a GPU for Wan2.1, fp32 on a CPU), as many samples a forward pass as the device
+        holds, the prompts (encoded once, cached beside `out_path`; with `held_out`, the quality checks' too), the
+        loop, and its progress kept beside `out_path`."""
+        from saexport.topology.calibration import CalibrationLoop, Calibrator
 
-        return CalibrationLoop(tuple(self.seeds), steps, flow_shift_for(video.height), self.guidance,
-                               tuple(self.passes))
+        preset = models.source.preset
+        loaded = models.get(parse_dtype(generation_dtype(preset, self.device)))
+        loop = CalibrationLoop(tuple(self.seeds), self.steps_for(preset), flow_shift_for(video.height),
+                               self.guidance, tuple(self.passes))
+        checks = prompt_set(models, self.prompt_source(models.source, "check"), out_path) if held_out else None
+        return Calibrator(loaded, prompt_set(models, self.prompt_source(models.source), out_path), loop, self.device,
+                          samples_per_pass(preset, video, self.device, loaded), progress_file=partial_path(out_path),
+                          held_out=checks)
+
+    def reporter(self, models: Models, video: VideoShape, out_path: Path):
+        """The calibrator of the fidelity report: report prompts (never calibrated on) at seeds the calibration
+        never walked."""
+        from saexport.topology.calibration import REPORT_SEED
+
+        calibrator = self.calibrator(models, video, out_path)
+        prompts = prompt_set(models, self.prompt_source(models.source, "report"), out_path)
+        return replace(calibrator, prompts=prompts, progress_file=None,
+                       loop=replace(calibrator.loop, seeds=tuple(REPORT_SEED + seed for seed in self.seeds)))
 
     def fingerprint(self, source: ModelSource) -> list:
         """What the topology depends on besides the model and grid (the device is not: results are the same)."""
@@ -147,9 +135,9 @@ def resolve_run(model: str, **given) -> RunDefaults:
     given (those not None), checked before any compute."""
     run = replace(get_preset(model).defaults, **{k: v for k, v in given.items() if v is not None})
     if run.block_size < 1:
-        raise SaexportError(f"--block-size must be a positive number of tokens, got {run.block_size}")
+        raise SaexportError(f"`block_size` must be a positive number of tokens, got {run.block_size}")
     if run.steps < 1:
-        raise SaexportError(f"--steps must be at least 1, got {run.steps}")
+        raise SaexportError(f"`steps` must be at least 1, got {run.steps}")
     parse_dtype(run.dtype)
     parse_layout(run.layout)
     return run
@@ -175,7 +163,7 @@ def check_fits_in_memory(preset: ModelPreset, video: VideoShape, device: str) ->
     if need > have:
         raise SaexportError(f"a {video.describe()} video is {tokens} tokens; one forward pass of {preset.name} needs "
                             f"at least {need / 2**30:.0f} GiB and {where} has {have / 2**30:.0f} GiB: choose a smaller "
-                            "--resolution or --frames")
+                            "`resolution` or `frames`")
 
 
 def open_output_folder(root: Path, owner: str) -> Path:
@@ -189,71 +177,134 @@ def partial_path(out_path: Path) -> Path:
     return out_path.with_name(out_path.name + ".partial")
 
 
-def calibration_set(models: Models, calibration: Calibration, out_path: Path):
-    """The calibration prompts, encoded (cached beside `out_path`), and said where they come from."""
-    prompts = calibration.prompt_source(models.source)
+def prompt_set(models: Models, prompts, out_path: Path):
+    """A `PromptSource`'s prompts, encoded (cached beside `out_path`), and said where they come from."""
     prompts.check()
-    encoded = prompts.load(cache=out_path.with_name(ArtifactFolder(out_path.parent).calibration_embeddings.name))
+    cache = ArtifactFolder(out_path.parent).calibration_embeddings
+    if prompts.role != "calibration":
+        cache = cache.with_name(f"{cache.stem}.{prompts.role}{cache.suffix}")
+    encoded = prompts.load(cache=out_path.with_name(cache.name))
     if prompts.kind == "synthetic":
-        log.warning("note: %d SYNTHETIC prompt embeddings (seeded normal): give --calib-embeddings, or a checkpoint "
-                    "with text_encoder/, for real prompts", calibration.prompts)
+        log.warning("note: %d SYNTHETIC %s prompt embeddings (seeded normal): give calibration embeddings, or a "
+                    "checkpoint with text_encoder/, for real prompts", prompts.count, prompts.role)
     else:
-        log.info("calibration prompts: %s", encoded.source)
+        log.info("%s prompts: %s", prompts.role, encoded.source)
     return encoded
 
 
-def check_artifact_target(out_path: Path, kind: str, inputs: list[Path | None], overwrite: bool) -> None:
-    """`out_path` may receive a `kind` file: not an input nor inside one (a checkpoint), and not a file saexport
-    did not write unless `overwrite` (a topology rerun replaces its own topology, never a user's file)."""
-    check_writable_file_target(out_path, (".safetensors",), inputs=[p for p in inputs if p is not None],
-                               overwrite=overwrite, ours=lambda path: artifact_kind(path) == kind)
+def samples_per_pass(preset: ModelPreset, video: VideoShape, device: str, loaded: LoadedModel) -> int:
+    """How many samples a calibration forward pass takes: on a GPU as many as a third of its free memory holds
+    (the activations' bound of `check_fits_in_memory`, at the model's precision; at most 64); one on a CPU, where
+    a batch saves nothing."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return 1
+    tokens = math.prod(video.token_grid(preset.patch_size))
+    width = preset.num_heads * preset.head_dim
+    element = next(loaded.transformer.parameters()).element_size()
+    need = tokens * (preset.config["ffn_dim"] + 8 * width) * element
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return max(1, min(64, int(free / 3 // need)))
 
 
-def make_topology(models: Models, run: RunDefaults, calibration: Calibration, out_path: Path,
-                  overwrite: bool = False) -> Topology:
-    """WEST: calibrate the dense model along the sampler's loop; write the threshold map to `out_path`."""
-    from saexport.topology.west import compute_topology
+def check_artifact_target(out: Output, kind: str, inputs: list[Path | None]) -> None:
+    """`out.path` may receive a `kind` file: not an input nor inside one (a checkpoint), and not a file saexport
+    did not write unless `out.overwrite` (a topology rerun replaces its own topology, never a user's file)."""
+    check_writable_file_target(out.path, (".safetensors",), inputs=[p for p in inputs if p is not None],
+                               overwrite=out.overwrite, ours=lambda path: artifact_kind(path) == kind)
 
-    check_artifact_target(out_path, "topology", [calibration.embeddings_file, models.source.checkpoint], overwrite)
+
+def make_topology(models: Models, run: RunDefaults, calibration: Calibration, out: Output) -> Topology:
+    """WEST: calibrate the dense model along the sampler's loop; write the threshold map to `out`."""
+    from saexport.topology.west import Aggregation, compute_topology
+
+    check_artifact_target(out, "topology", [calibration.embeddings_file, models.source.checkpoint])
     source = models.source
     video = video_of(source, run, calibration.device)
-    topology = compute_topology(models.get(), video.token_grid(source.preset.patch_size), run.block_size,
-                                parse_layout(run.layout), calibration_set(models, calibration, out_path),
-                                calibration.loop(run.steps, video), calibration.rows_per_block, calibration.device,
-                                checkpoint_path=partial_path(out_path), aggregation=calibration.aggregation)
-    topology.save(out_path)
+    blocks = BlockedGrid(video.token_grid(source.preset.patch_size), run.block_size, parse_layout(run.layout))
+    topology = compute_topology(calibration.calibrator(models, video, out.path), blocks, calibration.rows_per_block,
+                                Aggregation(calibration.aggregation))
+    topology.save(out.path)
     return topology
 
 
-def make_budgets(models: Models, topology_path: Path, fidelity: str, calibration: Calibration, steps: int,
-                 out_path: Path, rule: BudgetRule = BudgetRule(), overwrite: bool = False) -> Budgets:
-    """FAST: measure along the sampler's loop what each level of the map costs; allocate the preset's budgets by
-    `rule` and write them to `out_path`."""
-    from saexport.topology.fast import DENSITY_GOALS, compute_fidelity, fit_budgets
+def make_budgets(models: Models, topology_path: Path, calibration: Calibration, goal: Goal, rule: BudgetRule,
+                 out: Output) -> Budgets:
+    """FAST: measure along the sampler's loop what each level of the map costs; allocate budgets for `goal` by
+    `rule` and write them to `out`."""
+    from saexport.topology.fast import compute_hellinger_quality, fit_budgets_v1
     from saexport.topology.fast_v2 import compute_budgets_v2
 
-    if fidelity not in DENSITY_GOALS:
-        raise SaexportError(f"unknown fidelity preset '{fidelity}'; use one of {', '.join(DENSITY_GOALS)}")
-    check_artifact_target(out_path, "budgets", [topology_path, calibration.embeddings_file,
-                                                models.source.checkpoint], overwrite)
+    check_artifact_target(out, "budgets", [topology_path, calibration.embeddings_file, models.source.checkpoint])
+    for path in report_paths(out.path):  # the fidelity report beside the budgets: never a user's file
+        check_writable_file_target(path, overwrite=out.overwrite, ours=lambda _: is_saexport_report(out.path))
+    check_goal(goal, rule)
     source = models.source
     topology = Topology.load(topology_path)
-    topology.check_matches(models.get().identity)
+    calibration_dtype = parse_dtype(generation_dtype(source.preset, calibration.device))
+    topology.check_matches(models.get(calibration_dtype).identity)
     video = video_of_grid(topology.grid, source.preset.patch_size, source.preset.codec)
     check_fits_in_memory(source.preset, video, calibration.device)
-    prompts, loop = calibration_set(models, calibration, out_path), calibration.loop(steps, video)
+    calibrator = calibration.calibrator(models, video, out.path, held_out=goal.psnr is not None)
     if rule.rule == "v2":
-        budgets = compute_budgets_v2(models.get(), topology, prompts, loop, fidelity, proxy=rule.proxy,
-                                     rows_per_head=rule.rows_per_head, sensitivity=rule.sensitivity,
-                                     sensitivity_prompts=min(rule.sensitivity_prompts, len(prompts.embeddings)),
-                                     buckets=rule.buckets, warmup=rule.warmup, device=calibration.device,
-                                     checkpoint_path=partial_path(out_path))
+        count = min(rule.sensitivity_prompts, len(calibrator.prompts.embeddings))
+        budgets = compute_budgets_v2(calibrator, topology, goal, replace(rule, sensitivity_prompts=count))
     else:
-        table = compute_fidelity(models.get(), topology, prompts, loop, calibration.rows_per_block,
-                                 calibration.device, checkpoint_path=partial_path(out_path))
-        budgets = fit_budgets(topology, table, fidelity)
-    budgets.save(out_path)
+        budgets = fit_budgets_v1(topology, compute_hellinger_quality(calibrator, topology, calibration.rows_per_block),
+                                 goal)
+    budgets.save(out.path)
+    make_report(calibration.reporter(models, video, out.path), topology, budgets, out.path)
     return budgets
+
+
+def make_report(reporter, topology: Topology, budgets: Budgets, budgets_path: Path) -> FidelityReport:
+    """The budgets' fidelity report (`topology.report`), written beside them with its picture, and logged."""
+    from saexport.topology.pictures import quality_png
+    from saexport.topology.report import fidelity_report
+
+    report = fidelity_report(reporter, topology, budgets, reporter.loaded.preset.codec.name == "pixels")
+    json_path, picture = report_paths(budgets_path)
+    report.write(json_path)
+    quality_png(report, picture)
+    log.info("fidelity: %s", report.summary())
+    return report
+
+
+def report_paths(budgets_path: Path) -> tuple[Path, Path]:
+    """Where the fidelity report of `budgets_path` goes: `fidelity.json` and `quality.png` beside a folder's
+    `budgets.safetensors`, `<name>.fidelity.json` and `<name>.quality.png` beside any other budgets file."""
+    folder = ArtifactFolder(budgets_path.parent)
+    if budgets_path.name == folder.budgets.name:
+        return folder.fidelity_report, folder.fidelity_picture
+    stem = budgets_path.name.removesuffix(".safetensors")
+    return budgets_path.with_name(f"{stem}.fidelity.json"), budgets_path.with_name(f"{stem}.quality.png")
+
+
+def is_saexport_report(budgets_path: Path) -> bool:
+    """Whether the report beside `budgets_path` is one saexport wrote (its picture goes with it)."""
+    try:
+        FidelityReport.read(report_paths(budgets_path)[0])
+    except SaexportError:
+        return False
+    return True
+
+
+def copy_fidelity_report(budgets_path: Path, out_dir: Path) -> None:
+    """The report of the budgets an export freezes, beside them in the export folder (when it was made)."""
+    source, picture = report_paths(budgets_path)
+    target = ArtifactFolder(out_dir)
+    if not source.is_file() or source.resolve() == target.fidelity_report.resolve():
+        return
+    FidelityReport.read(source).write(target.fidelity_report)
+    if picture.is_file():
+        with atomic_path(target.fidelity_picture) as tmp:
+            shutil.copyfile(picture, tmp)
+
+
+def check_goal(goal: Goal, rule: BudgetRule) -> None:
+    """A quality goal is met by FAST v2's end-to-end search; v1 allocates for a density only."""
+    if goal.psnr is not None and rule.rule == "v1":
+        raise SaexportError(f"the quality target {goal.name} needs `rule` v2 (FAST v1 allocates for a density): "
+                            "ask for a `density`, or use v2")
 
 
 def make_export(models: Models, run: RunDefaults, topology: Topology, budgets: Budgets, out_dir: Path,
@@ -267,7 +318,7 @@ def make_export(models: Models, run: RunDefaults, topology: Topology, budgets: B
         if not path.is_file() or type(artifact).load(path).hash() != artifact.hash():
             artifact.save(path)
     dtype = parse_dtype(run.dtype)
-    return export_onnx(models.get(dtype), topology, budgets, video_of(models.source, run), out_dir, dtype, batch)
+    return export_onnx(models.get(dtype), topology, budgets, video_of(models.source, run), out_dir, batch)
 
 
 def make_standins(models: Models, run: RunDefaults, density: float) -> tuple[Topology, Budgets]:
@@ -291,15 +342,15 @@ def make_engine(onnx_path: Path, plugin: Path, out_dir: Path, **options) -> Path
         return build_engine(onnx_path, plugin, folder, **options)
 
 
-def make_triton(onnx_path: Path, out_dir: Path, name: str, engine_path: Path | None, gpus: list[int],
-                weights: Path | None = None, overwrite: bool = False) -> Path:
+def make_triton(onnx_path: Path, out: Output, serving: Serving, engine_path: Path | None,
+                weights: Path | None = None) -> Path:
     """`weights`: the checkpoint the graph was exported from (its text encoder, VAE and, for a bf16 graph without
     an engine, its DiT serve from there); None: the package's own checkpoint where the model ships one.
-    `overwrite`: replace the old repository even where a file of it was edited by hand."""
+    `out.overwrite`: replace the old repository even where a file of it was edited by hand."""
     from saexport.triton.repository import write_triton_repository
 
-    return write_triton_repository(onnx_path, out_dir, name, engine_path=engine_path, gpus=gpus, weights=weights,
-                                   overwrite=overwrite)
+    return write_triton_repository(onnx_path, out, serving.name, engine_path=engine_path, gpus=list(serving.gpus),
+                                   weights=weights)
 
 
 def engine_unavailable(plugin: Path | None, dtype: str) -> str | None:
@@ -318,15 +369,22 @@ def engine_unavailable(plugin: Path | None, dtype: str) -> str | None:
 
 
 @dataclass(frozen=True)
+class Serving:
+    """How the Triton repository serves: its models' name prefix and the GPUs of their instance group."""
+
+    name: str = "wan"
+    gpus: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
 class BuildSettings:
     source: ModelSource
     run: RunDefaults
     calibration: Calibration = Calibration()
-    fidelity: str = "high"
+    goal: Goal = Goal.preset("high")
     budget_rule: BudgetRule = BudgetRule()
     plugin: Path | None = None
-    triton_name: str = "wan"
-    gpus: tuple[int, ...] = (0,)
+    serving: Serving = Serving()
     overwrite: bool = False  # replace a Triton repository whose files were edited by hand
 
 
@@ -404,9 +462,11 @@ def _run_stages(settings: BuildSettings, folder: ArtifactFolder, echo: Callable[
         raise SaexportError(f"a {settings.run.dtype} build without an engine serves its DiT from the checkpoint, and "
                             "random weights have none: give --plugin with TensorRT, or build with --dtype fp32")
     manifest = Manifest.load(folder.manifest)
+    check_goal(settings.goal, settings.budget_rule)
     check_replaceable_folder(folder.triton, "triton", overwrite=settings.overwrite)  # before hours of calibration
     source, run, calibration = settings.source, settings.run, settings.calibration
     preset = source.preset
+    steps = calibration.steps_for(preset)
     video = video_of(source, run)
     grid = video.token_grid(preset.patch_size)
     models = Models(source)
@@ -423,13 +483,15 @@ def _run_stages(settings: BuildSettings, folder: ArtifactFolder, echo: Callable[
         fates[name] = "ran"
 
     topology_key = stage_key("topology", preset.name, preset.config_hash(), source.fingerprint(), grid,
-                             run.block_size, run.layout, run.steps, calibration.fingerprint(source))
+                             run.block_size, run.layout, steps, calibration.fingerprint(source))
     stage("topology", topology_key, [folder.topology],
-          lambda: make_topology(models, run, calibration, folder.topology))
+          lambda: make_topology(models, run, calibration, Output(folder.topology)))
 
-    budgets_key = stage_key("budgets", topology_key, settings.fidelity, settings.budget_rule.key())
-    stage("budgets", budgets_key, [folder.budgets], lambda: make_budgets(
-        models, folder.topology, settings.fidelity, calibration, run.steps, folder.budgets, settings.budget_rule))
+    budgets_key = stage_key("budgets", topology_key, settings.goal.name, settings.budget_rule.key(),
+                            *([calibration.check_prompts] if settings.goal.psnr is not None else []))
+    stage("budgets", budgets_key, [folder.budgets, folder.fidelity_report, folder.fidelity_picture],
+          lambda: make_budgets(models, folder.topology, calibration, settings.goal, settings.budget_rule,
+                               Output(folder.budgets)))
 
     export_key = stage_key("export", budgets_key, run.dtype)
     stage("export", export_key, [folder.onnx], lambda: make_export(
@@ -450,10 +512,12 @@ def _run_stages(settings: BuildSettings, folder: ArtifactFolder, echo: Callable[
               lambda: make_engine(folder.onnx, plugin, folder.root))
         engine_path = folder.engine
 
-    triton_key = stage_key("triton", export_key, engine_key, settings.triton_name, list(settings.gpus),
+    serving = settings.serving
+    triton_key = stage_key("triton", export_key, engine_key, serving.name, list(serving.gpus),
                            str(source.checkpoint))  # the repository references the checkpoint by its path
     stage("triton", triton_key, [folder.triton], lambda: make_triton(
-        folder.onnx, folder.triton, settings.triton_name, engine_path, list(settings.gpus), source.checkpoint,
-        settings.overwrite))
+        folder.onnx, Output(folder.triton, settings.overwrite), serving, engine_path, source.checkpoint))
+    if folder.fidelity_report.is_file():
+        echo(f"[build] fidelity: {FidelityReport.read(folder.fidelity_report).summary()}")
     return fates
 

@@ -12,14 +12,17 @@ from saexport.levels import density
 from saexport.models.processors import RowProbe, block_masses, block_partials
 from saexport.models.text_encoder import synthetic_embeddings
 from saexport.topology.allocation import allocate, fit_budgets_v2, level_densities, levels_at
-from saexport.topology.calibration import CalibrationLoop, HeadRows
-from saexport.topology.fast import DENSITY_GOALS, fit_budgets
+from saexport.topology.calibration import CalibrationLoop, Calibrator, HeadRows
+from saexport.topology.fast import fit_budgets_v1
 from saexport.topology.fast_v2 import compute_budgets_v2
+from saexport.topology.goals import DENSITY_GOALS, BudgetRule, Goal, Warmup
 from saexport.topology.prompts import CalibrationSet
 from saexport.topology.quality import compute_quality, output_error_curves, quality_curves, residual_error_curves
+from saexport.topology.quality_target import measure_psnr, meet_psnr
 from saexport.topology.sensitivity import (
     cell_errors,
     final_latents,
+    final_latents_of_tables,
     latent_error_judge,
     relative_error,
     sensitivity_errors,
@@ -59,6 +62,9 @@ def test_level_densities_count_the_pairs_kept_at_each_level():
     assert torch.allclose(level_densities(topology.levels), DENSITY.expand(2, 3, 256))
 
 
+HIGH, MEDIUM = Goal("high", density=0.45), Goal("medium", density=0.30)  # named like the density presets
+
+
 def test_v2_takes_blocks_from_a_sharp_heads_tail_that_v1_equalises_into():
     # One layer, a sharp and a flat head, equal weights, goal 45%. v1 equalises their fidelity: the flat head
     # needs ~81% of its blocks to reach the target, so the sharp head is pushed ~4% into its slow tail (slope
@@ -67,8 +73,8 @@ def test_v2_takes_blocks_from_a_sharp_heads_tail_that_v1_equalises_into():
     # objective at the same density.
     topology = linear_topology(1, 2)
     quality = torch.stack([sharp(DENSITY), flat(DENSITY)]).expand(3, 1, 2, 256).contiguous()  # 3 steps
-    v1 = fit_budgets(topology, quality, "high")
-    v2 = fit_budgets_v2(topology, quality, "high", proxy="synthetic")
+    v1 = fit_budgets_v1(topology, quality, HIGH)
+    v2 = fit_budgets_v2(topology, quality, HIGH, "synthetic")
     d1, d2 = density(topology.levels, v1.levels), density(topology.levels, v2.levels)
     assert abs(v1.mean_density - 0.45) <= 0.01 and abs(v2.mean_density - 0.45) <= 0.01
     assert float(d2[..., 0].mean()) == pytest.approx(0.05, abs=0.005)  # sharp head: its steep part only
@@ -86,7 +92,7 @@ def test_v2_meets_every_goal_and_records_how(preset):
     sharpness = torch.rand(5, 2, 4, 1, dtype=torch.float64) * 30 + 1
     quality = 1 - (1 - DENSITY) ** sharpness
     weights = torch.rand(5, 2, dtype=torch.float64) + 0.5
-    budgets = fit_budgets_v2(topology, quality, preset, weights=weights, proxy="output")
+    budgets = fit_budgets_v2(topology, quality, Goal(preset, density=DENSITY_GOALS[preset]), "output", weights)
     goal = DENSITY_GOALS[preset]
     achieved = float(density(topology.levels, budgets.levels).mean())
     assert goal - 0.01 <= achieved <= goal + 1e-9  # meets the goal from below, within 1 pp
@@ -99,7 +105,7 @@ def test_v2_meets_every_goal_and_records_how(preset):
     assert torch.allclose(torch.tensor(curve["weights"], dtype=torch.float64), weights, rtol=1e-4)
     assert budgets.fidelity == preset and budgets.topology_hash == topology.hash()
     # v1 records its rule too
-    assert fit_budgets(topology, quality, preset).curve["rule"] == "v1"
+    assert fit_budgets_v1(topology, quality, Goal(preset, density=DENSITY_GOALS[preset])).curve["rule"] == "v1"
 
 
 def test_lambda_is_monotonic_and_the_weights_steer_blocks():
@@ -122,14 +128,14 @@ def test_lambda_is_monotonic_and_the_weights_steer_blocks():
 def test_warmup_steps_are_dense_and_counted_inside_the_goal():
     topology = linear_topology(2, 2)
     quality = (1 - (1 - DENSITY) ** 8).expand(10, 2, 2, 256).contiguous()
-    budgets = fit_budgets_v2(topology, quality, "medium", proxy="hellinger", warmup=2)
+    budgets = fit_budgets_v2(topology, quality, MEDIUM, "hellinger", warmup=Warmup(2))
     per_step = density(topology.levels, budgets.levels).mean(dim=(1, 2))
     assert (budgets.levels[:2] == 255).all() and torch.all(per_step[:2] == 1.0)
     assert budgets.mean_density == pytest.approx(0.30, abs=0.01) and budgets.mean_density <= 0.30 + 1e-9
     assert float(per_step[2:].mean()) == pytest.approx((0.30 * 10 - 2) / 8, abs=0.0125)  # what is left: 12.5%
     assert budgets.curve["warmup_steps"] == 2
     with pytest.raises(SaexportError, match="warm-up steps leave"):
-        fit_budgets_v2(topology, quality, "medium", proxy="hellinger", warmup=3)  # 3 of 10 dense already exceed 30%
+        fit_budgets_v2(topology, quality, MEDIUM, "hellinger", warmup=Warmup(3))  # 3 of 10 dense already exceed 30%
 
 
 def test_auto_warmup_keeps_the_count_its_judge_prefers():
@@ -142,12 +148,12 @@ def test_auto_warmup_keeps_the_count_its_judge_prefers():
         seen.append(count)
         return -abs(count - 2)
 
-    budgets = fit_budgets_v2(topology, quality, "high", proxy="hellinger", warmup="auto", judge=judge)
+    budgets = fit_budgets_v2(topology, quality, HIGH, "hellinger", warmup=Warmup("auto", judge=judge))
     assert seen == [0, 1, 2, 3] and budgets.curve["warmup_steps"] == 2 and budgets.curve["warmup"] == "auto"
     assert [c[0] for c in budgets.curve["warmup_candidates"]] == [0, 1, 2, 3]
     assert abs(budgets.mean_density - 0.45) <= 0.01
     # Without a judge, the proxy objective decides; forcing steps dense only constrains it, so no warm-up wins.
-    plain = fit_budgets_v2(topology, quality, "high", proxy="hellinger", warmup="auto")
+    plain = fit_budgets_v2(topology, quality, HIGH, "hellinger", warmup=Warmup("auto"))
     objectives = [c[1] for c in plain.curve["warmup_candidates"]]
     assert plain.curve["warmup_steps"] == objectives.index(max(objectives)) == 0
 
@@ -155,18 +161,18 @@ def test_auto_warmup_keeps_the_count_its_judge_prefers():
 def test_bad_inputs_are_refused():
     topology = linear_topology(1, 2)
     quality = torch.rand(2, 1, 2, 256, dtype=torch.float64)
-    with pytest.raises(SaexportError, match="unknown fidelity preset"):
-        fit_budgets_v2(topology, quality, "ultra", proxy="hellinger")
     with pytest.raises(TypeError):  # the proxy is named by the caller, never defaulted into the file
-        fit_budgets_v2(topology, quality, "high")
+        fit_budgets_v2(topology, quality, HIGH)
     with pytest.raises(SaexportError, match="layers x heads"):
-        fit_budgets_v2(topology, torch.rand(2, 1, 3, 256), "high", proxy="hellinger")
-    with pytest.raises(SaexportError, match="warm-up"):
-        fit_budgets_v2(topology, quality, "high", proxy="hellinger", warmup="some")
+        fit_budgets_v2(topology, torch.rand(2, 1, 3, 256), HIGH, "hellinger")
+    with pytest.raises(SaexportError, match="`warmup` must be a number of steps or 'auto', got 'some'"):
+        Warmup("some")
+    with pytest.raises(SaexportError, match="`warmup` must be within 0..2 steps, got 7"):
+        fit_budgets_v2(topology, quality, HIGH, "hellinger", warmup=Warmup(7))
     with pytest.raises(SaexportError, match="non-negative"):
-        fit_budgets_v2(topology, quality, "high", proxy="hellinger", weights=-torch.ones(2, 1))
+        fit_budgets_v2(topology, quality, HIGH, "hellinger", -torch.ones(2, 1))
     with pytest.raises(SaexportError, match="non-finite"):
-        fit_budgets_v2(topology, quality * float("nan"), "high", proxy="hellinger")
+        fit_budgets_v2(topology, quality * float("nan"), HIGH, "hellinger")
 
 
 # --- quality proxies (topology.quality) and their probe (models.processors.block_partials) ---------------------
@@ -271,6 +277,14 @@ def test_head_rows_are_distinct_seeded_and_per_head():
 LOOP = CalibrationLoop(seeds=(0,), steps=3, flow_shift=3.0)
 
 
+def quiet(items, **_):
+    return items
+
+
+def calibrator(loaded, prompts, loop=LOOP, **settings) -> Calibrator:
+    return Calibrator(loaded, prompts, loop, progress=settings.pop("progress", quiet), **settings)
+
+
 @pytest.fixture
 def tiny_setup(tiny):
     embeddings = synthetic_embeddings(tiny.preset.text_len, 32, prompts=3, seed=int(torch.randint(0, 99, ())))
@@ -282,7 +296,7 @@ def tiny_setup(tiny):
 
 def test_quality_along_the_loop_on_the_tiny_model(tiny_setup, tmp_path):
     tiny, prompts, topology = tiny_setup
-    quality = compute_quality(tiny, topology, prompts, LOOP, rows_per_head=4, progress=lambda it, **_: it)
+    quality = compute_quality(calibrator(tiny, prompts), topology, rows_per_head=4)
     assert set(quality) == {"hellinger", "output", "residual"}
     for proxy, table in quality.items():
         assert table.shape == (3, 2, 4, 256) and torch.isfinite(table).all(), proxy
@@ -292,15 +306,15 @@ def test_quality_along_the_loop_on_the_tiny_model(tiny_setup, tmp_path):
     # the probe's hooks are gone from the shared transformer: a later dense model sees no probe
     assert all(not block._forward_pre_hooks for block in tiny.transformer.blocks)
     # the v2 allocation takes the table as is
-    budgets = fit_budgets_v2(topology, quality["output"], "medium", proxy="output")
+    budgets = fit_budgets_v2(topology, quality["output"], MEDIUM, "output")
     assert abs(budgets.mean_density - 0.30) <= 0.01
 
     partial = tmp_path / "quality.partial"
-    args = (tiny, topology, prompts, LOOP, ("output",), 4)
-    with pytest.raises(Interrupt):
-        compute_quality(*args, progress=interrupt_after(8), checkpoint_path=partial)  # the first trajectory: 6 passes
+    with pytest.raises(Interrupt):  # after the first trajectory's 6 passes
+        compute_quality(calibrator(tiny, prompts, progress=interrupt_after(8), progress_file=partial), topology,
+                        ("output",), 4)
     assert partial.exists() and all(not block._forward_pre_hooks for block in tiny.transformer.blocks)
-    resumed = compute_quality(*args, progress=lambda it, **_: it, checkpoint_path=partial)
+    resumed = compute_quality(calibrator(tiny, prompts, progress_file=partial), topology, ("output",), 4)
     assert torch.allclose(resumed["output"], quality["output"], atol=1e-6) and not partial.exists()
 
 
@@ -316,7 +330,7 @@ def test_sensitivity_on_the_tiny_model(tiny_setup):
     tiny, prompts, topology = tiny_setup  # (each generation runs the reference op on the CPU: ~1 s for 2 steps)
     loop = CalibrationLoop(seeds=(0,), steps=2, flow_shift=3.0)
     one = CalibrationSet(prompts.embeddings[:1], prompts.negative, "test")
-    errors = sensitivity_errors(tiny, topology, one, loop, density=0.3, buckets=2, progress=lambda it, **_: it)
+    errors = sensitivity_errors(calibrator(tiny, one, loop), topology, density=0.3, buckets=2)
     assert errors.buckets == [(0, 1), (1, 2)] and errors.groups == [(0, 1), (1, 2)]
     assert all(e > 1e-4 for e in errors.bucket_errors + errors.group_errors)  # sparsity moves the final latents
     w = errors.weights()
@@ -326,16 +340,15 @@ def test_sensitivity_on_the_tiny_model(tiny_setup):
     # the uniform reference keeps ~30% of every head's pairs
     assert density(topology.levels, uniform_levels(topology, 0.3)[None]).sub(0.3).abs().max() < 1 / 36
     # the measurement is of sparsity alone: at density 1 nothing changes
-    dense = sensitivity_errors(tiny, topology, one, loop, density=1.0, buckets=1, layer_groups=1,
-                               progress=lambda it, **_: it)
+    dense = sensitivity_errors(calibrator(tiny, one, loop), topology, density=1.0, buckets=1, layer_groups=1)
     assert dense.groups == [(0, 2)] and max(dense.bucket_errors + dense.group_errors) == 0.0
     with pytest.raises(SaexportError, match="no sensitivity"):
         dense.weights()
     # the end-to-end judge chooses the warm-up: its scores are minus the final error, recorded per candidate
     three = replace(loop, steps=3)  # one dense step of 3 leaves the others 17.5% of blocks at 45%: feasible
-    judge = latent_error_judge(tiny, topology, one, three)
+    judge = latent_error_judge(calibrator(tiny, one, three), topology)
     quality = 1 - (1 - level_densities(topology.levels)).unsqueeze(0).expand(3, -1, -1, -1) ** 4
-    budgets = fit_budgets_v2(topology, quality, "high", proxy="hellinger", warmup="auto", max_warmup=1, judge=judge)
+    budgets = fit_budgets_v2(topology, quality, HIGH, "hellinger", warmup=Warmup("auto", 1, judge))
     scores = [c[3] for c in budgets.curve["warmup_candidates"]]
     assert len(scores) == 2 and scores[0] < 0 and scores[1] <= 0
     assert budgets.curve["warmup_steps"] == scores.index(max(scores))
@@ -345,13 +358,13 @@ def test_cell_errors_sparsify_one_step_bucket_of_one_layer(tiny_setup):
     tiny, prompts, topology = tiny_setup
     loop = CalibrationLoop(seeds=(0,), steps=2, flow_shift=3.0)
     one = CalibrationSet(prompts.embeddings[:1], prompts.negative, "test")
-    cells = cell_errors(tiny, topology, one, loop, density=0.3, buckets=2, progress=lambda it, **_: it)
+    cells = cell_errors(calibrator(tiny, one, loop), topology, density=0.3, buckets=2)
     assert cells.shape == (2, 2) and bool((cells > 1e-4).all())
     # a cell is its own generation: the last step of layer 1 alone, by hand
     levels = torch.full((2, *topology.levels.shape[:2]), 255, dtype=torch.uint8)
     levels[1, 1] = uniform_levels(topology, 0.3)[1]
-    by_hand = relative_error(final_latents(tiny, topology, levels, one, loop),
-                             final_latents(tiny, topology, None, one, loop))
+    by_hand = relative_error(final_latents(calibrator(tiny, one, loop), topology, levels),
+                             final_latents(calibrator(tiny, one, loop), topology, None))
     assert float(cells[1, 1]) == pytest.approx(by_hand, rel=1e-9)
 
 
@@ -359,32 +372,56 @@ def test_budgets_v2_end_to_end_on_the_tiny_model(tiny_setup):
     tiny, prompts, topology = tiny_setup
     loop = CalibrationLoop(seeds=(0,), steps=3, flow_shift=3.0)
     one = CalibrationSet(prompts.embeddings[:1], prompts.negative, "test")
-    budgets = compute_budgets_v2(tiny, topology, one, loop, "high", proxy="output", rows_per_head=4, buckets=3,
-                                 progress=lambda it, **_: it)
+    budgets = compute_budgets_v2(calibrator(tiny, one, loop), topology, HIGH,
+                                 BudgetRule(proxy="output", rows_per_head=4, buckets=3))
     curve = budgets.curve
     assert budgets.levels.shape == (3, 2, 4) and abs(budgets.mean_density - 0.45) <= 0.01
     assert curve["rule"] == "v2" and curve["proxy"] == "output" and curve["rows_per_head"] == 4
     assert curve["sensitivity"]["density"] == 0.45 and len(curve["sensitivity"]["bucket_errors"]) == 3
     weights = torch.tensor(curve["weights"])
     assert weights.shape == (3, 2) and torch.all(weights > 0) and float(weights.mean()) == pytest.approx(1, abs=1e-4)
-    with pytest.raises(SaexportError, match="--warmup must be"):
-        compute_budgets_v2(tiny, topology, one, loop, "high", warmup=7)
+    with pytest.raises(SaexportError, match="`warmup` must be within 0..3 steps, got 7"):
+        compute_budgets_v2(calibrator(tiny, one, loop), topology, HIGH, BudgetRule(warmup=7, sensitivity=False))
 
 
 def test_an_interrupted_sensitivity_resumes_from_its_last_generation(tiny_setup, tmp_path):
     tiny, prompts, topology = tiny_setup
     loop = CalibrationLoop(seeds=(0,), steps=2, flow_shift=3.0)
     one = CalibrationSet(prompts.embeddings[:1], prompts.negative, "test")
-    args = (tiny, topology, one, loop, 0.3, 2)
-    whole = sensitivity_errors(*args, progress=lambda it, **_: it)
+    whole = sensitivity_errors(calibrator(tiny, one, loop), topology, 0.3, 2)
+    partial = tmp_path / "budgets.partial"
+    with pytest.raises(Interrupt):  # dense + 2 parts done
+        sensitivity_errors(calibrator(tiny, one, loop, progress=interrupt_after(3), progress_file=partial), topology,
+                           0.3, 2)
     partial = tmp_path / "budgets.partial.sensitivity"
-    with pytest.raises(Interrupt):
-        sensitivity_errors(*args, progress=interrupt_after(3), checkpoint_path=partial)  # dense + 2 parts done
     assert partial.is_file()
-    with mock.patch("saexport.topology.sensitivity.final_latents", wraps=final_latents) as generate:
-        resumed = sensitivity_errors(*args, progress=lambda it, **_: it, checkpoint_path=partial)
+    with mock.patch("saexport.topology.sensitivity.final_latents_of_tables", wraps=final_latents_of_tables) as generate:
+        resumed = sensitivity_errors(calibrator(tiny, one, loop, progress_file=tmp_path / "budgets.partial"),
+                                     topology, 0.3, 2)
     assert generate.call_count == 2  # the 2 parts left; not the dense run nor the finished parts
     assert resumed == whole and not partial.exists()
+
+
+def test_budget_tables_batched_in_one_loop_give_each_tables_own_latents(tiny_setup):
+    """Samples of one batch carry their own budgets (the batch folded into the heads): the same final latents as
+    each table's own generation, and so the same sensitivity at any batch size."""
+    tiny, prompts, topology = tiny_setup
+    loop = CalibrationLoop(seeds=(0, 3), steps=2, flow_shift=3.0)
+    one = CalibrationSet(prompts.embeddings[:1], prompts.negative, "test")
+    sparse = torch.randint(0, 256, (2, *topology.levels.shape[:2]), dtype=torch.uint8)
+    alone = [final_latents(calibrator(tiny, one, loop), topology, table) for table in (None, sparse)]
+    together = final_latents_of_tables(calibrator(tiny, one, loop, batch_size=4), topology, [None, sparse])
+    for own, batched in zip(alone, together, strict=True):
+        assert own.shape == (2, 16, 3, 8, 8) and rel_err_of(batched, own) < 1e-5
+    assert rel_err_of(together[1], together[0]) > 1e-3  # the tables differ, and so do their latents
+    batched = sensitivity_errors(calibrator(tiny, one, loop, batch_size=5), topology, 0.3, 2)
+    single = sensitivity_errors(calibrator(tiny, one, loop), topology, 0.3, 2)
+    assert batched.bucket_errors + batched.group_errors == pytest.approx(single.bucket_errors + single.group_errors,
+                                                                          rel=1e-3)
+
+
+def rel_err_of(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
 
 
 def test_an_interrupted_v2_build_keeps_its_measured_proxy(tiny_setup, tmp_path):
@@ -393,15 +430,47 @@ def test_an_interrupted_v2_build_keeps_its_measured_proxy(tiny_setup, tmp_path):
     tiny, prompts, topology = tiny_setup
     loop = CalibrationLoop(seeds=(0,), steps=2, flow_shift=3.0)
     one = CalibrationSet(prompts.embeddings[:1], prompts.negative, "test")
-    args = (tiny, topology, one, loop, "medium")
-    kwargs = {"rows_per_head": 4, "buckets": 2}
-    whole = compute_budgets_v2(*args, **kwargs, progress=lambda it, **_: it)
+    rule = BudgetRule(rows_per_head=4, buckets=2)
+    whole = compute_budgets_v2(calibrator(tiny, one, loop), topology, MEDIUM, rule)
     partial = tmp_path / "budgets.safetensors.partial"
     with pytest.raises(Interrupt):
-        compute_budgets_v2(*args, **kwargs, progress=interrupt_after(2, "FAST sensitivity"),
-                           checkpoint_path=partial)
+        compute_budgets_v2(calibrator(tiny, one, loop, progress=interrupt_after(2, "FAST sensitivity"),
+                                      progress_file=partial), topology, MEDIUM, rule)
     with mock.patch("saexport.topology.fast_v2.compute_quality") as measure:
-        resumed = compute_budgets_v2(*args, **kwargs, progress=lambda it, **_: it, checkpoint_path=partial)
+        resumed = compute_budgets_v2(calibrator(tiny, one, loop, progress_file=partial), topology, MEDIUM, rule)
     assert measure.call_count == 0
     assert torch.equal(resumed.levels, whole.levels) and resumed.curve == whole.curve
     assert list(tmp_path.iterdir()) == []
+
+
+# --- quality targets (topology.quality_target) -------------------------------------------------------------------
+
+
+def test_a_psnr_target_gets_the_least_density_that_meets_it_on_held_out_prompts(tiny_setup):
+    tiny, prompts, topology = tiny_setup
+    loop = CalibrationLoop(seeds=(0,), steps=2, flow_shift=3.0)
+    held_out = CalibrationSet(prompts.embeddings[1:2], prompts.negative, "held out")
+    one = calibrator(tiny, CalibrationSet(prompts.embeddings[:1], prompts.negative, "test"), loop, held_out=held_out,
+                     batch_size=8)
+    quality = 1 - (1 - level_densities(topology.levels)).unsqueeze(0).expand(2, -1, -1, -1) ** 4
+    made = []
+
+    def budgets_at(density: float) -> Budgets:
+        made.append(density)
+        return fit_budgets_v2(topology, quality, Goal.of_density(density), "hellinger")
+
+    checker = one.checker()
+    assert checker.loop.seeds == (1000,) and torch.equal(checker.prompts.embeddings, held_out.embeddings)
+    # the curve first, then a target between two of its points
+    curve, dense = measure_psnr(checker, topology, [budgets_at(d) for d in (0.2, 0.5, 0.9)])
+    again, _ = measure_psnr(checker, topology, [budgets_at(0.5)], dense)  # the dense videos reused
+    assert again[0]["psnr"] == pytest.approx(curve[1]["psnr"], abs=1e-3)
+    assert [row["psnr"] for row in curve] == sorted(row["psnr"] for row in curve)  # more blocks, closer to dense
+    target = (curve[0]["psnr"] + curve[1]["psnr"]) / 2
+    chosen = meet_psnr(checker, topology, Goal.of_psnr(target), budgets_at)
+    record = chosen.curve["quality_target"]
+    assert chosen.fidelity == f"psnr {target:g}" and record["achieved"]["psnr"] >= target
+    assert all(row[1] < target for row in record["psnr_vs_density"] if row[0] < chosen.mean_density - 1e-4)
+    assert chosen.mean_density < 0.5 + 0.02  # no denser than a measured point that met it
+    with pytest.raises(SaexportError, match="not reached below density 1: the best measured is"):
+        meet_psnr(checker, topology, Goal.of_psnr(60.0), budgets_at)

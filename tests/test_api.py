@@ -13,7 +13,7 @@ from saexport.layout import parse_layout
 from saexport.models.dit import SparseWanDiT
 from saexport.models.video_shape import parse_video_shape
 from saexport.runtime.denoisers import TorchDenoiser
-from saexport.runtime.sampler import sample
+from saexport.runtime.sampler import SamplerSettings, sample
 from saexport.runtime.schedule import wan_scheduler
 from saexport.topology.standin import standin_budgets, standin_topology
 from tests.conftest import rel_err
@@ -44,8 +44,8 @@ def test_apply_makes_diffusers_wan_pipeline_run_the_sparse_attention(tiny, tmp_p
     sparse = run_pipeline(pipe)
     # saexport's own sampler on its own sparse DiT: the same video, step by step the same budgets.
     own = sample(TorchDenoiser(SparseWanDiT(tiny.transformer, topology.grid, topology.layout, topology.levels,
-                                            budgets.levels, 8), 4), text, negative, VIDEO.latent_shape(), 4, 3.0,
-                 seed, progress=lambda it, **_: it)
+                                            budgets.levels, 8), 4), SamplerSettings(VIDEO.latent_shape(), 4, 3.0),
+                 text, negative, seed, progress=lambda it, **_: it)
     assert rel_err(sparse, own) < 1e-4
     assert rel_err(sparse, dense) > 1e-3  # the sparse attention is in effect
 
@@ -66,14 +66,14 @@ def test_load_gives_a_callable_pipeline_from_prompt_to_frames(tmp_path):
     from saexport.cli import main
 
     small = ["--resolution", "16x16", "--frames", "2", "--block-size", "16", "--layout", "tile3d:1x4x4",
-             "--steps", "2", "--prompts", "1", "--rows-per-block", "4", "--device", "cpu"]
+             "--steps", "2", "--prompts", "1", "--rows-per-block", "4", "--device", "cpu", "--density", "0.3"]
     assert CliRunner().invoke(main, ["build", *small, "--out", str(tmp_path)]).exit_code == 0
     generate = saexport.load(tmp_path)
     prompt = "a red circle moving left on blue stripes"
     frames = generate(prompt, seed=3)
     assert frames.shape == (2, 16, 16, 3) and frames.dtype == np.uint8 and frames.std() > 5
     result = CliRunner().invoke(main, ["generate", "--artifacts", str(tmp_path), "--prompt", prompt,
-                                       "--sample-seed", "3", "--out", str(tmp_path / "x.safetensors")])
+                                       "--seed", "3", "--out", str(tmp_path / "x.safetensors")])
     assert result.exit_code == 0, result.output
     latents = load_file(str(tmp_path / "x.safetensors"))["latents"]
     expected = ((latents[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()

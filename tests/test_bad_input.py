@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from saexport.artifacts import ArtifactFolder, Topology
 from saexport.cli import main
 from saexport.pipeline import BuildSettings, Calibration, ModelSource, resolve_run, run_build
+from saexport.topology.goals import Goal
 
 TINY = ["--model", "wan2.1-tiny", "--random-weights"]
 GRID = ["--resolution", "64x64", "--frames", "9", "--block-size", "8", "--layout", "tile3d:1x2x4"]
@@ -36,7 +37,8 @@ def built(tmp_path_factory):
     settings = BuildSettings(source=ModelSource("wan2.1-tiny", random_weights=True),
                              run=resolve_run("wan2.1-tiny", resolution="64x64", frames=9, block_size=8,
                                              layout="tile3d:1x2x4", steps=3, dtype="fp32"),
-                             calibration=Calibration(prompts=1, rows_per_block=4, guidance=1.0), fidelity="low")
+                             calibration=Calibration(prompts=1, rows_per_block=4, guidance=1.0, steps=3),
+                             goal=Goal.of_density(0.2))
     run_build(settings, out, echo=lambda _: None)
     return ArtifactFolder(out)
 
@@ -90,7 +92,7 @@ def test_triton_refuses_a_bf16_graph_without_an_engine(tmp_path):
     result = run("export", *TINY, *GRID, "--steps", "2", "--dtype", "bf16", "--out", tmp_path / "bf16")
     assert result.exit_code == 0, result.output
     result = run("triton", "--onnx", tmp_path / "bf16" / "model.onnx", "--out", tmp_path / "repo")
-    assert_user_error(result, "bf16 graph", "--engine", "--dtype fp32")
+    assert_user_error(result, "bf16 graph", "engine (--engine)", "export it in fp32")
     assert not (tmp_path / "repo").exists()
 
 
@@ -107,7 +109,16 @@ def test_step_counts_come_from_the_budgets(built, tmp_path):
 def test_a_v2_option_with_rule_v1_is_an_error_not_a_no_op(built, tmp_path, option):
     out = tmp_path / "b.safetensors"
     assert_user_error(run("budgets", *TINY, "--topology", built.topology, "--steps", "3", "--rule", "v1", *option,
-                          "--out", out), option[0], "applies to --rule v2 only")
+                          "--out", out), option[0], "no effect with --rule v1")
+    assert not out.exists()
+
+
+def test_budgets_refuses_the_options_only_west_or_v1_read(built, tmp_path):
+    out = tmp_path / "b.safetensors"
+    budgets = ["budgets", *TINY, "--topology", built.topology, "--steps", "3", "--out", out]
+    assert_user_error(run(*budgets, "--rows-per-block", "8"), "--rows-per-block has no effect with --rule v2")
+    result = run(*budgets, "--aggregation", "quantile")  # WEST's: not an option of budgets at all
+    assert result.exit_code == 2 and "No such option '--aggregation'" in result.output
     assert not out.exists()
 
 
@@ -215,7 +226,8 @@ def test_an_output_changed_since_the_build_is_rebuilt_not_trusted(built, tmp_pat
     settings = BuildSettings(source=ModelSource("wan2.1-tiny", random_weights=True),
                              run=resolve_run("wan2.1-tiny", resolution="64x64", frames=9, block_size=8,
                                              layout="tile3d:1x2x4", steps=3, dtype="fp32"),
-                             calibration=Calibration(prompts=1, rows_per_block=4, guidance=1.0), fidelity="low")
+                             calibration=Calibration(prompts=1, rows_per_block=4, guidance=1.0, steps=3),
+                             goal=Goal.of_density(0.2))
     budgets = built.budgets.read_bytes()
     from saexport.artifacts import Budgets
 
@@ -244,19 +256,20 @@ def test_a_killed_exports_staging_is_cleaned_by_the_next_export(tmp_path):
 
 
 def test_an_interrupted_calibration_says_it_resumes_and_ctrl_c_says_how(tmp_path, monkeypatch):
-    import saexport.topology.west as west
+    import saexport.topology.calibration as calibration
 
-    original = west.calibration_runs
+    original, events = calibration.sampling_loop, []
 
     def interrupted(*args, **kwargs):
-        for count, run_ in enumerate(original(*args, **kwargs)):
-            if count == 3:  # one trajectory (2 steps x 1 pass) done, the next begun
+        for event in original(*args, **kwargs):
+            events.append(event)
+            if len(events) == 4:  # one trajectory (2 steps x 1 pass) done, the next begun
                 raise KeyboardInterrupt
-            yield run_
+            yield event
 
     topology = ["topology", *TINY, *GRID, "--steps", "2", "--prompts", "2", "--calib-guidance", "1",
                 "--device", "cpu", "--out", tmp_path / "t.safetensors"]
-    monkeypatch.setattr(west, "calibration_runs", interrupted)
+    monkeypatch.setattr(calibration, "sampling_loop", interrupted)
     result = run(*topology)
     assert result.exit_code == 130 and "interrupted — rerun the same command to resume" in result.output
     monkeypatch.undo()
@@ -289,3 +302,17 @@ def test_a_corrupt_graph_and_a_full_disk_are_one_line_errors(built, tmp_path):
     result = run("generate", *TINY, "--artifacts", built.root, "--backend", "onnxruntime", "--out", "/dev/full")
     assert_user_error(result)
     assert "/dev/full" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rule", "v1"], "the quality target high needs --rule v2"),
+    (["--fidelity", "low", "--density", "0.3"], "give one of --fidelity, --target-psnr and --density"),
+    (["--target-psnr", "99"], "--target-psnr must be within 10..60 dB, got 99"),
+    (["--density", "1.5"], "--density must be in (0, 1], got 1.5"),
+    (["--density", "0"], "--density must be in (0, 1], got 0"),
+])
+def test_a_quality_or_density_goal_is_checked_before_compute(built, tmp_path, args, message):
+    out = tmp_path / "b.safetensors"
+    assert_user_error(run("budgets", *TINY, "--topology", built.topology, "--steps", "3", *args, "--out", out),
+                      message)
+    assert not out.exists()

@@ -11,14 +11,18 @@ import saexport.exporter.onnx_export as onnx_export
 from saexport.artifacts import ArtifactFolder, Budgets
 from saexport.cli import main
 from saexport.errors import SaexportError
-from saexport.pipeline import BuildSettings, Calibration, ModelSource, resolve_run, run_build
+from saexport.pipeline import BuildSettings, Calibration, ModelSource, Serving, resolve_run, run_build
+from saexport.topology.goals import DENSITY_GOALS, Goal
 
 TINY = dict(resolution="64x64", frames=9, block_size=8, layout="tile3d:1x2x4", steps=3, dtype="fp32")
+CALIBRATION = Calibration(prompts=2, rows_per_block=4, steps=3)
 
 
 def settings(fidelity="medium", **changes) -> BuildSettings:
+    """A tiny build whose budgets are for the density the preset once named (a quality search on random weights
+    would measure noise)."""
     return BuildSettings(source=ModelSource("wan2.1-tiny", random_weights=True), run=resolve_run("wan2.1-tiny", **TINY),
-                         calibration=Calibration(prompts=2, rows_per_block=4), fidelity=fidelity, **changes)
+                         calibration=CALIBRATION, goal=Goal(fidelity, density=DENSITY_GOALS[fidelity]), **changes)
 
 
 def ran(fates: dict[str, str]) -> list[str]:
@@ -35,8 +39,8 @@ def test_rerun_does_nothing_and_a_change_reruns_only_what_depends_on_it(tmp_path
     again = run_build(settings("high"), tmp_path, echo=lambda _: None)
     assert ran(again) == ["budgets", "export", "triton"] and again["topology"] == "current"
     assert Budgets.load(tmp_path / "budgets.safetensors").fidelity == "high"
-    assert ran(run_build(settings("high", triton_name="other"), tmp_path, echo=lambda _: None)) == ["triton"]
-    guidance = replace(settings("high"), calibration=Calibration(prompts=2, rows_per_block=4, passes=("cond",)))
+    assert ran(run_build(settings("high", serving=Serving("other")), tmp_path, echo=lambda _: None)) == ["triton"]
+    guidance = replace(settings("high"), calibration=replace(CALIBRATION, passes=("cond",)))
     assert ran(run_build(guidance, tmp_path, echo=lambda _: None)) == ["topology", "budgets", "export", "triton"]
 
 
@@ -65,8 +69,9 @@ def test_a_deleted_output_is_rebuilt_and_a_corrupt_manifest_is_named(tmp_path):
 
 def test_build_writes_the_same_bytes_as_the_single_stage_commands(tmp_path):
     """One set of stage functions: `build` is `topology` + `budgets` + `export`, byte for byte."""
-    options = ["--model", "wan2.1-tiny", "--random-weights", "--steps", "3", "--prompts", "2", "--rows-per-block", "4",
-               "--seeds", "0,5", "--device", "cpu"]
+    options = ["--model", "wan2.1-tiny", "--random-weights", "--steps", "3", "--prompts", "2", "--seeds", "0,5",
+               "--device", "cpu"]
+    west = ["--rows-per-block", "4"]  # WEST's: FAST v2 samples its own rows
     grid = ["--resolution", "64x64", "--frames", "9", "--block-size", "8", "--layout", "tile3d:1x2x4"]
     runner = CliRunner()
 
@@ -75,9 +80,9 @@ def test_build_writes_the_same_bytes_as_the_single_stage_commands(tmp_path):
         assert result.exit_code == 0, result.output
 
     built, staged = ArtifactFolder(tmp_path / "built"), ArtifactFolder(tmp_path / "staged")
-    run("build", *options, *grid, "--dtype", "fp32", "--fidelity", "low", "--out", str(built.root))
-    run("topology", *options, *grid, "--out", str(staged.topology))
-    run("budgets", *options, "--topology", str(staged.topology), "--fidelity", "low", "--out", str(staged.budgets))
+    run("build", *options, *west, *grid, "--dtype", "fp32", "--density", "0.2", "--out", str(built.root))
+    run("topology", *options, *west, *grid, "--out", str(staged.topology))
+    run("budgets", *options, "--topology", str(staged.topology), "--density", "0.2", "--out", str(staged.budgets))
     run("export", "--model", "wan2.1-tiny", "--random-weights", "--resolution", "64x64", "--frames", "9",
         "--dtype", "fp32", "--topology", str(staged.topology), "--budgets", str(staged.budgets),
         "--out", str(staged.root))
@@ -106,4 +111,3 @@ def test_generate_reads_every_folder_build_and_export_write(tmp_path):
         result = runner.invoke(main, ["generate", "--random-weights", "--artifacts", str(folder), "--backend",
                                       "tensorrt", "--plugin", str(tmp_path / "plugin.so"), "--out", str(out)])
         assert result.exit_code == 2 and "TensorRT is not installed" in result.output
-    assert ArtifactFolder(build_dir).engine.parent == build_dir  # where `build`'s engine stage writes model.engine

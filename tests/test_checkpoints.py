@@ -153,5 +153,5 @@ def test_missing_shard(tiny, tmp_path):
 def test_weights_and_random_are_exclusive(tmp_path):
     with pytest.raises(SaexportError, match="not both"):
         load_model("wan2.1-tiny", tmp_path, random_weights=True)
-    with pytest.raises(SaexportError, match="needs --weights"):
+    with pytest.raises(SaexportError, match="needs `weights`"):
         load_model("wan2.1-tiny")

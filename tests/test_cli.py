@@ -1,6 +1,7 @@
 import onnx
 from click.testing import CliRunner
 
+from saexport.artifacts import FidelityReport
 from saexport.cli import main
 
 TINY = ["--model", "wan2.1-tiny", "--random-weights"]
@@ -30,16 +31,22 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path):
 
 
 def test_models_lists_presets():
-    result = run("models")
-    assert "wan2.1-14b" in result.output and " 40 layers  40 heads x 128" in result.output
+    from saexport.models.presets import PRESETS
+
+    lines = run("models").output.splitlines()
+    for preset in PRESETS.values():  # each preset's own line, with its architecture from its config
+        line = next(line for line in lines if line.split()[:1] == [preset.name])
+        c = preset.config
+        assert f"{c['num_layers']:3d} layers {c['num_attention_heads']:3d} heads x {c['attention_head_dim']}" in line
 
 
 def test_topology_budgets_export_chain(tmp_path):
-    common = [*TINY, "--steps", "4", "--rows-per-block", "4", "--prompts", "2", "--device", "cpu"]
-    result = run("topology", *common, "--resolution", "64x64", "--frames", "9", "--block-size", "8",
+    common = [*TINY, "--steps", "4", "--prompts", "2", "--device", "cpu"]
+    result = run("topology", *common, "--rows-per-block", "4", "--resolution", "64x64", "--frames", "9", "--block-size",
+                 "8",
                  "--layout", "tile3d:1x2x4", "--out", str(tmp_path / "topology.safetensors"))
     assert result.exit_code == 0, result.output
-    result = run("budgets", *common, "--seeds", "1", "--fidelity", "medium", "--topology",
+    result = run("budgets", *common, "--seeds", "1", "--density", "0.3", "--topology",
                  str(tmp_path / "topology.safetensors"), "--out", str(tmp_path / "budgets.safetensors"))
     assert result.exit_code == 0, result.output
     assert "rule v2" in result.output  # the default
@@ -58,14 +65,18 @@ def test_topology_budgets_export_chain(tmp_path):
 def test_inspect_draws_pictures_and_measures_stability(tmp_path):
     common = [*TINY, "--resolution", "64x64", "--frames", "9", "--block-size", "8", "--layout",
               "tile3d:1x2x4", "--steps", "3", "--rows-per-block", "4", "--prompts", "2", "--dtype", "fp32"]
-    assert run("build", *common, "--out", str(tmp_path / "a")).exit_code == 0
+    assert run("build", *common, "--density", "0.3", "--out", str(tmp_path / "a")).exit_code == 0
     a = tmp_path / "a"
     result = run("inspect", "--topology", str(a / "topology.safetensors"), "--budgets", str(a / "budgets.safetensors"),
                  "--compare", str(a / "topology.safetensors"), "--step", "2", "--out", str(tmp_path / "pictures"))
     assert result.exit_code == 0, result.output
-    for name in ("masks.png", "density.png", "fidelity.png"):
+    for name in ("masks.png", "density.png", "fidelity.png", "quality.png"):
         assert (tmp_path / "pictures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "IoU of 30%-density masks" in result.output and result.output.strip().endswith("1.000")
+    report = FidelityReport.read(a / "fidelity.json")  # the build's report, shown by inspect
+    assert f"fidelity report: {report.summary()}" in result.output
+    assert report.goal == "density 0.3" and abs(report.mean_density - 0.3) <= 0.01
+    assert report.held_out["psnr"]["n"] == 2 and report.search is None and report.speedup["attention"] > 2
     result = run("inspect", "--topology", str(a / "topology.safetensors"), "--budgets", str(a / "budgets.safetensors"),
                  "--step", "3", "--out", str(tmp_path / "pictures"))
     assert result.exit_code == 2 and "--step must be in [0, 3)" in result.output
@@ -98,12 +109,13 @@ def test_verify_compares_on_polygraphy_and_fails_on_a_corrupted_graph(tmp_path):
 def test_budgets_v2_and_the_west_aggregation_from_the_command_line(tmp_path):
     from saexport.artifacts import Budgets, Topology
 
-    common = [*TINY, "--steps", "4", "--rows-per-block", "4", "--prompts", "2", "--device", "cpu"]
-    result = run("topology", *common, "--resolution", "64x64", "--frames", "9", "--block-size", "8",
+    common = [*TINY, "--steps", "4", "--prompts", "2", "--device", "cpu"]
+    result = run("topology", *common, "--rows-per-block", "4", "--resolution", "64x64", "--frames", "9", "--block-size",
+                 "8",
                  "--aggregation", "mean-score", "--out", str(tmp_path / "t.safetensors"))
     assert result.exit_code == 0, result.output
     assert Topology.load(tmp_path / "t.safetensors").calibration["aggregation"] == "mean-score"
-    result = run("budgets", *common, "--topology", str(tmp_path / "t.safetensors"), "--fidelity", "high",
+    result = run("budgets", *common, "--topology", str(tmp_path / "t.safetensors"), "--density", "0.45",
                  "--rule", "v2", "--proxy", "output", "--warmup", "1", "--rows-per-head", "4", "--no-sensitivity",
                  "--out", str(tmp_path / "b.safetensors"))
     assert result.exit_code == 0, result.output

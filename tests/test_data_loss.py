@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from saexport.artifacts import ArtifactFolder
-from saexport.pipeline import BudgetRule, BuildSettings, Calibration, ModelSource, resolve_run, run_build
+from saexport.pipeline import BuildSettings, Calibration, ModelSource, resolve_run, run_build
+from saexport.topology.goals import BudgetRule, Goal
 
 DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "saexport" / "demo" / "weights"
 
@@ -37,12 +38,13 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def demo_build(tmp_path_factory) -> ArtifactFolder:
-    """The demo model's fp32 build at 2 steps: a topology, budgets, model.onnx and a Triton repository."""
+    """The demo model's fp32 build, small (16 x 16 x 2 frames, 2 steps): topology, budgets, model.onnx, Triton."""
     out = tmp_path_factory.mktemp("demo_build")
     settings = BuildSettings(source=ModelSource("wan2.1-demo"),
-                             run=resolve_run("wan2.1-demo", steps=2, dtype="fp32"),
-                             calibration=Calibration(prompts=1, rows_per_block=2, guidance=1.0), fidelity="low",
-                             budget_rule=BudgetRule(rule="v1"))
+                             run=resolve_run("wan2.1-demo", resolution="16x16", frames=2, block_size=16,
+                                             layout="tile3d:1x4x4", steps=2, dtype="fp32"),
+                             calibration=Calibration(prompts=1, rows_per_block=2, guidance=1.0, steps=2),
+                             goal=Goal.of_density(0.2), budget_rule=BudgetRule(rule="v1"))
     run_build(settings, out, echo=lambda _: None)
     return ArtifactFolder(out)
 
@@ -58,7 +60,7 @@ def test_generate_keeps_a_users_video_and_replaces_its_own(demo_build, tmp_path)
     own = tmp_path / "own.gif"
     assert saexport(*args, "--out", own).returncode == 0
     first = own.read_bytes()
-    done = saexport(*args, "--sample-seed", "1", "--out", own)  # a rerun replaces what generate wrote
+    done = saexport(*args, "--seed", "1", "--out", own)  # a rerun replaces what generate wrote
     assert done.returncode == 0, done.stderr
     assert own.read_bytes() != first
 
@@ -82,13 +84,13 @@ def test_topology_keeps_a_users_safetensors_unless_overwrite(demo_build, tmp_pat
     mine = tmp_path / "mine.safetensors"
     shutil.copy(DEMO_WEIGHTS / "transformer" / "diffusion_pytorch_model.safetensors", mine)
     before = mine.read_bytes()
-    done = saexport("transfer", "--topology", demo_build.topology, "--resolution", "32x32", "--frames", "16",
+    done = saexport("transfer", "--topology", demo_build.topology, "--resolution", "16x16", "--frames", "4",
                     "--out", mine)
     assert_refused(done, str(mine), "did not write it")
     assert mine.read_bytes() == before
     ours = tmp_path / "t.safetensors"
     shutil.copy(demo_build.topology, ours)  # a topology file saexport wrote: a rerun replaces it
-    done = saexport("transfer", "--topology", demo_build.topology, "--resolution", "32x32", "--frames", "16",
+    done = saexport("transfer", "--topology", demo_build.topology, "--resolution", "16x16", "--frames", "4",
                     "--out", ours)
     assert done.returncode == 0, done.stderr
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from saexport.artifacts import Topology
 from saexport.cli import main
-from saexport.demo.train import TrainSettings, train
+from saexport.demo.train import TrainingCall, TrainSettings, train
 from saexport.demo.videos import VOCABULARY, is_held_out, render, scenes
 from saexport.errors import SaexportError
 from saexport.models.checkpoint import load_model
@@ -85,7 +85,7 @@ def test_demo_model_denoises_a_held_out_video():
 
 def test_training_writes_a_loadable_checkpoint(tmp_path):
     settings = TrainSettings(frames=2, height=16, width=16, batch=2, warmup=1, steps=2)
-    record = train(settings, tmp_path, "cpu", minutes=None, workers=0)
+    record = train(settings, TrainingCall(tmp_path))
     assert record["steps_run"] == 2
     loaded = load_model("wan2.1-demo", tmp_path)
     assert loaded.weights_id != load_model("wan2.1-demo").weights_id
@@ -97,7 +97,7 @@ def test_training_writes_a_loadable_checkpoint(tmp_path):
 def test_build_and_generate_a_gif_with_the_demo_defaults(tmp_path):
     runner = CliRunner()
     small = ["--resolution", "16x16", "--frames", "2", "--block-size", "16", "--layout", "tile3d:1x4x4",
-             "--steps", "2", "--prompts", "1", "--rows-per-block", "4", "--device", "cpu"]
+             "--steps", "2", "--prompts", "1", "--rows-per-block", "4", "--device", "cpu", "--density", "0.3"]
     result = runner.invoke(main, ["build", *small, "--out", str(tmp_path)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     calibration = Topology.load(tmp_path / "topology.safetensors").calibration

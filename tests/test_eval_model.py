@@ -8,7 +8,7 @@ import json
 import torch
 
 from saexport.demo.objects import MAX_WORDS, VOCABULARY, ObjectSpec, Scene, is_held_out, render, scenes
-from saexport.demo.train import TrainSettings, train
+from saexport.demo.train import TrainingCall, TrainSettings, train
 from saexport.models.checkpoint import load_model
 from saexport.models.presets import get_preset
 from saexport.models.text_encoder import encode_prompts
@@ -90,12 +90,12 @@ def test_training_resumes_exactly_and_writes_sharded_weights(tmp_path):
         return TrainSettings(frames=2, height=16, width=16, batch=2, low_height=8, low_width=8, low_batch=2,
                              low_steps=2, steps=1, warmup=1, eval_videos=2, eval_every=1)
 
-    whole = train(settings(), tmp_path / "whole", "cpu", None, 0, model="wan2.1-eval", resume_dir=tmp_path / "a")
-    first = train(settings(), tmp_path / "split", "cpu", None, 0, model="wan2.1-eval", resume_dir=tmp_path / "b",
-                  call_steps=2)
+    whole = train(settings(), TrainingCall(tmp_path / "whole", model="wan2.1-eval", resume_dir=tmp_path / "a"))
+    first = train(settings(), TrainingCall(tmp_path / "split", model="wan2.1-eval", resume_dir=tmp_path / "b",
+                                           call_steps=2))
     assert (first["status"], first["steps_run"]) == ("paused", 2)
-    second = train(TrainSettings(), tmp_path / "split", "cpu", None, 0, model="wan2.1-eval",
-                   resume_dir=tmp_path / "b")  # the saved settings win
+    second = train(TrainSettings(), TrainingCall(tmp_path / "split", model="wan2.1-eval",
+                                                 resume_dir=tmp_path / "b"))  # the saved settings win
     assert (whole["status"], second["status"], second["steps_run"]) == ("finished", "finished", 3)
     assert [e["loss"] for e in second["held_out_loss"]] == [e["loss"] for e in whole["held_out_loss"]]
     assert len(second["calls"]) == 2

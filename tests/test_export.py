@@ -31,7 +31,7 @@ def test_export_passes_checker_and_follows_the_contract(tmp_path, resolution, fr
     loaded = load_model("wan2.1-tiny", random_weights=True, dtype=dtype)
     video = parse_video_shape(resolution, frames)
     topology, budgets = artifacts(loaded, video)
-    exported = export_onnx(loaded, topology, budgets, video, tmp_path, dtype)  # runs the full checker
+    exported = export_onnx(loaded, topology, budgets, video, tmp_path)  # runs the full checker
     model = onnx.load(exported.path)
 
     inputs = {i.name: i.type.tensor_type for i in model.graph.input}
@@ -70,7 +70,7 @@ def test_onnxruntime_matches_pytorch_at_real_sparsity(tmp_path):
     video = parse_video_shape("64x64", 9)  # grid 3 x 4 x 4 = 48 tokens, blocks of 8: n = 6
     topology, budgets = artifacts(loaded, video, block_size=8, layout="tile3d:1x2x4", steps=5, density=0.3)
     assert 0.2 < budgets.mean_density < 0.45
-    exported = export_onnx(loaded, topology, budgets, video, tmp_path, torch.float32)
+    exported = export_onnx(loaded, topology, budgets, video, tmp_path)
     session = ort_session(exported.path)
     module = build_sparse_dit(loaded, topology, budgets, video)
     outputs = []
@@ -93,7 +93,7 @@ def test_topology_for_another_grid_is_refused(tmp_path):
     loaded = load_model("wan2.1-tiny", random_weights=True)
     topology, budgets = artifacts(loaded, parse_video_shape("64x48", 9))
     with pytest.raises(SaexportError, match=r"its token grid is \(3, 3, 4\), the export's is \(3, 4, 4\)"):
-        export_onnx(loaded, topology, budgets, parse_video_shape("64x64", 9), tmp_path, torch.float32)
+        export_onnx(loaded, topology, budgets, parse_video_shape("64x64", 9), tmp_path)
     assert not (tmp_path / "model.onnx").exists()
 
 
@@ -103,7 +103,7 @@ def test_budgets_for_another_topology_are_refused(tmp_path):
     topology, _ = artifacts(loaded, video)
     _, other_budgets = artifacts(loaded, video)
     with pytest.raises(SaexportError, match="tuned on another topology"):
-        export_onnx(loaded, topology, other_budgets, video, tmp_path, torch.float32)
+        export_onnx(loaded, topology, other_budgets, video, tmp_path)
 
 
 @pytest.mark.parametrize("resolution,frames,message", [

@@ -129,7 +129,7 @@ def test_unmarked_build_folder_with_user_files_is_refused_and_untouched(tmp_path
     out = build_like(tmp_path / "out")
     before, around = snapshot(tmp_path), siblings(out)
     message = refused(claim_output_folder, out, owner)
-    assert str(out) in message and "--out" in message and MARKER in message
+    assert str(out) in message and "`out`" in message and MARKER in message
     called = []
     message = refused(replace_folder_atomically, out, called.append, owner)
     assert str(out) in message
@@ -383,7 +383,7 @@ def test_a_replaced_folder_with_a_file_edited_by_hand_is_refused_unless_overwrit
     config.write_text(config.read_text() + "\n# tuned by hand\n")
     before = snapshot(repo)
     message = refused(replace_folder_atomically, repo, write_repo("two"), "triton")
-    assert config.relative_to(repo).as_posix() in message and "--overwrite" in message
+    assert config.relative_to(repo).as_posix() in message and "`overwrite`" in message
     assert snapshot(repo) == before and siblings(repo) == ["repo"]
     replace_folder_atomically(repo, write_repo("two"), "triton", overwrite=True)
     assert "tuned by hand" not in config.read_text()
@@ -531,9 +531,9 @@ def test_file_targets(tmp_path):
     ckpt.mkdir(parents=True)
     assert "inside the input" in refused(check_writable_file_target, ckpt / "new.safetensors", inputs=[ckpt.parent])
     # An existing file is someone's: replaced only when recognised as saexport's, or with overwrite.
-    assert "--overwrite" in refused(check_writable_file_target, file)
+    assert "`overwrite`" in refused(check_writable_file_target, file)
     assert check_writable_file_target(file, ours=lambda path: path.read_text() == "x") == file
-    assert "--overwrite" in refused(check_writable_file_target, file, ours=lambda path: False)
+    assert "`overwrite`" in refused(check_writable_file_target, file, ours=lambda path: False)
     assert check_writable_file_target(file, overwrite=True) == file
     assert file.read_text() == "x"  # a check writes nothing
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from saexport import kernels
+from saexport.kernels import PackedMasks
 from saexport.levels import pack_levels
 from saexport.models.attention_op import block_sparse_attention, reference_block_sparse_attention
 
@@ -31,16 +32,21 @@ def make_case(batch, seq_len, heads, head_dim, block_size, density, dtype, steps
 
 
 def run_kernel(q, k, v, topology, budgets, step, block_size, scale):
-    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
-    kernels.forward(q, k, v, topology, budgets, torch.tensor([step], dtype=torch.int32, device="cuda"),
-                    block_size, scale, out=out)
+    # Poisoned: the caching allocator hands the output the block of NaN just freed (checked by its address), so
+    # every element must be written.
+    step_index = torch.tensor([step], dtype=torch.int32, device="cuda")  # before: it must not take the block
+    poison = torch.full_like(q, float("nan"))
+    address = poison.data_ptr()
+    del poison
+    out = kernels.forward(q, k, v, PackedMasks(topology, budgets, block_size), step_index, scale)
+    assert out.data_ptr() == address, "the output did not land on the poisoned block"
     torch.cuda.synchronize()
     return out
 
 
 def reference(q, k, v, topology, budgets, step, block_size, scale):
-    return reference_block_sparse_attention(q.float(), k.float(), v.float(), topology, budgets,
-                                            torch.tensor([step], dtype=torch.int32), block_size, scale)
+    return reference_block_sparse_attention(q.float(), k.float(), v.float(), PackedMasks(topology, budgets, block_size),
+                                            torch.tensor([step], dtype=torch.int32), scale)
 
 
 def rel_err(got, want):
@@ -90,12 +96,12 @@ def test_cuda_graph_replay_follows_step_index():
     """12 x 32 query blocks: more than one per SM, so every replay relies on the tile counter being reset."""
     q, k, v, topology, budgets, _ = make_case(1, 4096, 12, 128, 128, 0.3, torch.bfloat16, steps=4)
     step = torch.zeros(1, dtype=torch.int32, device="cuda")
-    out = torch.empty_like(q)
-    kernels.forward(q, k, v, topology, budgets, step, 128, 0.088, out=out)  # warm-up outside capture
+    masks = PackedMasks(topology, budgets, 128)
+    kernels.forward(q, k, v, masks, step, 0.088)  # warm-up outside capture
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        kernels.forward(q, k, v, topology, budgets, step, 128, 0.088, out=out)
+        out = kernels.forward(q, k, v, masks, step, 0.088)  # the graph's own output buffer
     for s in (2, 0, 3):
         out.fill_(float("nan"))
         step.fill_(s)
@@ -107,7 +113,7 @@ def test_cuda_graph_replay_follows_step_index():
 def test_torch_op_dispatches_to_the_kernel_on_cuda():
     q, k, v, topology, budgets, _ = make_case(1, 900, 12, 128, 128, 0.5, torch.bfloat16)
     step = torch.tensor([1], dtype=torch.int32, device="cuda")
-    got = block_sparse_attention(q, k, v, topology, budgets, step, 128, 0.088)
+    got = block_sparse_attention(q, k, v, PackedMasks(topology, budgets, 128), step, 0.088)
     direct = run_kernel(q, k, v, topology, budgets, 1, 128, 0.088)
     assert torch.equal(got, direct)
 

@@ -17,7 +17,7 @@ from saexport.exporter.onnx_export import build_sparse_dit, export_onnx
 from saexport.layout import parse_layout
 from saexport.models.video_shape import parse_video_shape
 from saexport.runtime.denoisers import OnnxRuntimeDenoiser, TorchDenoiser, check_engine_metadata, import_tensorrt
-from saexport.runtime.sampler import sample
+from saexport.runtime.sampler import SamplerSettings, sample
 from saexport.topology.standin import standin_budgets, standin_topology
 from tests.conftest import rel_err
 
@@ -33,7 +33,7 @@ def artifacts(tiny, tmp_path):
     budgets = standin_budgets(topology, steps=5, target_density=0.3)
     topology.save(tmp_path / "topology.safetensors")
     budgets.save(tmp_path / "budgets.safetensors")
-    export_onnx(tiny, topology, budgets, VIDEO, tmp_path, torch.float32)
+    export_onnx(tiny, topology, budgets, VIDEO, tmp_path)
     return tiny, topology, budgets, tmp_path
 
 
@@ -42,15 +42,16 @@ def test_onnxruntime_and_torch_sample_the_same_latents(artifacts):
     text, negative = torch.randn(1, 8, 32), torch.randn(1, 8, 32)
     shape = VIDEO.latent_shape()
     seed = int(torch.randint(0, 1000, ()))
-    torch_latents = sample(TorchDenoiser(build_sparse_dit(tiny, topology, budgets, VIDEO), 5), text, negative,
-                           shape, 5, 3.0, seed, progress=lambda it, **_: it)
-    ort_latents = sample(OnnxRuntimeDenoiser(folder / "model.onnx", 5), text, negative, shape, 5, 3.0, seed,
+    settings = SamplerSettings(shape, 5, 3.0)
+    torch_latents = sample(TorchDenoiser(build_sparse_dit(tiny, topology, budgets, VIDEO), 5), settings, text,
+                           negative, seed, progress=lambda it, **_: it)
+    ort_latents = sample(OnnxRuntimeDenoiser(folder / "model.onnx", 5), settings, text, negative, seed,
                          progress=lambda it, **_: it)
     assert torch_latents.shape == (1, *shape)
     assert rel_err(ort_latents, torch_latents) < 1e-3
     # guidance matters: a different scale gives different latents
-    other = sample(TorchDenoiser(build_sparse_dit(tiny, topology, budgets, VIDEO), 5), text, negative, shape, 5,
-                   3.0, seed, guidance_scale=1.0, progress=lambda it, **_: it)
+    other = sample(TorchDenoiser(build_sparse_dit(tiny, topology, budgets, VIDEO), 5),
+                   SamplerSettings(shape, 5, 3.0, guidance=1.0), text, negative, seed, progress=lambda it, **_: it)
     assert rel_err(other, torch_latents) > 1e-3
 
 
@@ -58,7 +59,7 @@ def test_sampler_refuses_a_step_count_the_budgets_were_not_made_for(artifacts):
     tiny, topology, budgets, _ = artifacts
     denoiser = TorchDenoiser(build_sparse_dit(tiny, topology, budgets, VIDEO), 5)
     with pytest.raises(SaexportError, match="budgets are for 5 steps"):
-        sample(denoiser, torch.randn(1, 8, 32), torch.randn(1, 8, 32), (16, 3, 8, 8), 50, 3.0, 0)
+        sample(denoiser, SamplerSettings((16, 3, 8, 8), 50, 3.0), torch.randn(1, 8, 32), torch.randn(1, 8, 32), 0)
 
 
 def test_generate_writes_latents_and_a_gif(artifacts, tmp_path):
@@ -69,12 +70,12 @@ def test_generate_writes_latents_and_a_gif(artifacts, tmp_path):
     vae.save_pretrained(tmp_path / "vae")
     runner = CliRunner()
     seed = tiny.weights_id.removeprefix("random:")
-    result = runner.invoke(main, ["generate", "--random-weights", "--seed", str(int(seed) + 1), "--artifacts",
+    result = runner.invoke(main, ["generate", "--random-weights", "--weights-seed", str(int(seed) + 1), "--artifacts",
                                   str(folder), "--out", str(tmp_path / "x.safetensors")])
     assert result.exit_code == 2 and "the artifacts were made from weights random:" in result.output
     for backend in ("onnxruntime", "torch"):
-        result = runner.invoke(main, ["generate", "--random-weights", "--seed", seed, "--artifacts", str(folder),
-                                      "--backend", backend, "--embeddings", str(embeddings),
+        result = runner.invoke(main, ["generate", "--random-weights", "--weights-seed", seed, "--artifacts",
+                                      str(folder), "--backend", backend, "--embeddings", str(embeddings),
                                       "--out", str(tmp_path / f"{backend}.safetensors")], catch_exceptions=False)
         assert result.exit_code == 0, result.output
     a = load_file(str(tmp_path / "torch.safetensors"))["latents"]
@@ -142,10 +143,10 @@ def test_tensorrt_engine_matches_torch(tmp_path):
     topology = standin_topology(loaded.identity, p.num_layers, p.num_heads,
                                 BlockedGrid(video.token_grid(p.patch_size), 64, parse_layout("tile3d:1x8x8")))
     budgets = standin_budgets(topology, steps=3)
-    export_onnx(loaded, topology, budgets, video, tmp_path, torch.bfloat16)
+    export_onnx(loaded, topology, budgets, video, tmp_path)
     build_engine(tmp_path / "model.onnx", PLUGIN, tmp_path)
     engine = TensorRTDenoiser(tmp_path / "model.engine", PLUGIN, steps=3)
     reference = TorchDenoiser(build_sparse_dit(loaded, topology, budgets, video).cuda(), steps=3)
-    inputs = (torch.randn(1, 16, 3, 32, 32), torch.tensor([500.0]), torch.tensor([1], dtype=torch.int32),
-              torch.randn(1, p.text_len, p.config["text_dim"]))
+    inputs = (torch.randn(1, 16, 3, 32, 32), torch.tensor([500.0]), torch.randn(1, p.text_len, p.config["text_dim"]),
+              torch.tensor([1], dtype=torch.int32))
     assert rel_err(engine.predict(*inputs).float(), reference.predict(*inputs).float()) < 3e-2

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from saexport.kernels import PackedMasks
 from saexport.levels import pack_levels
 from saexport.models.attention_op import block_sparse_attention, reference_block_sparse_attention
 from tests.conftest import rel_err
@@ -33,7 +34,7 @@ def test_reference_equals_full_matrix_definition(seq_len, block_size):
     budgets[1] = torch.tensor([0, 128, 255])
     levels[0, 1] = 200  # head 0, query block 1: nothing kept at level 0 -> zeros
     step = torch.tensor([1], dtype=torch.int32)
-    out = reference_block_sparse_attention(q, k, v, pack_levels(levels), budgets, step, block_size, 0.3)
+    out = reference_block_sparse_attention(q, k, v, PackedMasks(pack_levels(levels), budgets, block_size), step, 0.3)
     keep = levels.int() <= budgets[1].view(-1, 1, 1)
     want = dense_masked_attention(q, k, v, keep, block_size, 0.3)
     assert rel_err(out, want) < 1e-6
@@ -44,7 +45,8 @@ def test_reference_equals_full_matrix_definition(seq_len, block_size):
 def test_all_kept_equals_sdpa():
     q, k, v, levels, _ = random_case(1, 50, 2, 16, 16, dtype=torch.float64)
     budgets = torch.full((1, 2), 255, dtype=torch.int32)
-    out = block_sparse_attention(q, k, v, pack_levels(levels), budgets, torch.tensor([0], dtype=torch.int32), 16, 0.25)
+    out = block_sparse_attention(q, k, v, PackedMasks(pack_levels(levels), budgets, 16),
+                                 torch.tensor([0], dtype=torch.int32), 0.25)
     want = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), scale=0.25)
     assert rel_err(out, want.transpose(1, 2)) < 1e-12
 
@@ -52,7 +54,7 @@ def test_all_kept_equals_sdpa():
 def test_low_precision_inputs_keep_dtype_and_accuracy():
     q, k, v, levels, budgets = random_case(1, 40, 2, 16, 8, dtype=torch.bfloat16)
     step = torch.tensor([2], dtype=torch.int32)
-    out = reference_block_sparse_attention(q, k, v, pack_levels(levels), budgets, step, 8, 0.25)
+    out = reference_block_sparse_attention(q, k, v, PackedMasks(pack_levels(levels), budgets, 8), step, 0.25)
     assert out.dtype == torch.bfloat16
     keep = levels.int() <= budgets[2].view(-1, 1, 1)
     assert rel_err(out, dense_masked_attention(q, k, v, keep, 8, 0.25)) < 1e-2
@@ -61,12 +63,12 @@ def test_low_precision_inputs_keep_dtype_and_accuracy():
 def test_step_index_out_of_range_is_an_error():
     q, k, v, levels, budgets = random_case(1, 16, 1, 4, 8)
     with pytest.raises(ValueError, match="step_index 3 is outside"):
-        reference_block_sparse_attention(q, k, v, pack_levels(levels), budgets,
-                                         torch.tensor([3], dtype=torch.int32), 8, 1.0)
+        reference_block_sparse_attention(q, k, v, PackedMasks(pack_levels(levels), budgets, 8),
+                                         torch.tensor([3], dtype=torch.int32), 1.0)
 
 
 def test_topology_of_wrong_grid_is_an_error():
     q, k, v, levels, budgets = random_case(1, 40, 2, 4, 8)
     with pytest.raises(ValueError, match="topology must be int32"):
-        reference_block_sparse_attention(q, k, v, pack_levels(levels[:, :4, :4]), budgets,
-                                         torch.tensor([0], dtype=torch.int32), 8, 1.0)
+        reference_block_sparse_attention(q, k, v, PackedMasks(pack_levels(levels[:, :4, :4]), budgets, 8),
+                                         torch.tensor([0], dtype=torch.int32), 1.0)

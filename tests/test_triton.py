@@ -2,6 +2,8 @@
 (`saexport.triton.serving`) checked in-process against the runtime it must equal; and a real `tritonserver`
 answering a prompt with the in-process runtime's frames, a bad request with an error, and the next one again."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -9,13 +11,14 @@ from google.protobuf import text_format
 
 from saexport.artifacts import ArtifactFolder, Budgets, OnnxMetadata, Topology
 from saexport.errors import SaexportError
+from saexport.folders import Output
 from saexport.models.checkpoint import load_model, resolve_weights
 from saexport.models.dit import SparseWanDiT
 from saexport.models.presets import PIXELS, get_preset
 from saexport.models.text_encoder import encode_prompts
 from saexport.pipeline import Models, ModelSource, make_export, make_standins, resolve_run
 from saexport.runtime.denoisers import OnnxRuntimeDenoiser
-from saexport.runtime.sampler import sample
+from saexport.runtime.sampler import SamplerSettings, sample
 from saexport.runtime.video import latents_to_frames
 from saexport.triton.repository import write_triton_repository
 from saexport.triton.serving import Decoder, Dit, Pipeline, Spec, TextEncoder, read_config, torch_denoiser
@@ -97,7 +100,7 @@ PROMPT_IN = [("prompt", M.TYPE_STRING, [1]), ("negative_prompt", M.TYPE_STRING, 
 def test_tensorrt_repository_configs(tiny_fp32, checkpoint, tmp_path):
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"a plan would be here")
-    repo = write_triton_repository(tiny_fp32.onnx, tmp_path / "repo", "wan", engine_path=engine, gpus=[0, 1],
+    repo = write_triton_repository(tiny_fp32.onnx, Output(tmp_path / "repo"), "wan", engine_path=engine, gpus=[0, 1],
                                    weights=checkpoint)
     assert sorted(p.name for p in repo.iterdir() if not p.name.startswith(".")) == [
         "README.md", "wan_dit", "wan_pipeline", "wan_text_encoder", "wan_vae"]
@@ -137,7 +140,7 @@ def test_tensorrt_repository_configs(tiny_fp32, checkpoint, tmp_path):
 def test_cpu_repositories_with_and_without_a_checkpoint(tiny_fp32, checkpoint, tmp_path):
     """An fp32 graph: the DiT in ONNX Runtime, everything on the CPU; without a checkpoint (no text encoder, no VAE)
     the pipeline takes embeddings and answers latents."""
-    repo = write_triton_repository(tiny_fp32.onnx, tmp_path / "full", "wan", weights=checkpoint)
+    repo = write_triton_repository(tiny_fp32.onnx, Output(tmp_path / "full"), "wan", weights=checkpoint)
     parts = ("text_encoder", "dit", "vae", "pipeline")
     configs = {part: parse(repo / f"wan_{part}" / "config.pbtxt") for part in parts}
     assert {part: kind(c) for part, c in configs.items()} == dict.fromkeys(configs, "KIND_CPU")
@@ -145,7 +148,7 @@ def test_cpu_repositories_with_and_without_a_checkpoint(tiny_fp32, checkpoint, t
     assert (repo / "wan_dit" / "1" / "model.onnx").is_file()
     assert read_config(repo / "wan_text_encoder" / "1", "text_encoder.json")["dtype"] == "fp32"
 
-    bare = write_triton_repository(tiny_fp32.onnx, tmp_path / "bare", "wan")
+    bare = write_triton_repository(tiny_fp32.onnx, Output(tmp_path / "bare"), "wan")
     assert sorted(p.name for p in bare.iterdir() if p.is_dir()) == ["wan_dit", "wan_pipeline"]
     pipeline = parse(bare / "wan_pipeline" / "config.pbtxt")
     assert io(pipeline.input) == [("prompt_embeds", M.TYPE_FP32, [1, 8, 32]),
@@ -154,7 +157,7 @@ def test_cpu_repositories_with_and_without_a_checkpoint(tiny_fp32, checkpoint, t
 
 
 def test_a_bf16_graph_without_an_engine_serves_the_torch_dit(tiny_bf16, checkpoint, tmp_path):
-    repo = write_triton_repository(tiny_bf16.onnx, tmp_path / "repo", "wan", gpus=[1], weights=checkpoint)
+    repo = write_triton_repository(tiny_bf16.onnx, Output(tmp_path / "repo"), "wan", gpus=[1], weights=checkpoint)
     dit = parse(repo / "wan_dit" / "config.pbtxt")
     assert dit.backend == "python" and kind(dit) == "KIND_GPU" and list(dit.instance_group[0].gpus) == [1]
     assert dit.input[0].data_type == M.TYPE_BF16 and dit.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
@@ -171,8 +174,8 @@ def test_a_bf16_graph_without_an_engine_serves_the_torch_dit(tiny_bf16, checkpoi
     assert "not copied" in (repo / "README.md").read_text()
     assert not list(repo.rglob("diffusion_pytorch_model*"))
 
-    with pytest.raises(SaexportError, match="bf16 graph.*checkpoint.*--engine.*--dtype fp32"):
-        write_triton_repository(tiny_bf16.onnx, tmp_path / "none", "wan")  # tiny ships no checkpoint
+    with pytest.raises(SaexportError, match="bf16 graph.*checkpoint.*`weights`.*`engine_path`.*export it in fp32"):
+        write_triton_repository(tiny_bf16.onnx, Output(tmp_path / "none"), "wan")  # tiny ships no checkpoint
     assert not (tmp_path / "none").exists()
 
 
@@ -197,14 +200,14 @@ def dit_latent_dims(meta, preset):
 def test_the_torch_dit_matches_onnx_runtime_and_refuses_bad_requests(tiny_bf16, tiny_fp32, checkpoint, tmp_path):
     """The torch GPU model's work, run on the CPU: in fp32 it equals the fp32 graph in ONNX Runtime (same
     checkpoint, topology and budgets); in bf16 it stays close; a bad request is an error before compute."""
-    repo = write_triton_repository(tiny_bf16.onnx, tmp_path / "repo", "wan", weights=checkpoint)
+    repo = write_triton_repository(tiny_bf16.onnx, Output(tmp_path / "repo"), "wan", weights=checkpoint)
     folder = repo / "wan_dit" / "1"
     config = read_config(folder, "dit.json")
     fp32 = [Spec(s.name, "fp32" if s.dtype == "bf16" else s.dtype, s.dims) for s in map(Spec.from_json,
                                                                                          config["inputs"])]
     torch_fp32 = Dit(torch_denoiser(folder, {**config, "dtype": "fp32"}, torch.device("cpu")), fp32,
                      Spec("noise_pred", "fp32", tuple(config["output"]["dims"])), 3)
-    onnxruntime = Dit.open(write_triton_repository(tiny_fp32.onnx, tmp_path / "ort", "wan") / "wan_dit" / "1")
+    onnxruntime = Dit.open(write_triton_repository(tiny_fp32.onnx, Output(tmp_path / "ort"), "wan") / "wan_dit" / "1")
     for step in (0, 2):
         inputs = dit_inputs(tiny_fp32, step)
         want = onnxruntime(inputs)
@@ -236,17 +239,17 @@ def test_onnxruntime_denoiser_refuses_a_step_index_out_of_range(tiny_fp32):
     args = (inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"])
     for step in (3, 7, -1):
         with pytest.raises(SaexportError, match=f"step_index {step} is outside \\[0, 3\\)"):
-            denoiser.predict(*args[:2], torch.tensor([step], dtype=torch.int32), args[2])
-    assert denoiser.predict(*args[:2], torch.tensor([2], dtype=torch.int32), args[2]).shape == args[0].shape
+            denoiser.predict(*args, torch.tensor([step], dtype=torch.int32))
+    assert denoiser.predict(*args, torch.tensor([2], dtype=torch.int32)).shape == args[0].shape
 
 
 def test_text_encoders_encode_as_encode_prompts(tiny_fp32, checkpoint, demo, tmp_path):
-    umt5 = write_triton_repository(tiny_fp32.onnx, tmp_path / "umt5", "wan", weights=checkpoint)
+    umt5 = write_triton_repository(tiny_fp32.onnx, Output(tmp_path / "umt5"), "wan", weights=checkpoint)
     encoder = TextEncoder.open(umt5 / "wan_text_encoder" / "1", "cpu")
     prompts = ["a red circle", "blue stripes moving right", ""]
     assert torch.equal(encoder(prompts), encode_prompts(checkpoint, prompts, max_length=8))
 
-    words = write_triton_repository(demo.onnx, tmp_path / "words", "demo")
+    words = write_triton_repository(demo.onnx, Output(tmp_path / "words"), "demo")
     encoder = TextEncoder.open(words / "demo_text_encoder" / "1")
     bundled = resolve_weights(get_preset("wan2.1-demo"), None)
     assert torch.equal(encoder([PROMPT, ""]), encode_prompts(bundled, [PROMPT, ""], max_length=24))
@@ -255,7 +258,7 @@ def test_text_encoders_encode_as_encode_prompts(tiny_fp32, checkpoint, demo, tmp
 
 
 def test_the_vae_decodes_as_decode_latents(tiny_fp32, checkpoint, tmp_path):
-    repo = write_triton_repository(tiny_fp32.onnx, tmp_path / "repo", "wan", weights=checkpoint)
+    repo = write_triton_repository(tiny_fp32.onnx, Output(tmp_path / "repo"), "wan", weights=checkpoint)
     decoder = Decoder.open(repo / "wan_vae" / "1", "cpu")
     latents = torch.randn(1, 16, 2, 8, 8)
     frames = decoder(latents)
@@ -268,14 +271,15 @@ def test_the_vae_decodes_as_decode_latents(tiny_fp32, checkpoint, tmp_path):
 
 
 def test_the_pipeline_of_embeddings_runs_the_sampler_and_validates_requests(tiny_fp32, tmp_path):
-    repo = write_triton_repository(tiny_fp32.onnx, tmp_path / "repo", "wan")  # no checkpoint: embeddings in
+    repo = write_triton_repository(tiny_fp32.onnx, Output(tmp_path / "repo"), "wan")  # no checkpoint: embeddings in
     config = read_config(repo / "wan_pipeline" / "1", "pipeline.json")
     denoiser = OnnxRuntimeDenoiser(tiny_fp32.onnx, 3)
     pipeline = Pipeline(config, denoiser)
     prompt, negative = torch.randn(1, 8, 32), torch.randn(1, 8, 32)
     request = {"prompt_embeds": prompt.numpy(), "negative_embeds": negative.numpy(),
                "seed": np.array([7], np.int64), "guidance_scale": np.array([4.0], np.float32)}
-    want = sample(denoiser, prompt, negative, (16, 2, 8, 8), 3, 3.0, 7, 4.0, progress=lambda it, **_: it)
+    want = sample(denoiser, SamplerSettings((16, 2, 8, 8), 3, 3.0, 4.0), prompt, negative, 7,
+                  progress=lambda it, **_: it)
     assert torch.equal(torch.from_numpy(pipeline(request)), want)
     for change, message in [({"steps": np.array([4], np.int32)}, "steps must be 3"),
                             ({"seed": None}, "seed .* is missing"),
@@ -294,12 +298,12 @@ def test_server_answers_a_prompt_with_the_runtimes_frames(demo, tmp_path):
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
 
-    from saexport.runtime.generation import generate
+    from saexport.runtime.generation import GenerationRequest, SparsePipeline, generate
     from tests.triton_server import tritonserver
 
-    repo = write_triton_repository(demo.onnx, tmp_path / "repo", "demo")
-    generate(demo.root, tmp_path / "latents.safetensors", "onnxruntime", prompt=PROMPT, sample_seed=7, steps=2,
-             guidance=5.0)
+    repo = write_triton_repository(demo.onnx, Output(tmp_path / "repo"), "demo")
+    generate(SparsePipeline(demo.root, "onnxruntime"), GenerationRequest(PROMPT, guidance=5.0, seed=7),
+             Output(tmp_path / "latents.safetensors"))
     from safetensors.torch import load_file
 
     local = latents_to_frames(PIXELS, load_file(str(tmp_path / "latents.safetensors"))["latents"], None)
@@ -339,7 +343,7 @@ def test_server_answers_a_prompt_with_the_runtimes_frames(demo, tmp_path):
             inputs, good = dit_request(1)
             noise = client.infer("demo_dit", good).as_numpy("noise_pred")
             want = OnnxRuntimeDenoiser(demo.onnx, 2).predict(inputs["hidden_states"], inputs["timestep"],
-                                                             inputs["step_index"], inputs["encoder_hidden_states"])
+                                                             inputs["encoder_hidden_states"], inputs["step_index"])
             assert rel_err(torch.from_numpy(noise), want) < 1e-6
             with pytest.raises(InferenceServerException, match="does not know the words elephant"):
                 ask("a purple elephant")
@@ -351,8 +355,14 @@ def test_server_answers_a_prompt_with_the_runtimes_frames(demo, tmp_path):
 
 
 def test_the_repository_readme_says_how_to_call_it(demo, tmp_path):
-    repo = write_triton_repository(demo.onnx, tmp_path / "repo", "demo")
+    repo = write_triton_repository(demo.onnx, Output(tmp_path / "repo"), "demo")
     readme = (repo / "README.md").read_text()
-    for fragment in ("demo_text_encoder", "demo_dit", "demo_vae", "demo_pipeline", "tritonclient", '"prompt"',
-                     'as_numpy("frames")', "step_index` must be in [0, 2)", "ONNX Runtime"):
-        assert fragment in readme, fragment
+    # The models it describes are the ones written, and its client example sends the pipeline's own inputs.
+    described = set(re.findall(r"^- `(demo_[a-z_]+)`", readme, re.MULTILINE))
+    assert described == {p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file()}
+    pipeline = parse(repo / "demo_pipeline" / "config.pbtxt")
+    sent = re.findall(r'tensor\("([a-z_]+)"', readme)
+    assert set(sent) == {i.name for i in pipeline.input}
+    assert f'as_numpy("{pipeline.output[0].name}")' in readme
+    steps = OnnxMetadata.read(demo.onnx).steps
+    assert f"step_index` must be in [0, {steps})" in readme

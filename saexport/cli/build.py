@@ -7,53 +7,51 @@ from pathlib import Path
 import click
 
 from saexport.cli.options import (
-    FIDELITY,
-    block_options,
-    budget_rule,
-    budget_rule_options,
-    calibration,
-    calibration_options,
+    OptionGroup,
+    calibration_group,
     clear_errors,
-    dtype_option,
+    goal_group,
     int_list,
-    model_options,
-    model_source,
-    overwrite_option,
-    video_options,
+    model_group,
+    output_group,
+    rule_group,
+    run_group,
 )
 
 
-@click.command()
-@model_options
-@click.option("--fidelity", type=FIDELITY, default="high", show_default=True)
-@video_options
-@dtype_option
-@block_options
-@calibration_options
-@budget_rule_options
-@click.option("--plugin", "plugin_library", type=click.Path(path_type=Path),
-              help="libsaexport_trt_plugin.so, for the engine stage.")
-@click.option("--triton-name", default="wan", show_default=True)
-@click.option("--gpus", default="0", show_default=True, help="GPU ids of the Triton instance group.")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
-@overwrite_option
-@clear_errors
-def build(model, weights, random_weights, seed, fidelity, resolution, frames, dtype_name, block_size, layout, prompts,
-          calib_embeddings, seeds, steps, rows_per_block, calib_guidance, calib_passes, aggregation, device, rule,
-          proxy, warmup, rows_per_head, sensitivity, sensitivity_prompts, plugin_library, triton_name, gpus,
-          out_dir, overwrite) -> None:
-    """topology -> budgets -> export -> engine -> Triton repository; reruns only what changed (OUT/build.json)."""
-    from saexport.pipeline import BuildSettings, resolve_run, run_build
+def _deployment(plugin_library: Path | None, triton_name: str, gpus: str):
+    from saexport.pipeline import Serving
 
-    settings = BuildSettings(
-        source=model_source(model, weights, random_weights, seed),
-        run=resolve_run(model, resolution=resolution, frames=frames, dtype=dtype_name, steps=steps,
-                        block_size=block_size, layout=layout),
-        calibration=calibration(prompts, calib_embeddings, seeds, rows_per_block, calib_guidance, calib_passes,
-                                aggregation, device),
-        fidelity=fidelity,
-        budget_rule=budget_rule(rule, proxy, warmup, rows_per_head, sensitivity, sensitivity_prompts),
-        plugin=plugin_library, triton_name=triton_name, gpus=tuple(int_list(gpus, "--gpus")), overwrite=overwrite)
-    fates = run_build(settings, out_dir, echo=lambda line: click.echo(line, err=True))
+    return plugin_library, Serving(triton_name, tuple(int_list(gpus, "--gpus")))
+
+
+deployment_group = OptionGroup("deployment", (
+    click.option("--plugin", "plugin_library", type=click.Path(path_type=Path),
+                 help="libsaexport_trt_plugin.so, for the engine stage."),
+    click.option("--triton-name", default="wan", show_default=True),
+    click.option("--gpus", default="0", show_default=True, help="GPU ids of the Triton instance group."),
+), _deployment)
+
+
+@click.command()
+@model_group
+@goal_group
+@run_group("video", "dtype", "blocks")
+@calibration_group(west=True, fast=True)
+@rule_group(runs_west=True)
+@deployment_group
+@output_group("Build folder.")
+@clear_errors
+def build(source, goal, run, calibration, rule, deployment, out) -> None:
+    """topology -> budgets -> export -> engine -> Triton repository; reruns only what changed (OUT/build.json)."""
+    from dataclasses import replace
+
+    from saexport.pipeline import BuildSettings, run_build
+
+    plugin, serving = deployment
+    settings = BuildSettings(source=source, run=replace(run, steps=calibration.steps_for(source.preset)),
+                             calibration=calibration, goal=goal, budget_rule=rule, plugin=plugin, serving=serving,
+                             overwrite=out.overwrite)
+    fates = run_build(settings, out.path, echo=lambda line: click.echo(line, err=True))
     for name, fate in fates.items():
         click.echo(f"{name:9s} {fate}")

@@ -1,4 +1,4 @@
-"""`saexport topology | transfer | budgets | inspect`: WEST, resolution transfer, FAST, and pictures of them."""
+"""`saexport topology | transfer | budgets | inspect`: WEST, map transfer, FAST, and pictures of them."""
 
 from __future__ import annotations
 
@@ -7,43 +7,31 @@ from pathlib import Path
 import click
 
 from saexport.cli.options import (
-    FIDELITY,
-    block_options,
-    budget_rule,
-    budget_rule_options,
-    calibration,
-    calibration_options,
+    calibration_group,
     clear_errors,
-    model_options,
-    model_source,
-    overwrite_option,
+    goal_group,
+    model_group,
+    output_group,
+    rule_group,
+    run_group,
     stage,
-    video_options,
 )
 from saexport.errors import SaexportError
 
 
 @click.command()
-@model_options
-@video_options
-@block_options
-@calibration_options
-@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="topology.safetensors")
-@overwrite_option
+@model_group
+@run_group("video", "blocks")
+@calibration_group(west=True, fast=False)
+@output_group("topology.safetensors")
 @clear_errors
-def topology(model, weights, random_weights, seed, resolution, frames, block_size, layout, prompts, calib_embeddings,
-             seeds, steps, rows_per_block, calib_guidance, calib_passes, aggregation, device, out_path,
-             overwrite) -> None:
+def topology(source, run, calibration, out) -> None:
     """WEST: calibrate the dense model along the sampler's loop and write the per-head threshold map."""
-    from saexport.pipeline import Models, make_topology, resolve_run
+    from saexport.pipeline import Models, make_topology
 
-    source = model_source(model, weights, random_weights, seed)
-    run = resolve_run(model, resolution=resolution, frames=frames, block_size=block_size, layout=layout, steps=steps)
-    calib = calibration(prompts, calib_embeddings, seeds, rows_per_block, calib_guidance, calib_passes, aggregation,
-                        device)
     with stage("WEST calibration"):
-        result = make_topology(Models(source), run, calib, out_path, overwrite)
-    click.echo(f"wrote {out_path} (grid {result.grid}, {result.levels.shape[-1]} blocks per side)")
+        result = make_topology(Models(source), run, calibration, out)
+    click.echo(f"wrote {out.path} (grid {result.grid}, {result.levels.shape[-1]} blocks per side)")
 
 
 @click.command()
@@ -52,10 +40,9 @@ def topology(model, weights, random_weights, seed, resolution, frames, block_siz
 @click.option("--frames", required=True, type=int, help="Target video frames.")
 @click.option("--rule", default="min", show_default=True, type=click.Choice(["min", "bilinear"]),
               help="min over the covered block pairs, or the method's bilinear upsampling with levels rounded up.")
-@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="topology.safetensors")
-@overwrite_option
+@output_group("topology.safetensors")
 @clear_errors
-def transfer(topology_path, resolution, frames, rule, out_path, overwrite) -> None:
+def transfer(topology_path, resolution, frames, rule, out) -> None:
     """Derive a threshold map for another resolution from a computed one."""
     from saexport.artifacts import Topology
     from saexport.models.presets import get_preset
@@ -63,38 +50,29 @@ def transfer(topology_path, resolution, frames, rule, out_path, overwrite) -> No
     from saexport.pipeline import check_artifact_target
     from saexport.topology.transfer import transfer_topology
 
-    check_artifact_target(out_path, "topology", [topology_path], overwrite)
+    check_artifact_target(out, "topology", [topology_path])
     source = Topology.load(topology_path)
     preset = get_preset(source.model)
     grid = parse_video_shape(resolution, frames, preset.codec).token_grid(preset.patch_size)
-    transfer_topology(source, grid, rule=rule).save(out_path)
-    click.echo(f"wrote {out_path}: grid {source.grid} -> {grid} (budgets must be tuned on it: saexport budgets)")
+    transfer_topology(source, grid, rule=rule).save(out.path)
+    click.echo(f"wrote {out.path}: grid {source.grid} -> {grid} (budgets must be tuned on it: saexport budgets)")
 
 
 @click.command()
-@model_options
+@model_group
 @click.option("--topology", "topology_path", required=True, type=click.Path(path_type=Path))
-@click.option("--fidelity", type=FIDELITY, default="high", show_default=True)
-@calibration_options
-@budget_rule_options
-@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="budgets.safetensors")
-@overwrite_option
+@goal_group
+@calibration_group(west=False, fast=True)
+@rule_group(runs_west=False)
+@output_group("budgets.safetensors")
 @clear_errors
-def budgets(model, weights, random_weights, seed, topology_path, fidelity, prompts, calib_embeddings, seeds, steps,
-            rows_per_block, calib_guidance, calib_passes, aggregation, device, rule, proxy, warmup, rows_per_head,
-            sensitivity, sensitivity_prompts, out_path, overwrite) -> None:
+def budgets(source, topology_path, goal, calibration, rule, out) -> None:
     """FAST: measure along the sampler's loop what each level costs and allocate the preset's budgets."""
-    from saexport.pipeline import Models, make_budgets, resolve_run
+    from saexport.pipeline import Models, make_budgets
 
-    source = model_source(model, weights, random_weights, seed)
-    run = resolve_run(model, steps=steps)
-    calib = calibration(prompts, calib_embeddings, seeds, rows_per_block, calib_guidance, calib_passes, aggregation,
-                        device)
-    allocation = budget_rule(rule, proxy, warmup, rows_per_head, sensitivity, sensitivity_prompts)
-    with stage(f"FAST {allocation.rule}"):
-        result = make_budgets(Models(source), topology_path, fidelity, calib, run.steps, out_path, allocation,
-                              overwrite)
-    click.echo(f"wrote {out_path}: {fidelity}, rule {allocation.rule}, mean density {result.mean_density:.3f}")
+    with stage(f"FAST {rule.rule}"):
+        result = make_budgets(Models(source), topology_path, calibration, goal, rule, out)
+    click.echo(f"wrote {out.path}: {goal.name}, rule {rule.rule}, mean density {result.mean_density:.3f}")
 
 
 @click.command()
@@ -121,6 +99,15 @@ def inspect(topology_path, budgets_path, step, compare_path, out_dir) -> None:
     written = ["masks.png", "density.png"] + (["fidelity.png"] if fidelity_png(budget, out_dir / "fidelity.png")
                                               else [])
     click.echo(f"wrote {', '.join(str(out_dir / name) for name in written)}")
+    from saexport.artifacts import FidelityReport
+    from saexport.pipeline import report_paths
+    from saexport.topology.pictures import quality_png
+
+    report_path, _ = report_paths(Path(budgets_path))
+    if report_path.is_file():
+        report = FidelityReport.read(report_path)
+        quality_png(report, out_dir / "quality.png")
+        click.echo(f"fidelity report: {report.summary()}; wrote {out_dir / 'quality.png'}")
     if compare_path is not None:
         other = Topology.load(compare_path)
         if (other.grid, other.block_size, other.layout) != (topo.grid, topo.block_size, topo.layout):

@@ -9,13 +9,12 @@ import click
 
 from saexport.cli.options import (
     clear_errors,
-    dtype_option,
     int_list,
-    model_options,
-    model_source,
-    overwrite_option,
+    model_group,
+    output_group,
+    refuse_unused,
+    run_group,
     stage,
-    video_options,
 )
 from saexport.errors import SaexportError
 
@@ -23,37 +22,39 @@ log = logging.getLogger("saexport")
 
 
 @click.command()
-@model_options
-@video_options
-@dtype_option
+@model_group
+@run_group("video", "dtype", "blocks", "steps")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Batch of the static graph.")
 @click.option("--topology", "topology_path", type=click.Path(path_type=Path),
               help="topology.safetensors (default: a stand-in, until calibration has run).")
 @click.option("--budgets", "budgets_path", type=click.Path(path_type=Path), help="budgets.safetensors.")
-@click.option("--block-size", type=int, help="Block size of a stand-in topology. Default: the model's.")
-@click.option("--layout", help="Token layout of a stand-in topology. Default: the model's.")
-@click.option("--steps", type=click.IntRange(min=1), help="Denoising steps of stand-in budgets. Default: the model's.")
 @click.option("--density", default=0.3, show_default=True, type=click.FloatRange(0, 1),
               help="Mean density of stand-in budgets.")
 @click.option("--verify", is_flag=True, help="Run the ONNX in ONNX Runtime and compare with PyTorch (fp32); "
                                             "fails when they disagree.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @clear_errors
-def export(model, weights, random_weights, seed, resolution, frames, dtype_name, batch, topology_path, budgets_path,
-           block_size, layout, steps, density, verify, out_dir) -> None:
+def export(source, run, batch, topology_path, budgets_path, density, verify, out_dir) -> None:
     """Export the sparse DiT to OUT/model.onnx (one BlockSparseAttention node per layer), with the topology and
-    budgets it freezes beside it."""
+    budgets it freezes beside it (--block-size, --layout, --steps and --density shape a stand-in without them)."""
     from saexport.artifacts import Budgets, Topology
     from saexport.folders import FolderLock
-    from saexport.pipeline import Models, make_export, make_standins, open_output_folder, resolve_run, video_of
+    from saexport.pipeline import (
+        Models,
+        copy_fidelity_report,
+        make_export,
+        make_standins,
+        open_output_folder,
+        video_of,
+    )
 
-    source = model_source(model, weights, random_weights, seed)
-    run = resolve_run(model, resolution=resolution, frames=frames, dtype=dtype_name, block_size=block_size,
-                      layout=layout, steps=steps)
     if verify and run.dtype != "fp32":
         raise SaexportError("--verify runs ONNX Runtime on the CPU: export with --dtype fp32")
     if (topology_path is None) != (budgets_path is None):
         raise SaexportError("give --topology and --budgets together")
+    if topology_path is not None:
+        refuse_unused({"block_size": "--block-size", "layout": "--layout", "steps": "--steps", "density": "--density"},
+                      "with --topology and --budgets (they shape a stand-in; the files have their own)")
     out_dir = open_output_folder(out_dir, "export")
     models = Models(source)
     if topology_path is not None:
@@ -66,12 +67,15 @@ def export(model, weights, random_weights, seed, resolution, frames, dtype_name,
     with FolderLock(out_dir), stage(f"exporting ONNX ({video.describe()}, {run.dtype}, mean density "
                                     f"{budgets.mean_density:.2f})"):
         exported = make_export(models, run, topology, budgets, out_dir, batch)
+        if budgets_path is not None:
+            copy_fidelity_report(budgets_path, out_dir)
     click.echo(f"wrote {exported.path}")
     if verify:
         from saexport.exporter.verify import verify_graph
+        from saexport.runtime.generation import Artifacts
 
         with stage("verifying in ONNX Runtime"):
-            report = verify_graph(models.get(), topology, budgets, video, exported.path)
+            report = verify_graph(models.get(), Artifacts.open(out_dir))
         show_verification(report)
 
 
@@ -83,7 +87,7 @@ def show_verification(report) -> None:
 
 
 @click.command()
-@model_options
+@model_group
 @click.option("--artifacts", required=True, type=click.Path(path_type=Path),
               help="An export or build folder with an fp32 model.onnx.")
 @click.option("--atol", default=1e-4, show_default=True, help="Absolute tolerance.")
@@ -91,24 +95,25 @@ def show_verification(report) -> None:
 @click.option("--save", "save_dir", type=click.Path(path_type=Path),
               help="Folder for the inputs and outputs in polygraphy's JSON format (`polygraphy inspect data`).")
 @clear_errors
-def verify(model, weights, random_weights, seed, artifacts, atol, rtol, save_dir) -> None:
+def verify(source, artifacts, atol, rtol, save_dir) -> None:
     """Compare the exported graph with the PyTorch model on polygraphy's runners (torch vs ONNX Runtime); exits
     non-zero when they disagree."""
-    from saexport.exporter.verify import verify_graph
+    from dataclasses import replace
+
+    from saexport.cli.options import was_given
+    from saexport.exporter.verify import Tolerance, verify_graph
     from saexport.folders import claim_output_folder
     from saexport.pipeline import Models
     from saexport.runtime.generation import Artifacts
 
     opened = Artifacts.open(artifacts)
-    model_given = click.get_current_context().get_parameter_source("model") != click.core.ParameterSource.DEFAULT
-    if model_given and model != opened.preset.name:
-        raise SaexportError(f"the artifacts are for {opened.preset.name}, not --model {model}")
-    loaded = Models(model_source(opened.preset.name, weights, random_weights, seed)).get()
+    if was_given("model") and source.model != opened.preset.name:
+        raise SaexportError(f"the artifacts are for {opened.preset.name}, not --model {source.model}")
+    loaded = Models(replace(source, model=opened.preset.name)).get()
     if save_dir is not None:
-        save_dir = claim_output_folder(save_dir, "verify", inputs=[opened.folder.root])
+        save_dir = claim_output_folder(save_dir, "verify", inputs=[opened.folder.root], option="--save")
     with stage("verifying on polygraphy's runners"):
-        report = verify_graph(loaded, opened.topology, opened.budgets, opened.video, opened.folder.onnx, atol=atol,
-                              rtol=rtol, save_dir=save_dir)
+        report = verify_graph(loaded, opened, Tolerance(atol, rtol), save_dir)
     show_verification(report)
 
 
@@ -141,13 +146,12 @@ def engine(onnx_path, plugin_library, workspace_gib, timing_cache, version_compa
                    "(and its DiT, for a bf16 graph without an engine). Default: the model's shipped weights.")
 @click.option("--name", default="wan", show_default=True, help="Model name prefix.")
 @click.option("--gpus", default="0", show_default=True, help="Comma-separated GPU ids of the instance group.")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
-@overwrite_option
+@output_group("Repository folder.")
 @clear_errors
-def triton(onnx_path, engine_path, weights, name, gpus, out_dir, overwrite) -> None:
+def triton(onnx_path, engine_path, weights, name, gpus, out) -> None:
     """Write a Triton model repository: NAME_text_encoder, NAME_dit, NAME_vae and NAME_pipeline (prompt in,
     frames out; the sampler loop over NAME_dit with the graph's step count)."""
-    from saexport.pipeline import make_triton
+    from saexport.pipeline import Serving, make_triton
 
-    repo = make_triton(onnx_path, out_dir, name, engine_path, int_list(gpus, "--gpus"), weights, overwrite)
+    repo = make_triton(onnx_path, out, Serving(name, tuple(int_list(gpus, "--gpus"))), engine_path, weights)
     click.echo(f"wrote {repo} (see {repo / 'README.md'})")

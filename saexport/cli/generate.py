@@ -6,45 +6,80 @@ from pathlib import Path
 
 import click
 
-from saexport.cli.options import DTYPE_NAMES, clear_errors, model_options, overwrite_option
+from saexport.cli.options import DTYPE_NAMES, OptionGroup, clear_errors, model_group, output_group, was_given
+from saexport.errors import SaexportError
+
+
+def _backend(backend: str, plugin_library: Path | None, dtype_name: str | None, compile_model: bool):
+    from saexport.runtime.generation import BackendOptions
+
+    if plugin_library is not None and backend != "tensorrt":
+        raise SaexportError("--plugin is for --backend tensorrt")
+    if (dtype_name is not None or compile_model) and backend != "torch":
+        raise SaexportError("--dtype and --compile are for --backend torch")
+    return backend, BackendOptions(dtype_name, plugin_library, compile_model)
+
+
+backend_group = OptionGroup("backend", (
+    click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch",
+                 show_default=True),
+    click.option("--plugin", "plugin_library", type=click.Path(path_type=Path), help="Plugin library (tensorrt)."),
+    click.option("--dtype", "dtype_name", type=click.Choice(DTYPE_NAMES),
+                 help="Precision of the torch back end. Default: the model's on a GPU (bf16 for Wan2.1), fp32 on a "
+                      "CPU."),
+    click.option("--compile", "compile_model", is_flag=True, help="torch.compile the DiT (torch back end, GPU)."),
+), _backend)
+
+
+def _request(prompt, negative_prompt, embeddings_path, negative_path, guidance, seed):
+    from saexport.runtime.generation import GenerationRequest
+
+    return GenerationRequest(prompt, negative_prompt, embeddings_path, negative_path, guidance, seed)
+
+
+request_group = OptionGroup("request", (
+    click.option("--prompt", help="Prompt text, encoded by the checkpoint's text encoder (UMT5, or the demo's "
+                                  "words)."),
+    click.option("--negative-prompt", default="", help="Negative prompt text (with --prompt)."),
+    click.option("--embeddings", "embeddings_path", type=click.Path(path_type=Path),
+                 help="safetensors: `embeddings` [1, text_len, text_dim] (the prompt); synthetic if absent."),
+    click.option("--negative", "negative_path", type=click.Path(path_type=Path),
+                 help="safetensors: `embeddings` of the negative prompt; the empty prompt if absent."),
+    click.option("--guidance", default=5.0, show_default=True, help="Classifier-free guidance scale."),
+    click.option("--seed", default=0, show_default=True, help="Seed of the initial noise: which video."),
+), _request)
 
 
 @click.command()
-@model_options
+@model_group
 @click.option("--artifacts", required=True, type=click.Path(path_type=Path),
               help="A build or export folder (topology, budgets, model.onnx, and model.engine where built).")
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch", show_default=True)
-@click.option("--plugin", "plugin_library", type=click.Path(path_type=Path), help="Plugin library (tensorrt).")
-@click.option("--embeddings", "embeddings_path", type=click.Path(path_type=Path),
-              help="safetensors: `embeddings` [1, text_len, text_dim] (the prompt); synthetic if absent.")
-@click.option("--negative", "negative_path", type=click.Path(path_type=Path),
-              help="safetensors: `embeddings` of the negative prompt; the empty prompt if absent.")
-@click.option("--prompt", help="Prompt text, encoded by the checkpoint's text encoder (UMT5, or the demo's words).")
-@click.option("--negative-prompt", default="", help="Negative prompt text (with --prompt).")
+@backend_group
+@request_group
 @click.option("--steps", type=click.IntRange(min=1), help="Sampler steps (must be the budgets' steps).")
-@click.option("--guidance", default=5.0, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--sample-seed", default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--vae", "vae_path", type=click.Path(path_type=Path),
               help="AutoencoderKLWan folder, for .gif/.mp4 of a Wan2.1 model (the demo model's latents are pixels).")
 @click.option("--upscale", default=1, show_default=True, type=click.IntRange(min=1),
               help="Enlarge each frame N times (for tiny videos).")
-@click.option("--dtype", "dtype_name", type=click.Choice(DTYPE_NAMES),
-              help="Precision of the torch back end. Default: the model's on a GPU (bf16 for Wan2.1), fp32 on a CPU.")
-@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the DiT (torch back end, GPU).")
-@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
-              help="latents.safetensors, or video.gif / video.mp4.")
-@overwrite_option
+@output_group("latents.safetensors, or video.gif / video.mp4.")
 @clear_errors
-def generate(model, weights, random_weights, seed, artifacts, backend, plugin_library, embeddings_path,
-             negative_path, prompt, negative_prompt, steps, guidance, sample_seed, vae_path, upscale, dtype_name,
-             compile_model, out_path, overwrite) -> None:
+def generate(source, artifacts, backend, request, steps, vae_path, upscale, out) -> None:
     """Run Wan2.1's sampler loop (UniPC, guidance) on a back end; write latents or a video."""
-    from saexport.runtime.generation import generate as run_generation
+    from dataclasses import replace
 
-    model_given = click.get_current_context().get_parameter_source("model") != click.core.ParameterSource.DEFAULT
-    run_generation(artifacts, out_path, backend, model=model if model_given else None, weights=weights,
-                   random_weights=random_weights, seed=seed, dtype=dtype_name, plugin=plugin_library, prompt=prompt,
-                   negative_prompt=negative_prompt, embeddings_file=embeddings_path, negative_file=negative_path,
-                   steps=steps, guidance=guidance, sample_seed=sample_seed, vae=vae_path, upscale=upscale,
-                   compile_model=compile_model, overwrite=overwrite)
-    click.echo(f"wrote {out_path}")
+    from saexport.artifacts import ArtifactFolder, Topology
+    from saexport.runtime.generation import SparsePipeline, check_generation_target, generate
+
+    model = Topology.load(ArtifactFolder(artifacts).topology).model
+    if was_given("model") and source.model != model:
+        raise SaexportError(f"the artifacts are for {model}, not --model {source.model}")
+    source = replace(source, model=model)
+    inputs = [*request.files(), *([source.weights] if source.weights is not None else [])]
+    check_generation_target(out, artifacts, inputs, vae_path)
+    backend_name, options = backend
+    pipeline = SparsePipeline(artifacts, backend_name, source, options, vae_path)
+    if steps is not None and steps != pipeline.steps:
+        raise SaexportError(f"the budgets are for {pipeline.steps} steps; sample with --steps {pipeline.steps} or "
+                            "rerun `saexport budgets` for this step count")
+    generate(pipeline, request, out, upscale)
+    click.echo(f"wrote {out.path}")

@@ -386,9 +386,32 @@ def fix_plan(trainer: Trainer, seconds_per_step: float, minutes: float) -> None:
     print(f"plan: {low}{s.steps} steps at {s.height}x{s.width} ({trainer.plan})", flush=True)
 
 
-def train(settings: TrainSettings, out: Path, device: str, minutes: float | None, workers: int,
-          model: str = MODEL, resume_dir: Path | None = None, call_minutes: float | None = None,
-          compile_blocks: bool = False, warm_start: Path | None = None, call_steps: int | None = None) -> dict:
+@dataclass(frozen=True)
+class TrainingCall:
+    """Where and how one call of a (resumable) training run goes: the weights' folder `out`, the device, a time
+    budget for the whole run (`minutes`: the plan is fixed from the measured step time) and for this call
+    (`call_minutes`, `call_steps`: it pauses, saving its state to `resume_dir`), data-loader workers, the model,
+    `torch.compile` of the blocks, and a checkpoint to start from (`warm_start`)."""
+
+    out: Path
+    device: str = "cpu"
+    minutes: float | None = None
+    workers: int = 0
+    model: str = MODEL
+    resume_dir: Path | None = None
+    call_minutes: float | None = None
+    call_steps: int | None = None
+    compile_blocks: bool = False
+    warm_start: Path | None = None
+
+
+def train(settings: TrainSettings, call: TrainingCall) -> dict:
+    """Train (or continue training) `call.model` with `settings` (a resumed run's saved settings win) until its
+    plan ends, its held-out loss plateaus, or the call's budget is spent; write the EMA weights and
+    `training.json` to `call.out`. Returns the record."""
+    out, device, minutes, workers, model = call.out, call.device, call.minutes, call.workers, call.model
+    resume_dir, call_minutes, call_steps, warm_start = call.resume_dir, call.call_minutes, call.call_steps, \
+        call.warm_start
     call_start = time.perf_counter()
     state_file = resume_dir / STATE_FILE if resume_dir else None
     # The generator state must stay on the CPU; load_state_dict moves the rest to the model's device.
@@ -404,7 +427,7 @@ def train(settings: TrainSettings, out: Path, device: str, minutes: float | None
     elif earlier is not None:
         trainer.warm_start(warm_start, earlier)
         print(f"warm start from {warm_start} at step {trainer.step} (fresh optimizer)", flush=True)
-    if compile_blocks:
+    if call.compile_blocks:
         trainer.compile_blocks()
     s, first_step = trainer.settings, trainer.step
     if not trainer.held_out:
@@ -529,8 +552,9 @@ def main() -> None:
         parser.error(f"{args.model} trains in two stages: give both --low-steps and --steps, or --minutes")
     settings = replace(defaults, seed=args.seed, steps=args.steps, low_steps=args.low_steps,
                        batch=args.batch or defaults.batch)
-    record = train(settings, args.out, args.device, args.minutes, args.workers, args.model, args.resume_dir,
-                   args.call_minutes, args.compile, args.warm_start, args.call_steps)
+    record = train(settings, TrainingCall(args.out, args.device, args.minutes, args.workers, args.model,
+                                          args.resume_dir, args.call_minutes, args.call_steps, args.compile,
+                                          args.warm_start))
     print(f"{record['status']}: {record['steps_run']} steps, {record['seconds']} s trained; wrote {args.out}")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from saexport import kernels
-from saexport.artifacts import ArtifactFolder, EngineMetadata, OnnxMetadata
+from saexport.artifacts import ArtifactFolder, EngineMetadata, FidelityReport, OnnxMetadata
 from saexport.atomic import atomic_path
 from saexport.errors import SaexportError
 from saexport.models.onnx_op import PLUGIN_VERSION
@@ -52,7 +52,7 @@ def build_engine(
     onnx_path, plugin_library, folder = Path(onnx_path), Path(plugin_library), ArtifactFolder(Path(out_dir))
     onnx_metadata = OnnxMetadata.read(onnx_path)
     if onnx_metadata.dtype == "fp32":
-        raise SaexportError(f"{onnx_path} is an fp32 graph; the plugin runs fp16 and bf16: export with --dtype bf16")
+        raise SaexportError(f"{onnx_path} is an fp32 graph; the plugin runs fp16 and bf16: export it in bf16")
     load_plugin_library(trt, plugin_library)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -92,5 +92,11 @@ def build_engine(
     EngineMetadata(onnx=onnx_metadata, tensorrt_version=trt.__version__, plugin_version=PLUGIN_VERSION,
                    kernel_abi=kernels.ABI_VERSION, gpu_name=gpu[0] if gpu else None,
                    gpu_capability=gpu[1] if gpu else None, plugin_libraries=(plugin_library.name,),
-                   version_compatible=version_compatible).write(folder.engine_metadata)
+                   version_compatible=version_compatible,
+                   fidelity=_fidelity_summary(ArtifactFolder(onnx_path.parent))).write(folder.engine_metadata)
     return folder.engine
+
+
+def _fidelity_summary(folder: ArtifactFolder) -> str | None:
+    """The fidelity report's line, carried into the engine's metadata, where the graph's folder has one."""
+    return FidelityReport.read(folder.fidelity_report).summary() if folder.fidelity_report.is_file() else None

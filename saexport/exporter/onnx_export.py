@@ -3,7 +3,6 @@ of `artifacts.OnnxMetadata`."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import onnx
 import torch
 
+import saexport
 from saexport.artifacts import ArtifactFolder, Budgets, OnnxMetadata, Topology
 from saexport.errors import SaexportError
 from saexport.folders import clean_stale, temporary_folder
@@ -54,20 +54,14 @@ def build_sparse_dit(loaded: LoadedModel, topology: Topology, budgets: Budgets, 
                         topology.block_size)
 
 
-def export_onnx(
-    loaded: LoadedModel,
-    topology: Topology,
-    budgets: Budgets,
-    video: VideoShape,
-    out_dir: str | Path,
-    dtype: torch.dtype,
-    batch: int = 1,
-    check: bool = True,
-) -> ExportedModel:
-    """Write `out_dir/model.onnx` (+ `model.onnx.data` past 2 GB) atomically, then run the checker."""
+def export_onnx(loaded: LoadedModel, topology: Topology, budgets: Budgets, video: VideoShape, out_dir: str | Path,
+                batch: int = 1) -> ExportedModel:
+    """Write `out_dir/model.onnx` (+ `model.onnx.data` past 2 GB) atomically, then run the checker. The graph's
+    precision is the model's as loaded (fp32, or bf16/fp16 with the norms Wan keeps in fp32)."""
     param_dtypes = {p.dtype for p in loaded.transformer.parameters()} - {torch.float32}
-    if param_dtypes and param_dtypes != {dtype}:
-        raise SaexportError(f"the model was loaded in {param_dtypes} but the export asks for {dtype}")
+    if len(param_dtypes) > 1:
+        raise SaexportError(f"the model mixes precisions {sorted(map(str, param_dtypes))}: load it in one")
+    dtype = param_dtypes.pop() if param_dtypes else torch.float32
     register_schema()
     module = build_sparse_dit(loaded, topology, budgets, video).cpu().eval()  # calibration may have moved it
     args = example_inputs(loaded, video, dtype, batch)
@@ -85,7 +79,7 @@ def export_onnx(
         grid=module.grid, block_size=topology.block_size, layout=topology.layout.to_metadata(), steps=budgets.steps,
         topology_hash=topology.hash(), budgets_hash=budgets.hash(), fidelity=budgets.fidelity,
         mean_density=round(budgets.mean_density, 6), dtype=dtype_name(dtype), batch=batch,
-        saexport_version=importlib.metadata.version("saexport"))
+        saexport_version=saexport.__version__)
     program.model.metadata_props.update(metadata.to_props())
 
     out_dir = Path(out_dir)
@@ -97,8 +91,7 @@ def export_onnx(
     with temporary_folder(out_dir, STAGING_PREFIX) as tmp:
         staged = Path(tmp) / target.name
         program.save(staged, external_data=external)
-        if check:
-            check_onnx(staged)
+        check_onnx(staged)
         # The data file first, the graph last: a model.onnx on disk always has its data beside it.
         for produced in sorted(Path(tmp).iterdir(), key=lambda p: p.name == target.name):
             shutil.move(produced, out_dir / produced.name)

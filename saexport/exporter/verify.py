@@ -2,10 +2,10 @@
 polygraphy's runners and Comparator.
 
 Runners, one after the other on the same inputs (random, seeded; the first and the last denoising step): the
-PyTorch sparse DiT (the reference, `TorchDiTRunner`) and ONNX Runtime on the fp32 graph (the custom op through
-onnxruntime-extensions). Inputs and outputs can be saved in polygraphy's JSON format. A TensorRT runner is not
-here: engines are fp16/bf16 (the plugin's types) while ONNX Runtime runs the fp32 graph, and no machine of this
-project runs TensorRT to check one against the other.
+PyTorch sparse DiT (the reference, `TorchDiTRunner`) and ONNX Runtime on the fp32 graph (the node served by the
+project's custom-op library, `libsaexport_ort_ops.so`). Inputs and outputs can be saved in polygraphy's JSON format.
+A TensorRT runner is not here: engines are fp16/bf16 (the plugin's types) while ONNX Runtime runs the fp32 graph,
+and no machine of this project runs TensorRT to check one against the other.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.common import TensorMetadata
 from polygraphy.comparator import Comparator, CompareFunc
 
-from saexport.artifacts import Budgets, OnnxMetadata, Topology
+from saexport.artifacts import OnnxMetadata
 from saexport.errors import SaexportError
 from saexport.exporter.onnx_export import INPUT_NAMES, OUTPUT_NAMES, build_sparse_dit, example_inputs
 from saexport.models.checkpoint import LoadedModel
 from saexport.models.video_shape import VideoShape
+from saexport.runtime.generation import Artifacts
 from saexport.runtime.ort_session import ort_session
 
 ATOL, RTOL = 1e-4, 1e-3  # fp32 on both sides lands near 1e-6 relative
@@ -74,13 +75,24 @@ def verification_feeds(loaded: LoadedModel, video: VideoShape, steps: int, batch
     return feeds
 
 
-def verify_graph(loaded: LoadedModel, topology: Topology, budgets: Budgets, video: VideoShape, onnx_path: Path,
-                 atol: float = ATOL, rtol: float = RTOL, save_dir: Path | None = None) -> Verification:
-    """Compare the runners; an error past `atol` + `rtol` (or NaN) is a failed verification (not raised)."""
+@dataclass(frozen=True)
+class Tolerance:
+    """An error past `atol` + `rtol` |reference| (or NaN) fails a verification."""
+
+    atol: float = ATOL
+    rtol: float = RTOL
+
+
+def verify_graph(loaded: LoadedModel, artifacts: Artifacts, tolerance: Tolerance = Tolerance(),
+                 save_dir: Path | None = None) -> Verification:
+    """Compare the runners on the folder's graph, topology and budgets; an error past the tolerance (or NaN) is a
+    failed verification (not raised)."""
+    atol, rtol = tolerance.atol, tolerance.rtol
+    topology, budgets, video, onnx_path = artifacts.topology, artifacts.budgets, artifacts.video, artifacts.folder.onnx
     metadata = OnnxMetadata.read(onnx_path)
     if metadata.dtype != "fp32":
-        raise SaexportError(f"{onnx_path} is not an fp32 graph: ONNX Runtime runs fp32 exports (export with --dtype "
-                            "fp32 to verify it; a bf16 graph is verified through its engine)")
+        raise SaexportError(f"{onnx_path} is not an fp32 graph: ONNX Runtime runs fp32 exports (export it in fp32 "
+                            "to verify it; a bf16 graph is verified through its engine)")
     module = build_sparse_dit(loaded, topology, budgets, video)
     feeds = verification_feeds(loaded, video, budgets.steps, metadata.batch)
     inputs = TensorMetadata()

@@ -18,46 +18,47 @@ import warnings
 import torch
 
 from saexport import kernels
+from saexport.kernels import PackedMasks
 from saexport.levels import kept_blocks, num_blocks, unpack_levels
 
 OP_NAME = "saexport::block_sparse_attention"
 
 
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: PackedMasks,
+                           step_index: torch.Tensor, scale: float) -> torch.Tensor:
+    """The op, `torch.ops.saexport.block_sparse_attention`, whose inputs are the ONNX node's one for one."""
+    return torch.ops.saexport.block_sparse_attention(q, k, v, masks.topology, masks.budgets, step_index,
+                                                     masks.block_size, scale)
+
+
+# The op's schema is the ONNX node's: q, k, v, topology, budgets, step_index, and the attributes block_size and
+# scale. Reached through `torch.ops` (or `block_sparse_attention` above), never by these private names.
 @torch.library.custom_op(OP_NAME, mutates_args=())
-def block_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    topology: torch.Tensor,
-    budgets: torch.Tensor,
-    step_index: torch.Tensor,
-    block_size: int,
-    scale: float,
-) -> torch.Tensor:
-    return reference_block_sparse_attention(q, k, v, topology, budgets, step_index, block_size, scale)
+def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topology: torch.Tensor, budgets: torch.Tensor,
+        step_index: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    return reference_block_sparse_attention(q, k, v, PackedMasks(topology, budgets, block_size), step_index, scale)
 
 
-@block_sparse_attention.register_fake
+@_op.register_fake
 def _(q, k, v, topology, budgets, step_index, block_size, scale):
     return torch.empty_like(q)
 
 
-@block_sparse_attention.register_kernel("cuda")
+@_op.register_kernel("cuda")
 def _(q, k, v, topology, budgets, step_index, block_size, scale):
-    check_inputs(q, k, v, topology, budgets, block_size)
+    masks = PackedMasks(topology, budgets, block_size)
+    check_inputs(q, k, v, masks)
     if kernels.supports(q, block_size):
-        return kernels.forward(q, k, v, topology, budgets, step_index, block_size, scale)
+        return kernels.forward(q, k, v, masks, step_index, scale)
     if kernels.load_library() is None:
         warnings.warn("the CUDA kernel library is not built: block-sparse attention runs the slow reference",
                       stacklevel=2)
-    return reference_block_sparse_attention(q, k, v, topology, budgets, step_index, block_size, scale)
+    return reference_block_sparse_attention(q, k, v, masks, step_index, scale)
 
 
-def check_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topology: torch.Tensor, budgets: torch.Tensor,
-    block_size: int,
-) -> int:
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: PackedMasks) -> int:
     """Validate shapes and dtypes against docs/ARCHITECTURE.md; return the number of blocks."""
+    topology, budgets, block_size = masks
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one [batch, L, heads, head_dim] shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -74,18 +75,11 @@ def check_inputs(
     return n
 
 
-def reference_block_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    topology: torch.Tensor,
-    budgets: torch.Tensor,
-    step_index: torch.Tensor,
-    block_size: int,
-    scale: float,
-) -> torch.Tensor:
+def reference_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: PackedMasks,
+                                     step_index: torch.Tensor, scale: float) -> torch.Tensor:
     """Exact block-sparse attention in at least float32, one query block at a time."""
-    n = check_inputs(q, k, v, topology, budgets, block_size)
+    n = check_inputs(q, k, v, masks)
+    topology, budgets, block_size = masks
     step = int(step_index.reshape(-1)[0])
     if not 0 <= step < budgets.shape[0]:
         raise ValueError(f"step_index {step} is outside [0, {budgets.shape[0]})")

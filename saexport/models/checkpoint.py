@@ -84,7 +84,7 @@ def load_model(
     preset = get_preset(model)
     if random_weights:
         if weights is not None:
-            raise SaexportError("give either a weights path or --random-weights, not both")
+            raise SaexportError("give either `weights` or `random_weights`, not both")
         log.warning("WARNING: %s has RANDOM WEIGHTS (seed %d): for speed measurements only; its outputs are noise.",
                     model, seed)
         device = torch.device(random_device)
@@ -110,7 +110,8 @@ def resolve_weights(preset: ModelPreset, weights: str | Path | None) -> Path:
         return Path(weights)
     if preset.bundled_weights is not None:
         return preset.bundled_weights
-    raise SaexportError(f"model '{preset.name}' needs --weights PATH (or --random-weights for benchmarks)")
+    raise SaexportError(f"model {preset.name!r} needs `weights`, a checkpoint folder (or `random_weights`, for "
+                        "benchmarks)")
 
 
 def detect_layout(path: Path) -> CheckpointLayout:
@@ -261,3 +262,27 @@ def _hash_files(files: list[Path]) -> str:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Which model: a preset and its checkpoint (or random weights, for speed measurements only)."""
+
+    model: str
+    weights: Path | None = None
+    random_weights: bool = False
+    weights_seed: int = 0  # the seed of random weights
+
+    @property
+    def preset(self) -> ModelPreset:
+        return get_preset(self.model)
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return None if self.random_weights else resolve_weights(self.preset, self.weights)
+
+    def fingerprint(self) -> list | str:
+        """Cheap to compute on every build (hashing 28 GB is not): names, sizes and modification times."""
+        if self.checkpoint is None:
+            return f"random:{self.weights_seed}"
+        return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in detect_layout(self.checkpoint).files]

@@ -37,7 +37,7 @@ def rope_tables(transformer: WanTransformer3DModel, grid: tuple[int, int, int]) 
     if max(grid) > transformer.config.rope_max_seq_len:
         raise SaexportError(f"the token grid {tuple(grid)} is longer on an axis than the model's RoPE tables "
                             f"(rope_max_seq_len {transformer.config.rope_max_seq_len} in its config): choose a smaller "
-                            "--resolution or --frames")
+                            "`resolution` or `frames`")
     shape_probe = torch.empty(1, 1, frames * pt, height * ph, width * pw)  # the RoPE reads only its shape
     cos, sin = transformer.rope.to("cpu")(shape_probe)
     return cos[..., 0::2].float().contiguous(), sin[..., 1::2].float().contiguous()
@@ -135,7 +135,7 @@ class SparseWanDiT(WanDiT):
         grid: tuple[int, int, int],
         layout: TokenLayout,
         topology_levels: torch.Tensor,  # uint8 [layers, heads, n, n], in the layout's token order
-        budget_levels: torch.Tensor,  # uint8 [steps, layers, heads]
+        budget_levels: torch.Tensor,  # uint8 [steps, layers, heads], or [steps, layers, samples, heads]: per sample
         block_size: int,
     ):
         super().__init__(transformer, grid, layout)

@@ -1,9 +1,9 @@
 """The `BlockSparseAttention` ONNX node (docs/ARCHITECTURE.md, "The ONNX node"): its schema and its translation.
 
-The node lives in the `ai.onnx.contrib` domain, where onnxruntime-extensions serves custom ops, so
-the exported file runs unchanged in ONNX Runtime; TensorRT's parser ignores the domain and finds
-the plugin by `op_type`, `plugin_version` and `plugin_namespace`. Registering the schema lets
-onnxscript build the node and `onnx.checker` type-check it.
+The node lives in the `ai.onnx.contrib` domain, where the project's custom-op library for ONNX Runtime
+(`libsaexport_ort_ops.so`, plugins/ort) serves it, so the exported file runs unchanged in ONNX Runtime; TensorRT's
+parser ignores the domain and finds the plugin by `op_type`, `plugin_version` and `plugin_namespace`. Registering
+the schema lets onnxscript build the node and `onnx.checker` type-check it.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from saexport.levels import num_blocks
 from saexport.models import attention_op  # noqa: F401  (registers the op)
 
 MassCallback = Callable[[int, torch.Tensor], None]  # (layer, block masses [batch, heads, rows, n])
@@ -44,10 +45,17 @@ class LayerMasks(torch.nn.Module):
     """One layer's packed INT32 topology `[heads, n, ceil(n/4)]` and budgets `[steps, heads]`.
 
     Buffers, so that `.to(device)` moves them and the ONNX exporter writes them as initializers.
+
+    Budgets `[steps, samples, heads]` give each sample of a batch of `samples` its own budgets (calibration runs
+    many budget tables in one sampler loop): the topology is then held once per sample, `[samples * heads, ...]`,
+    and the budgets `[steps, samples * heads]`, the layout the op sees when the batch is folded into the heads.
     """
 
     def __init__(self, topology: torch.Tensor, budgets: torch.Tensor):
         super().__init__()
+        self.samples = budgets.shape[1] if budgets.dim() == 3 else 0
+        if self.samples:
+            topology, budgets = topology.repeat(self.samples, 1, 1), budgets.flatten(1)
         self.register_buffer("topology", topology.to(torch.int32).contiguous())
         self.register_buffer("budgets", budgets.to(torch.int32).contiguous())
 
@@ -187,10 +195,18 @@ class SparseSelfAttnProcessor:
     ) -> torch.Tensor:
         check_self_attention_call(encoder_hidden_states, attention_mask, rotary_emb)
         query, key, value = project_qkv(attn, hidden_states, rotary_emb)
+        batch, seq_len, heads, dim = query.shape
+        samples = self.masks.samples
+        if samples:  # per-sample budgets: fold the batch into the heads, [1, L, samples * heads, D]
+            if batch != samples:
+                raise ValueError(f"budgets for {samples} samples, a batch of {batch}")
+            query, key, value = (t.transpose(0, 1).reshape(1, seq_len, batch * heads, dim) for t in (query, key, value))
         out = torch.ops.saexport.block_sparse_attention(
             query, key, value, self.masks.topology, self.masks.budgets, self.context.step_index,
-            self.block_size, 1.0 / math.sqrt(query.shape[-1]),
+            self.block_size, 1.0 / math.sqrt(dim),
         )
+        if samples:
+            out = out.reshape(seq_len, batch, heads, dim).transpose(0, 1)
         return _output(attn, out, query)
 
 
@@ -213,7 +229,7 @@ def block_partials(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torc
     """For query `rows` `[heads, R]` (token positions, per head) of q, k, v `[batch, L, heads, head_dim]`: the
     block masses `[batch, heads, R, n]` and partial outputs `[batch, heads, R, n, head_dim]` (at least fp32)."""
     batch, seq_len, heads, dim = q.shape
-    n = math.ceil(seq_len / block_size)
+    n = num_blocks(seq_len, block_size)
     dtype = torch.promote_types(q.dtype, torch.float32)
     pad = n * block_size - seq_len
     keys = k.transpose(1, 2).to(dtype)  # [B, H, L, D]

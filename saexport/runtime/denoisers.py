@@ -27,8 +27,8 @@ class Denoiser(Protocol):
     device: torch.device
     dtype: torch.dtype
 
-    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, step_index: torch.Tensor,
-                text_embeddings: torch.Tensor) -> torch.Tensor: ...
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor,
+                step_index: torch.Tensor) -> torch.Tensor: ...
 
 
 class TorchDenoiser:
@@ -43,13 +43,15 @@ class TorchDenoiser:
         self.steps = steps
 
     @torch.no_grad()
-    def predict(self, latents, timestep, step_index, text_embeddings):
+    def predict(self, latents, timestep, text_embeddings, step_index):
+        check_step_index(step_index, self.steps)
         return self.model(latents.to(self.device, self.dtype), timestep.to(self.device, torch.float32),
                           text_embeddings.to(self.device, self.dtype), step_index.to(self.device, torch.int32))
 
 
 class OnnxRuntimeDenoiser:
-    """The exported graph in ONNX Runtime on the CPU (fp32 graphs; the custom op runs the reference)."""
+    """The exported graph in ONNX Runtime on the CPU (fp32 graphs; the node runs the project's custom-op library,
+    `libsaexport_ort_ops.so`)."""
 
     name = "onnxruntime"
 
@@ -67,13 +69,13 @@ class OnnxRuntimeDenoiser:
             raise SaexportError(f"{path} is a {elem} graph; the onnxruntime back end runs fp32 exports")
         self.batch = self.session.get_inputs()[0].shape[0]  # static: the graph was exported for it
 
-    def predict(self, latents, timestep, step_index, text_embeddings):
+    def predict(self, latents, timestep, text_embeddings, step_index):
         from saexport.runtime.ort_session import run_dit
 
-        check_step_index(step_index, self.steps)  # the custom op's exception would abort the process
+        check_step_index(step_index, self.steps)
         if latents.shape[0] != self.batch:
             raise SaexportError(f"the graph was exported for batch {self.batch}; this pass has {latents.shape[0]} "
-                                "(the sampler runs batch 1 a pass: export with --batch 1)")
+                                "(the sampler runs batch 1 a pass: export it for batch 1)")
         inputs = (latents.float().cpu(), timestep.float().cpu(), text_embeddings.float().cpu(),
                   step_index.to(torch.int32).cpu())
         return run_dit(self.session, inputs)
@@ -117,7 +119,8 @@ class TensorRTDenoiser:
         self._output = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.context.set_tensor_address("noise_pred", self._output.data_ptr())
 
-    def predict(self, latents, timestep, step_index, text_embeddings):
+    def predict(self, latents, timestep, text_embeddings, step_index):
+        check_step_index(step_index, self.steps)
         feeds = {"hidden_states": latents.to(self.device, self.dtype),
                  "timestep": timestep.to(self.device, torch.float32),
                  "encoder_hidden_states": text_embeddings.to(self.device, self.dtype),
@@ -140,8 +143,10 @@ class TensorRTDenoiser:
 
 
 def check_step_index(step_index: torch.Tensor, steps: int) -> int:
-    """The denoising step of a one-element integer step_index, refused (SaexportError) outside [0, steps): a back
-    end must never be handed an index past its budgets (ONNX Runtime's Python op would abort the whole process)."""
+    """The denoising step of a one-element integer step_index, refused (SaexportError) outside [0, steps): every
+    back end's `predict` calls it first (docs/ARCHITECTURE.md, "The runtime": one policy for all), so no back end
+    runs a step its budgets were not made for (the kernel and the plugin would clamp it silently). A host tensor
+    is read without a device synchronisation."""
     if step_index.dtype.is_floating_point or step_index.dtype.is_complex or step_index.numel() != 1:
         raise SaexportError(f"step_index must be one integer (int32 [1]), got "
                             f"{str(step_index.dtype).removeprefix('torch.')} {list(step_index.shape)}")

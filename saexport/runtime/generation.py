@@ -16,8 +16,8 @@ import torch
 
 from saexport.artifacts import ArtifactFolder, Budgets, Topology
 from saexport.errors import SaexportError
-from saexport.folders import check_writable_file_target
-from saexport.models.checkpoint import load_model, parse_dtype, resolve_weights
+from saexport.folders import Output, check_writable_file_target
+from saexport.models.checkpoint import ModelSource, load_model, parse_dtype
 from saexport.models.dit import SparseWanDiT
 from saexport.models.presets import ModelPreset, get_preset
 from saexport.models.text_encoder import (
@@ -29,7 +29,7 @@ from saexport.models.text_encoder import (
 )
 from saexport.models.video_shape import VideoShape, video_of_grid
 from saexport.runtime.denoisers import Denoiser, OnnxRuntimeDenoiser, TensorRTDenoiser, TorchDenoiser
-from saexport.runtime.sampler import DEFAULT_GUIDANCE, sample
+from saexport.runtime.sampler import DEFAULT_GUIDANCE, SamplerSettings, sample
 from saexport.runtime.schedule import flow_shift_for
 from saexport.runtime.video import (
     OUTPUT_SUFFIXES,
@@ -70,8 +70,24 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def open_denoiser(artifacts: Artifacts, backend: str, weights: Path | None, random_weights: bool, seed: int,
-                  dtype: str | None, plugin: Path | None, compile_model: bool = False) -> Denoiser:
+def generation_dtype(preset: ModelPreset, device: str | torch.device) -> str:
+    """The precision generation runs `preset` in on `device`: the model's on a GPU (bf16 for Wan2.1: the attention
+    runs the CUDA kernel), fp32 on a CPU. Calibration runs in it too."""
+    return preset.defaults.dtype if torch.device(device).type == "cuda" else "fp32"
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How a back end runs: the torch back end's precision (None: the model's on a GPU, fp32 on a CPU) and whether
+    it is `torch.compile`d; the TensorRT back end's plugin library."""
+
+    dtype: str | None = None
+    plugin: Path | None = None
+    compile_model: bool = False
+
+
+def open_denoiser(artifacts: Artifacts, backend: str, source: ModelSource,
+                  options: BackendOptions = BackendOptions()) -> Denoiser:
     """The back end over the folder's artifacts; `torch` loads the checkpoint they were made from, on the GPU in the
     model's precision (bf16 for Wan2.1: the attention runs the CUDA kernel) or on the CPU in fp32, and optionally
     compiles it (`torch.compile` keeps one graph around the attention op, whose fake implementation it traces)."""
@@ -79,34 +95,52 @@ def open_denoiser(artifacts: Artifacts, backend: str, weights: Path | None, rand
     if backend == "torch":
         topo, preset = artifacts.topology, artifacts.preset
         device = default_device()
-        dtype = dtype or (preset.defaults.dtype if device == "cuda" else "fp32")
-        loaded = load_model(preset.name, weights, dtype=parse_dtype(dtype), random_weights=random_weights, seed=seed)
+        dtype = options.dtype or generation_dtype(preset, device)
+        loaded = load_model(preset.name, source.checkpoint, dtype=parse_dtype(dtype),
+                            random_weights=source.random_weights, seed=source.weights_seed)
         topo.check_matches(loaded.identity)
         model = SparseWanDiT(loaded.transformer, topo.grid, topo.layout, topo.levels, artifacts.budgets.levels,
                              topo.block_size).to(device)
-        return TorchDenoiser(model, steps, compiled=compile_model)
+        return TorchDenoiser(model, steps, compiled=options.compile_model)
     if backend == "onnxruntime":
         return OnnxRuntimeDenoiser(artifacts.folder.onnx, steps)
     if backend == "tensorrt":
-        if plugin is None:
-            raise SaexportError("--backend tensorrt needs --plugin PATH/libsaexport_trt_plugin.so")
-        return TensorRTDenoiser(artifacts.folder.engine, plugin, steps)
+        if options.plugin is None:
+            raise SaexportError("the tensorrt back end needs the `plugin` library (libsaexport_trt_plugin.so)")
+        return TensorRTDenoiser(artifacts.folder.engine, options.plugin, steps)
     raise SaexportError(f"unknown back end '{backend}'; use one of {', '.join(BACKENDS)}")
 
 
-def prompt_embeddings(preset: ModelPreset, encode: Callable[[list[str]], torch.Tensor] | None, prompt: str | None,
-                      negative_prompt: str, embeddings_file: Path | None,
-                      negative_file: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One video: the prompt as text (through the checkpoint's text encoder) or as embeddings in a file (synthetic
+    when neither is given), the negative prompt alike, the guidance scale and the noise seed."""
+
+    prompt: str | None = None
+    negative_prompt: str = ""
+    embeddings_file: Path | None = None
+    negative_file: Path | None = None
+    guidance: float = DEFAULT_GUIDANCE
+    seed: int = 0
+
+    def files(self) -> list[Path]:
+        return [path for path in (self.embeddings_file, self.negative_file) if path is not None]
+
+
+def prompt_embeddings(preset: ModelPreset, encode: Callable[[list[str]], torch.Tensor] | None,
+                      request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 `[1, text_len, text_dim]` of the prompt and of the negative prompt: text through `encode` (the
     checkpoint's text encoder), or embeddings from files, or synthetic (said so)."""
+    prompt, negative_prompt = request.prompt, request.negative_prompt
+    embeddings_file, negative_file = request.embeddings_file, request.negative_file
     text_len, text_dim = preset.text_len, preset.config["text_dim"]
     if prompt is not None:
         if encode is None:
-            raise SaexportError("--prompt needs --weights with a text encoder (text_encoder/ and tokenizer/)")
+            raise SaexportError("a `prompt` needs `weights` with a text encoder (text_encoder/ and tokenizer/)")
         text, negative = encode([prompt, negative_prompt]).split(1)
         return text, negative
     if embeddings_file is None:
-        log.warning("note: SYNTHETIC prompt embeddings (seeded normal); give --prompt or --embeddings")
+        log.warning("note: SYNTHETIC prompt embeddings (seeded normal); give a prompt or its embeddings")
         text = synthetic_embeddings(text_len, text_dim, 1, PROMPT_SEED)
     else:
         text = read_embeddings(embeddings_file, text_dim)
@@ -127,20 +161,17 @@ class SparsePipeline:
     The text encoder, the back end and the latent codec are opened once; each call runs Wan2.1's sampler loop.
     """
 
-    def __init__(self, root: str | Path, backend: str = "torch", *, weights: Path | None = None,
-                 random_weights: bool = False, seed: int = 0, dtype: str | None = None, plugin: Path | None = None,
-                 vae: Path | None = None, model: str | None = None, compile_model: bool = False):
+    def __init__(self, root: str | Path, backend: str = "torch", source: ModelSource | None = None,
+                 options: BackendOptions = BackendOptions(), vae: Path | None = None):
         self.artifacts = Artifacts.open(Path(root))
         preset = self.artifacts.preset
-        if model is not None and model != preset.name:
-            raise SaexportError(f"the artifacts are for {preset.name}, not --model {model}")
-        if weights is None and not random_weights and preset.bundled_weights:
-            weights = resolve_weights(preset, None)
-        self.weights, self.vae_path = weights, vae
+        source = source or ModelSource(preset.name)
+        if source.model != preset.name:
+            raise SaexportError(f"the artifacts are for {preset.name}, not `model` {source.model}")
+        self.weights, self.vae_path = source.checkpoint, vae
         self._encode: Callable[[list[str]], torch.Tensor] | None = None
         self._vae = None
-        self.denoiser = open_denoiser(self.artifacts, backend, weights, random_weights, seed, dtype, plugin,
-                                      compile_model)
+        self.denoiser = open_denoiser(self.artifacts, backend, source, options)
 
     @property
     def steps(self) -> int:
@@ -163,47 +194,53 @@ class SparsePipeline:
             self._vae = load_vae(self.vae_path, default_device())
         return decode_latents(self._vae, latents)
 
-    def latents(self, prompt: str | None = None, seed: int = 0, negative_prompt: str = "",
-                guidance: float = DEFAULT_GUIDANCE, embeddings_file: Path | None = None,
-                negative_file: Path | None = None) -> torch.Tensor:
+    def latents(self, request: GenerationRequest) -> torch.Tensor:
         """fp32 latents `[1, channels, frames, height, width]`."""
-        text, negative = prompt_embeddings(self.artifacts.preset, self.text_encoder(), prompt, negative_prompt,
-                                           embeddings_file, negative_file)
+        text, negative = prompt_embeddings(self.artifacts.preset, self.text_encoder(), request)
         video = self.artifacts.video
-        return sample(self.denoiser, text, negative, video.latent_shape(), self.steps, flow_shift_for(video.height),
-                      seed, guidance)
+        settings = SamplerSettings(video.latent_shape(), self.steps, flow_shift_for(video.height), request.guidance)
+        return sample(self.denoiser, settings, text, negative, request.seed)
 
     def __call__(self, prompt: str, seed: int = 0, negative_prompt: str = "",
                  guidance: float = DEFAULT_GUIDANCE) -> np.ndarray:
         """uint8 frames `[frames, height, width, 3]` (Wan2.1 latents are decoded with the `vae` given at load)."""
-        return self.frames(self.latents(prompt, seed, negative_prompt, guidance))
+        return self.frames(self.latents(GenerationRequest(prompt, negative_prompt, guidance=guidance, seed=seed)))
 
 
-def generate(root: Path, out_path: Path, backend: str = "torch", *, model: str | None = None,
-             weights: Path | None = None, random_weights: bool = False, seed: int = 0, dtype: str | None = None,
-             plugin: Path | None = None, prompt: str | None = None, negative_prompt: str = "",
-             embeddings_file: Path | None = None, negative_file: Path | None = None, steps: int | None = None,
-             guidance: float = DEFAULT_GUIDANCE, sample_seed: int = 0, vae: Path | None = None,
-             upscale: int = 1, compile_model: bool = False, overwrite: bool = False) -> Path:
-    """Run the sampler on the folder's artifacts and write `out_path` (.safetensors latents, or .gif / .mp4). An
-    existing `out_path` is replaced only when `generate` wrote it, or with `overwrite`."""
+def open_pipeline(root: str | Path, backend: str = "torch", **options) -> SparsePipeline:
+    """`SparsePipeline` from keyword options (what `saexport.load` takes): weights, random_weights, weights_seed,
+    dtype, plugin, compile_model, vae."""
+    known = {"weights", "random_weights", "weights_seed", "dtype", "plugin", "compile_model", "vae"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise SaexportError(f"unknown option {', '.join(unknown)}; the options are {', '.join(sorted(known))}")
+    model = Artifacts.open(Path(root)).preset.name
+    source = ModelSource(model, options.get("weights"), options.get("random_weights", False),
+                         options.get("weights_seed", 0))
+    backend_options = BackendOptions(options.get("dtype"), options.get("plugin"), options.get("compile_model", False))
+    return SparsePipeline(root, backend, source, backend_options, options.get("vae"))
+
+
+def check_generation_target(out: Output, root: Path, inputs: list[Path], vae: Path | None) -> Path:
+    """Before any model is loaded: `out` can receive what `generate` writes, and is none of its inputs (the
+    folder's artifacts, `inputs`: embeddings, checkpoint; the `vae`) nor inside one. Returns the resolved path."""
     folder = ArtifactFolder(Path(root))
-    check_writable_file_target(out_path, OUTPUT_SUFFIXES, inputs=[
-        folder.topology, folder.budgets, folder.onnx, folder.engine,
-        *(path for path in (embeddings_file, negative_file, weights, vae) if path is not None)],
-        overwrite=overwrite, ours=written_by_generate)
+    path = check_writable_file_target(out.path, OUTPUT_SUFFIXES, overwrite=out.overwrite, ours=written_by_generate,
+                                      inputs=[folder.topology, folder.budgets, folder.onnx, folder.engine, *inputs,
+                                              *([vae] if vae is not None else [])])
     preset = get_preset(Topology.load(folder.topology).model)
-    if out_path.suffix.lower() in VIDEO_SUFFIXES and preset.codec.name != "pixels" and vae is None:
-        raise SaexportError(f"a video of {preset.name}'s latents needs --vae (the checkpoint's vae/ folder); "
-                            "or write .safetensors")
-    pipeline = SparsePipeline(root, backend, weights=weights, random_weights=random_weights, seed=seed, dtype=dtype,
-                              plugin=plugin, vae=vae, model=model, compile_model=compile_model)
-    if steps is not None and steps != pipeline.steps:
-        raise SaexportError(f"the budgets are for {pipeline.steps} steps; sample with --steps {pipeline.steps} or "
-                            "rerun `saexport budgets` for this step count")
-    latents = pipeline.latents(prompt, sample_seed, negative_prompt, guidance, embeddings_file, negative_file)
-    if out_path.suffix.lower() in VIDEO_SUFFIXES:
-        write_video(pipeline.frames(latents), out_path, scale=upscale)
+    if path.suffix.lower() in VIDEO_SUFFIXES and preset.codec.name != "pixels" and vae is None:
+        raise SaexportError(f"a video of {preset.name}'s latents is decoded by a `vae` (the checkpoint's vae/ "
+                            "folder); or write .safetensors")
+    return path
+
+
+def generate(pipeline: SparsePipeline, request: GenerationRequest, out: Output, upscale: int = 1) -> Path:
+    """Run the sampler on the pipeline and write `out` (.safetensors latents, or .gif / .mp4 enlarged `upscale`
+    times); `check_generation_target(out, ...)` first, before the pipeline is opened."""
+    latents = pipeline.latents(request)
+    if out.path.suffix.lower() in VIDEO_SUFFIXES:
+        write_video(pipeline.frames(latents), out.path, scale=upscale)
     else:
-        write_latents(latents, out_path)
-    return out_path
+        write_latents(latents, out.path)
+    return out.path

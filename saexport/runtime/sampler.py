@@ -7,6 +7,7 @@ event which step and pass its probes are about to see, so it measures exactly wh
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -19,15 +20,23 @@ DEFAULT_GUIDANCE = 5.0
 PASSES = ("cond", "uncond")  # the passes of a guided step, in the order they run
 
 
+@dataclass(frozen=True)
+class SamplerSettings:
+    """What a sampler loop is fixed by: the latents' shape `[channels, frames, height, width]`, the step count the
+    budgets were made for, the schedule's flow shift, and the guidance scale (1.0: one pass a step)."""
+
+    latent_shape: tuple[int, int, int, int]
+    steps: int
+    flow_shift: float
+    guidance: float = DEFAULT_GUIDANCE
+
+
 def sampling_loop(
     denoiser: Denoiser,
+    settings: SamplerSettings,
     text_embeddings: torch.Tensor,  # [batch, text_len, text_dim]
     negative_embeddings: torch.Tensor,  # [1 or batch, text_len, text_dim]
-    latent_shape: tuple[int, int, int, int],
-    steps: int,
-    flow_shift: float,
     seed: int | Sequence[int],  # one per prompt of the batch
-    guidance_scale: float = DEFAULT_GUIDANCE,
     progress: Callable = tqdm,
 ) -> Generator[tuple[int, str], None, torch.Tensor]:
     """Denoise seeded noise into latents `[batch, *latent_shape]` (fp32, returned on the CPU).
@@ -38,46 +47,43 @@ def sampling_loop(
     denoiser's device for the whole loop; the noise is drawn on the CPU, per seed, so that a seed means the
     same video on every back end and in any batch.
     """
+    steps = settings.steps
     if steps != denoiser.steps:
-        raise SaexportError(f"the budgets are for {denoiser.steps} steps; sample with --steps {denoiser.steps} "
-                            "or rerun `saexport budgets` for this step count")
-    scheduler = wan_scheduler(flow_shift)
+        raise SaexportError(f"the budgets are for {denoiser.steps} steps, not {steps}: sample with `steps` = "
+                            f"{denoiser.steps}, or make budgets for {steps} steps")
+    scheduler = wan_scheduler(settings.flow_shift)
     scheduler.set_timesteps(steps)
     seeds = [seed] if isinstance(seed, int) else list(seed)
     if len(seeds) != text_embeddings.shape[0]:
         raise SaexportError(f"{text_embeddings.shape[0]} prompts need as many seeds, got {len(seeds)}")
     device = denoiser.device
-    latents = torch.cat([torch.randn(1, *latent_shape, generator=torch.Generator().manual_seed(s))
+    latents = torch.cat([torch.randn(1, *settings.latent_shape, generator=torch.Generator().manual_seed(s))
                          for s in seeds]).to(device)
     text_embeddings = text_embeddings.to(device)
     negative_embeddings = negative_embeddings.to(device).expand_as(text_embeddings)
     for step, t in enumerate(progress(scheduler.timesteps, desc=f"sampling ({denoiser.name})", unit="step")):
         timestep = t.reshape(1).float().to(device).expand(latents.shape[0])
-        step_index = torch.tensor([step], dtype=torch.int32, device=device)
+        step_index = torch.tensor([step], dtype=torch.int32)  # on the host: each back end checks it, no sync
         yield step, "cond"
-        noise = denoiser.predict(latents, timestep, step_index, text_embeddings).float()
-        if guidance_scale != 1.0:
+        noise = denoiser.predict(latents, timestep, text_embeddings, step_index).float()
+        if settings.guidance != 1.0:
             yield step, "uncond"
-            uncond = denoiser.predict(latents, timestep, step_index, negative_embeddings).float()
-            noise = uncond + guidance_scale * (noise - uncond)
+            uncond = denoiser.predict(latents, timestep, negative_embeddings, step_index).float()
+            noise = uncond + settings.guidance * (noise - uncond)
         latents = scheduler.step(noise, t, latents).prev_sample
     return latents.cpu()
 
 
 def sample(
     denoiser: Denoiser,
+    settings: SamplerSettings,
     text_embeddings: torch.Tensor,
     negative_embeddings: torch.Tensor,
-    latent_shape: tuple[int, int, int, int],
-    steps: int,
-    flow_shift: float,
     seed: int | Sequence[int],
-    guidance_scale: float = DEFAULT_GUIDANCE,
     progress: Callable = tqdm,
 ) -> torch.Tensor:
     """`sampling_loop` run to its end: the latents `[batch, *latent_shape]` (fp32, on the CPU)."""
-    loop = sampling_loop(denoiser, text_embeddings, negative_embeddings, latent_shape, steps, flow_shift, seed,
-                         guidance_scale, progress)
+    loop = sampling_loop(denoiser, settings, text_embeddings, negative_embeddings, seed, progress)
     while True:
         try:
             next(loop)

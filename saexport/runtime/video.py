@@ -50,7 +50,7 @@ def latents_to_frames(codec: LatentCodec, latents: torch.Tensor, vae_path: str |
     if codec.name == "pixels":
         return _to_uint8(latents[0])
     if vae_path is None:
-        raise SaexportError("a video of Wan2.1 latents needs --vae (the checkpoint's vae/ folder); "
+        raise SaexportError("a video of Wan2.1 latents needs a `vae` (the checkpoint's vae/ folder); "
                             "or write .safetensors")
     return decode_latents(load_vae(vae_path, device), latents)
 

@@ -9,16 +9,16 @@ where Q is a quality proxy measured for every level along the calibration loop (
 or 1 - the relative error of the attention output; `topology.quality`), w a per-step and per-layer sensitivity
 measured end to end (`topology.sensitivity`; uniform by default) and density[l, h, P] the fraction of the head's
 block pairs whose level is <= P. The entries are independent given lambda, and the table's mean density falls as
-lambda grows, so lambda is bisected until the mean density meets the preset's goal (`DENSITY_GOALS`). This is the
+lambda grows, so lambda is bisected until the mean density meets the goal (`goals.Goal`). This is the
 Lagrangian relaxation of "maximise the mean of w Q subject to the mean density <= goal": its solutions lie on the
 convex hull of each entry's (density, w Q) curve; the entries that are indifferent at the final lambda (their
 choice differs between the two ends of the bisection) are then moved up one by one, best value per block first,
 while the goal allows, and what is left is spent by single upward moves that gain the most per block (never one
 that loses value), so the table lands on the goal (from below) instead of one hull vertex below it.
 
-Dense warm-up steps: the first `warmup` steps are fixed at level 255 (density 1) and counted inside the goal, so
-the other steps share what is left. `warmup="auto"` tries 0 .. S // 3 warm-up steps and keeps the count whose
-budgets score best: by `judge(budgets)` when given (e.g. minus the final latent error against dense,
+Dense warm-up steps (`Warmup`): the first `steps` steps are fixed at level 255 (density 1) and counted inside the
+goal, so the other steps share what is left. `steps="auto"` tries 0 .. S // 3 warm-up steps and keeps the count
+whose budgets score best: by `judge(budgets)` when given (e.g. minus the final latent error against dense,
 `topology.sensitivity.latent_error_judge`), else by the proxy objective. Without a judge the objective can only
 favour warm-up where the relaxation is inexact: forcing entries dense is a constraint on the same objective, so an
 end-to-end judge is what makes the choice meaningful.
@@ -28,7 +28,6 @@ Ties between levels (same objective) go to the lowest level: levels that no bloc
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +35,10 @@ import torch
 from saexport.artifacts import Budgets, Topology
 from saexport.errors import SaexportError
 from saexport.levels import DENSE_LEVEL, density
-from saexport.topology.fast import DENSITY_GOALS, LEVELS, fidelity_vs_density
+from saexport.topology.fast import LEVELS, quality_vs_density
+from saexport.topology.goals import WARMUP_AUTO, Goal, Warmup
 
-WARMUP_AUTO = "auto"
+ITERATIONS = 60  # bisection steps of lambda
 
 
 def level_densities(topology_levels: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ def allocate(quality: torch.Tensor, weights: torch.Tensor, densities: torch.Tens
         raise SaexportError(f"quality {tuple(quality.shape)}, weights {tuple(weights.shape)} and densities "
                             f"{tuple(densities.shape)} do not describe one [steps, layers, heads, 256] table")
     if not 0 <= warmup_steps <= steps:
-        raise SaexportError(f"warm-up steps must be within 0..{steps}, got {warmup_steps}")
+        raise SaexportError(f"`warmup` must be within 0..{steps} steps, got {warmup_steps}")
     if not torch.isfinite(quality).all() or not torch.isfinite(weights).all():
         raise SaexportError("the quality table or the weights hold non-finite values")
     if (weights < 0).any():
@@ -175,27 +175,15 @@ def _top_up(value: torch.Tensor, dens: torch.Tensor, choice: torch.Tensor, budge
     return choice
 
 
-def fit_budgets_v2(
-    topology: Topology,
-    quality: torch.Tensor,
-    preset: str,
-    *,
-    proxy: str,
-    weights: torch.Tensor | None = None,
-    warmup: int | str = 0,
-    max_warmup: int | None = None,
-    judge: Callable[[Budgets], float] | None = None,
-    iterations: int = 60,
-) -> Budgets:
-    """FAST v2 budgets at the preset's density goal (the module's docstring).
+def fit_budgets_v2(topology: Topology, quality: torch.Tensor, goal: Goal, proxy: str,
+                   weights: torch.Tensor | None = None, warmup: Warmup = Warmup()) -> Budgets:
+    """FAST v2 budgets at the goal's density (the module's docstring).
 
     quality `[S, L, H, 256]` (higher is better; `proxy` names it in the file: "hellinger", "output", "residual"
-    from `topology.quality`, required so that no file misnames its proxy), weights `[S, L]` (None: uniform),
-    warmup: a number of dense warm-up steps, or "auto" to choose among 0..`max_warmup` (default S // 3) the count
-    whose budgets score best by `judge` (higher is better) or else by the objective."""
-    if preset not in DENSITY_GOALS:
-        raise SaexportError(f"unknown fidelity preset '{preset}'; use one of {', '.join(DENSITY_GOALS)}")
-    goal = DENSITY_GOALS[preset]
+    from `topology.quality`, required so that no file misnames its proxy), weights `[S, L]` (None: uniform)."""
+    if goal.density is None:
+        raise SaexportError(f"the allocation is for a density; a quality target ({goal.name}) is met by "
+                            "`topology.quality_target.meet_psnr`")
     steps, layers = quality.shape[:2]
     if tuple(quality.shape[1:3]) != tuple(topology.levels.shape[:2]):
         raise SaexportError(f"the quality table covers {tuple(quality.shape[1:3])} layers x heads, the topology "
@@ -204,28 +192,26 @@ def fit_budgets_v2(
     densities = level_densities(topology.levels)
 
     def budgets_of(allocation: Allocation, candidates: list | None = None) -> Budgets:
-        curve = {"rule": "v2", "proxy": proxy, "density_goal": goal, "lambda": allocation.lam,
-                 "warmup": warmup, "warmup_steps": allocation.warmup_steps, "objective": allocation.objective,
+        curve = {"rule": "v2", "proxy": proxy, "density_goal": goal.density, "lambda": allocation.lam,
+                 "warmup": warmup.steps, "warmup_steps": allocation.warmup_steps, "objective": allocation.objective,
                  "achieved_density": allocation.density,
                  "weights": [[float(f"{x:.5g}") for x in row] for row in weights.tolist()],
-                 "quality_vs_density": fidelity_vs_density(topology, quality)}
+                 "quality_vs_density": quality_vs_density(topology, quality)}
         if candidates is not None:
             curve["warmup_candidates"] = candidates
-        return Budgets(allocation.levels, topology.hash(), fidelity=preset, curve=curve,
+        return Budgets(allocation.levels, topology.hash(), fidelity=goal.name, curve=curve,
                        mean_density=allocation.density)
 
-    if warmup != WARMUP_AUTO:
-        if not isinstance(warmup, int) or isinstance(warmup, bool):
-            raise SaexportError(f"warm-up must be a number of steps or '{WARMUP_AUTO}', got {warmup!r}")
-        return budgets_of(allocate(quality, weights, densities, goal, warmup, iterations))
-    last = steps // 3 if max_warmup is None else min(max_warmup, steps)
+    if warmup.steps != WARMUP_AUTO:
+        return budgets_of(allocate(quality, weights, densities, goal.density, warmup.steps, ITERATIONS))
+    last = steps // 3 if warmup.max_steps is None else min(warmup.max_steps, steps)
     best, candidates = None, []
     for count in range(last + 1):
         try:
-            allocation = allocate(quality, weights, densities, goal, count, iterations)
+            allocation = allocate(quality, weights, densities, goal.density, count, ITERATIONS)
         except SaexportError:
             break  # more warm-up steps leave even less: infeasible from here on
-        score = judge(budgets_of(allocation)) if judge is not None else allocation.objective
+        score = warmup.judge(budgets_of(allocation)) if warmup.judge is not None else allocation.objective
         candidates.append([count, round(allocation.objective, 6), round(allocation.density, 5), float(score)])
         if best is None or score > best[0]:
             best = (score, allocation)

@@ -15,25 +15,29 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
+from saexport.artifacts import BlockedGrid
 from saexport.atomic import atomic_path
 from saexport.errors import SaexportError
-from saexport.layout import TokenLayout
+from saexport.levels import num_blocks
+from saexport.models.checkpoint import LoadedModel
 from saexport.models.dit import WanDiT
 from saexport.models.processors import BlockInputs, ProbedRowsSelfAttnProcessor
 from saexport.runtime.denoisers import TorchDenoiser
-from saexport.runtime.sampler import DEFAULT_GUIDANCE, PASSES, sampling_loop
+from saexport.runtime.sampler import DEFAULT_GUIDANCE, PASSES, SamplerSettings, sampling_loop
 from saexport.topology.prompts import CalibrationSet
 
 log = logging.getLogger("saexport")
+CHECK_SEED = 1000  # the held-out checks' seeds are the calibration's plus this: videos the calibration never walked
+REPORT_SEED = 2000  # the fidelity report's seeds, likewise
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class SampledRows:
     def draw(cls, seq_len: int, block_size: int, rows_per_block: int, seed: int) -> SampledRows:
         gen = torch.Generator().manual_seed(seed)
         rows, blocks = [], []
-        for u in range(math.ceil(seq_len / block_size)):
+        for u in range(num_blocks(seq_len, block_size)):
             size = min(block_size, seq_len - u * block_size)
             take = min(rows_per_block, size)
             rows.append(u * block_size + torch.randperm(size, generator=gen)[:take])
@@ -110,7 +114,11 @@ class CalibrationLoop:
         if not self.passes or unknown:
             raise SaexportError(f"calibration passes must be among {', '.join(PASSES)}, got {self.passes}")
         if self.steps < 1:
-            raise SaexportError(f"--steps must be at least 1, got {self.steps}")
+            raise SaexportError(f"`steps` must be at least 1, got {self.steps}")
+
+    def sampler(self, latent_shape: tuple[int, int, int, int]) -> SamplerSettings:
+        """The sampler settings of this loop for latents of `latent_shape`."""
+        return SamplerSettings(latent_shape, self.steps, self.flow_shift, self.guidance)
 
     def settings(self) -> dict:
         """What the artifacts record of the loop."""
@@ -171,48 +179,84 @@ def calibration_key(*parts) -> str:
     return digest.hexdigest()
 
 
-def calibration_runs(
-    loaded, grid: tuple[int, int, int], layout: TokenLayout, block_size: int, rows: SampledRows | HeadRows,
-    on_masses: Callable, prompts: CalibrationSet, loop: CalibrationLoop, device: str | torch.device,
-    progress: Callable, desc: str, checkpoint: CalibrationCheckpoint | None = None,
-) -> Iterator[Run]:
-    """Walk the sampler loop of every prompt x seed, probed, with a progress bar over the runs (passes).
+@dataclass(frozen=True)
+class Calibrator:
+    """What every calibration stage shares (ModelOpt's calibrator: the settings on one object, each stage a function
+    of it and of what it measures): the model as loaded, the prompts, the sampler loop walked, where it runs, how
+    many prompt x seed samples go through the DiT at once, how progress is shown, and the file where an interrupted
+    stage keeps what it has measured (each stage adds its suffix: `progress_path`)."""
 
-    Yields each run *before* its forward pass, so the consumer can label what the probes are about to see;
-    the forward pass runs when the consumer asks for the next run. Only the measured passes reach `on_masses`
-    (`on_masses(layer, masses)` for `SampledRows`, `on_masses(layer, RowProbe)` for `HeadRows`).
-    With a checkpoint, finished trajectories are skipped and each one that finishes is recorded."""
-    if prompts.embeddings.shape[0] == 0 or not loop.seeds:
-        raise SaexportError("the calibration set is empty: give at least one prompt and one seed")
-    done = frozenset(checkpoint.done) if checkpoint else frozenset()
-    pending = [(prompt, seed) for prompt in range(prompts.embeddings.shape[0]) for seed in loop.seeds
-               if (prompt, seed) not in done]
-    if done:
-        log.info("resuming: %d of %d calibration runs done", len(done), len(done) + len(pending))
-    current: list[Run | None] = [None]
+    loaded: LoadedModel
+    prompts: CalibrationSet
+    loop: CalibrationLoop
+    device: str | torch.device = "cpu"
+    batch_size: int = 1
+    progress: Callable = tqdm
+    progress_file: Path | None = None
+    held_out: CalibrationSet | None = None  # prompts no stage measures from: the end-to-end quality checks'
 
-    def measured(layer: int, data) -> None:
-        if current[0] is not None and current[0].pass_name in loop.passes:
-            on_masses(layer, data)
+    def progress_path(self, suffix: str = "") -> Path | None:
+        """Where the stage named by `suffix` keeps its progress (None: not kept)."""
+        if self.progress_file is None:
+            return None
+        return self.progress_file.with_name(self.progress_file.name + suffix)
 
-    model = WanDiT(loaded.transformer, grid, layout)
-    remove_probe = rows.install(model, block_size, measured)
-    model = model.to(device).eval()
-    denoiser = TorchDenoiser(model, loop.steps)
-    passes_per_step = len(PASSES) if loop.guidance != 1.0 else 1
+    def checker(self) -> Calibrator:
+        """The same calibrator on the held-out prompts, with seeds the calibration loop does not walk: what an
+        end-to-end quality check generates from."""
+        if self.held_out is None:
+            raise SaexportError("a quality target needs held-out calibration prompts to check it on")
+        seeds = tuple(CHECK_SEED + seed for seed in self.loop.seeds)
+        return replace(self, prompts=self.held_out, loop=replace(self.loop, seeds=seeds), held_out=None)
 
-    def runs() -> Iterator[Run]:
+    def first_prompts(self, count: int) -> Calibrator:
+        """The same calibrator on the first `count` prompts."""
+        total = self.prompts.embeddings.shape[0]
+        if not 1 <= count <= total:
+            raise SaexportError(f"`sensitivity_prompts` must be within 1..{total} (the calibration prompts), "
+                                f"got {count}")
+        subset = CalibrationSet(self.prompts.embeddings[:count], self.prompts.negative,
+                                f"{self.prompts.source}, first {count}")
+        return replace(self, prompts=subset)
+
+    def measure(self, blocks: BlockedGrid, rows: SampledRows | HeadRows, on_data: Callable, desc: str,
+                checkpoint: CalibrationCheckpoint | None = None) -> None:
+        """Walk the dense sampler loop of every prompt x seed, probed, with a progress bar over the runs (passes).
+
+        The probes of the measured passes call `on_data(run, layer, masses)` for `SampledRows` and
+        `on_data(run, layer, RowProbe)` for `HeadRows`, `run` naming the prompt, seed, step and pass they saw. With a
+        checkpoint, finished trajectories are skipped and each one that finishes is recorded."""
+        prompts, loop = self.prompts, self.loop
+        if prompts.embeddings.shape[0] == 0 or not loop.seeds:
+            raise SaexportError("the calibration set is empty: give at least one prompt and one seed")
+        done = frozenset(checkpoint.done) if checkpoint else frozenset()
+        pending = [(prompt, seed) for prompt in range(prompts.embeddings.shape[0]) for seed in loop.seeds
+                   if (prompt, seed) not in done]
+        if done:
+            log.info("resuming: %d of %d calibration runs done", len(done), len(done) + len(pending))
+        current: Run | None = None
+
+        def measured(layer: int, data) -> None:
+            if current is not None and current.pass_name in loop.passes:
+                on_data(current, layer, data)
+
+        model = WanDiT(self.loaded.transformer, blocks.grid, blocks.layout)
+        remove_probe = rows.install(model, blocks.block_size, measured)
+        model = model.to(self.device).eval()
+        denoiser = TorchDenoiser(model, loop.steps)
+        sampler = loop.sampler(model.latent_shape())
+        passes_per_step = len(PASSES) if loop.guidance != 1.0 else 1
+        bar = self.progress(range(len(pending) * loop.steps * passes_per_step), desc=desc, unit="pass")
+        passes = iter(bar)
         try:
             for prompt, seed in pending:
-                events = sampling_loop(denoiser, prompts.embeddings[prompt:prompt + 1], prompts.negative,
-                                       model.latent_shape(), loop.steps, loop.flow_shift, seed, loop.guidance,
-                                       progress=lambda it, **_: it)
-                for step, pass_name in events:
-                    current[0] = Run(prompt, seed, step, pass_name)
-                    yield current[0]
+                events = sampling_loop(denoiser, sampler, prompts.embeddings[prompt:prompt + 1], prompts.negative,
+                                       seed, progress=lambda it, **_: it)
+                for step, pass_name in events:  # each event comes before its forward pass, which runs on the next
+                    next(passes, None)
+                    current = Run(prompt, seed, step, pass_name)
                 if checkpoint:  # the loop has ended: its last forward pass has run
                     checkpoint.finish((prompt, seed))
+            next(passes, None)  # closes the bar
         finally:  # the transformer is shared: leave no hook on it
             remove_probe()
-
-    return progress(runs(), total=len(pending) * loop.steps * passes_per_step, desc=desc, unit="pass")

@@ -3,6 +3,8 @@
 - masks.png: the kept blocks of every layer (rows) and head (columns) at one step;
 - density.png: mean density over steps x layers (the FAST schedule at a glance);
 - fidelity.png: what FAST measured against density per layer (v1: fidelity; v2: its quality proxy);
+- quality.png: a build's fidelity report: PSNR against the dense video as the quality search measured it against
+  density, the target, and what the chosen budgets gave on the report's held-out prompts;
 - IoU of the masks of two topologies (e.g. calibrated on disjoint prompt halves) at equal density.
 """
 
@@ -16,7 +18,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from saexport.artifacts import Budgets, Topology  # noqa: E402
+from saexport.artifacts import Budgets, FidelityReport, Topology  # noqa: E402
 from saexport.atomic import atomic_path  # noqa: E402
 from saexport.levels import density, kept_blocks  # noqa: E402
 
@@ -76,6 +78,23 @@ def fidelity_png(budgets: Budgets, path: Path) -> bool:
         ax.legend(fontsize=7)
     _save(figure, path)
     return True
+
+
+def quality_png(report: FidelityReport, path: Path) -> None:
+    figure, ax = plt.subplots(figsize=(6, 4))
+    if report.search is not None:
+        points = sorted(report.search["psnr_vs_density"])
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color="tab:blue",
+                label="quality search (held-out calibration prompts)")
+        ax.axhline(report.search["psnr"], color="tab:red", linestyle="--", label=f"target {report.search['psnr']:g} dB")
+    psnr = report.held_out["psnr"]
+    ax.errorbar([report.mean_density], [psnr["mean"]], yerr=[psnr["ci95"] or 0.0], fmt="s", color="black",
+                capsize=4, label=f"chosen: report prompts ({psnr['n']}), 95% interval")
+    ax.set_xlabel("mean density (fraction of blocks kept)")
+    ax.set_ylabel("PSNR against the dense video (dB)")
+    ax.set_title(f"{report.model}, {report.goal}: {psnr['mean']:.1f} dB at {report.mean_density:.0%} of the blocks")
+    ax.legend(fontsize=7)
+    _save(figure, path)
 
 
 def mask_iou(a: Topology, b: Topology, target_density: float = 0.3) -> float:

@@ -29,7 +29,10 @@ from saexport.models.text_encoder import (
 from saexport.models.word_encoder import is_word_encoder
 
 CALIBRATION_SEED = 1_000_003  # the demo's calibration captions: a draw of its own, never a held-out caption
+CHECK_SEED = 2_000_003  # the demo's quality-check captions: another draw of training captions
+REPORT_SEED = 3_000_003  # the fidelity report's captions: the demo's held-out test captions
 SYNTHETIC_SEED = 0
+ROLES = ("calibration", "check", "report")  # what a prompt set is for: measured from, checked on, reported on
 
 # A built-in calibration set: diverse subjects, motion, camera work, lighting and styles.
 CALIBRATION_PROMPTS = [
@@ -60,13 +63,24 @@ CALIBRATION_PROMPTS = [
 ]
 
 
-def builtin_prompts(preset: ModelPreset, weights: Path, count: int) -> list[str]:
-    """Real-world scenes for UMT5; training captions of its own videos for a demo model's word encoder."""
+# The built-in prompts' roles (UMT5): the calibration set from the first, the quality checks' and the report's after.
+ROLE_SLICES = {"calibration": (0, 16), "check": (16, 20), "report": (20, 24)}
+
+
+def builtin_prompts(preset: ModelPreset, weights: Path, count: int, role: str = "calibration") -> list[str]:
+    """Prompts for `role`, disjoint across roles. Real-world scenes for UMT5 (`ROLE_SLICES` of the built-in list);
+    for a demo model's word encoder, captions of its own videos: training captions, a draw of their own for
+    calibration and for checks, and held-out test captions (never trained on) for a report."""
     if is_word_encoder(weights):
         from saexport.demo import captions
 
-        return captions(preset.name, count, seed=CALIBRATION_SEED)
-    return CALIBRATION_PROMPTS[:count]
+        seed = {"calibration": CALIBRATION_SEED, "check": CHECK_SEED, "report": REPORT_SEED}[role]
+        return captions(preset.name, count, seed=seed, held_out=role == "report")
+    start, end = ROLE_SLICES[role]
+    if count > end - start:
+        raise SaexportError(f"`prompts` for {role}: the built-in prompts hold {end - start}, asked for {count}; give "
+                            "embeddings of your own prompts")
+    return CALIBRATION_PROMPTS[start:start + count]
 
 
 @functools.lru_cache(maxsize=8)
@@ -91,25 +105,32 @@ class CalibrationSet:
 
 @dataclass(frozen=True)
 class PromptSource:
-    """Where calibration prompts come from (see the module's docstring)."""
+    """Where the prompts of a `role` come from (see the module's docstring). The quality checks' and the report's
+    prompts are never the calibration's: built-in prompts of their own role through the checkpoint's text encoder
+    (also beside a calibration embeddings file), else synthetic ones of their own seed."""
 
     preset: ModelPreset
     count: int
     embeddings_file: Path | None = None
     weights: Path | None = None  # the checkpoint folder, whose text encoder may encode built-in prompts
+    role: str = "calibration"
 
     @property
     def kind(self) -> str:
-        if self.embeddings_file is not None:
+        if self.embeddings_file is not None and self.role == "calibration":
             return "file"
         return "text encoder" if self.weights is not None and has_text_encoder(self.weights) else "synthetic"
+
+    @property
+    def synthetic_seed(self) -> int:
+        return SYNTHETIC_SEED + ROLES.index(self.role)
 
     def check(self) -> None:
         """Errors a user can fix, before any compute."""
         if self.count < 1 and self.embeddings_file is None:
-            raise SaexportError(f"--prompts must be at least 1, got {self.count}")
+            raise SaexportError(f"`prompts` must be at least 1, got {self.count}")
         if self.embeddings_file is not None and not self.embeddings_file.is_file():
-            raise SaexportError(f"--calib-embeddings file {self.embeddings_file} does not exist")
+            raise SaexportError(f"`embeddings_file` {self.embeddings_file} does not exist")
 
     def fingerprint(self) -> list:
         """Cheap to compute on every build: names, sizes and modification times."""
@@ -119,11 +140,12 @@ class PromptSource:
     def describe(self) -> str:
         """From the files' contents: the same for every copy of the same inputs."""
         if self.kind == "synthetic":
-            return f"synthetic ({self.count} prompts, seed {SYNTHETIC_SEED})"
+            return f"synthetic ({self.count} prompts, seed {self.synthetic_seed})"
         digest = _files_digest(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in self._files()))
         if self.kind == "file":
             return f"file {self.embeddings_file.name} (sha256 {digest})"  # type: ignore[union-attr]
-        return f"{self.count} built-in prompts, text encoder sha256 {digest}"
+        role = "" if self.role == "calibration" else f"{self.role} "
+        return f"{self.count} built-in {role}prompts, text encoder sha256 {digest}"
 
     def load(self, cache: Path | None = None) -> CalibrationSet:
         self.check()
@@ -131,10 +153,10 @@ class PromptSource:
         if self.kind == "file":
             embeddings = read_embeddings(self.embeddings_file, text_dim)  # type: ignore[arg-type]
         elif self.kind == "text encoder":
-            prompts = builtin_prompts(self.preset, self.weights, self.count)  # type: ignore[arg-type]
+            prompts = builtin_prompts(self.preset, self.weights, self.count, self.role)  # type: ignore[arg-type]
             embeddings = encode_prompts(self.weights, prompts, cache, max_length=text_len)  # type: ignore[arg-type]
         else:
-            embeddings = synthetic_embeddings(text_len, text_dim, self.count, SYNTHETIC_SEED)
+            embeddings = synthetic_embeddings(text_len, text_dim, self.count, self.synthetic_seed)
         negative_cache = cache.with_name(cache.stem + ".negative.safetensors") if cache is not None else None
         negative = negative_embeddings(self.weights, embeddings.shape[1], text_dim, negative_cache)
         return CalibrationSet(embeddings, negative, self.describe())

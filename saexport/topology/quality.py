@@ -1,14 +1,14 @@
 """Quality proxies Q[step, layer, head, level] for FAST v2 (`topology.allocation`), measured along the calibration
-loop as `fast.compute_fidelity` measures v1's fidelity; higher is better.
+loop as `fast.compute_hellinger_quality` measures v1's; higher is better.
 
 A few query rows are sampled per head (`HeadRows`, 16 by default: the method's recipe) and probed during every
 measured pass (`models.processors.RowProbe`): for each row i and key block b, its softmax mass m_b and its partial
 output P_b = sum_{j in b} p_j v_j. At level P the kernel attends the blocks with level(u_i, b) <= P and renormalises,
 so the row's sparse output is o_P = sum_kept P_b / sum_kept m_b (zeros when nothing is kept) and its dense output
 o = sum_b P_b / sum_b m_b: scattering P_b and m_b into a histogram over levels and cumulating it gives every
-level at once (as `fast.fidelity_curves` does for the kept mass).
+level at once (as `fast.hellinger_curves` does for the kept mass).
 
-- `hellinger`: 1 - Hellinger(dense row, sparse row), averaged over the rows (FAST v1's fidelity, on these rows);
+- `hellinger`: 1 - Hellinger(dense row, sparse row), averaged over the rows (FAST v1's quality, on these rows);
 - `output`: 1 - ||O_P - O|| / ||O||, the relative error of the head's attention output over the sampled rows
   (norms over rows and channels, so rows of small output do not dominate);
 - `residual`: 1 - ||g * W_h (O_P - O)|| / ||X||: the change that head h's sparsity makes to the residual stream
@@ -22,29 +22,15 @@ Each is averaged over the batch, then over the runs (passes) of each step.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from pathlib import Path
-
 import torch
-from tqdm import tqdm
 
 from saexport.artifacts import Topology
 from saexport.errors import SaexportError
-from saexport.models.checkpoint import LoadedModel
 from saexport.models.processors import RowProbe
-from saexport.topology.calibration import (
-    CalibrationCheckpoint,
-    CalibrationLoop,
-    HeadRows,
-    Run,
-    calibration_key,
-    calibration_runs,
-)
-from saexport.topology.fast import LEVELS, FidelityTable, fidelity_curves
-from saexport.topology.prompts import CalibrationSet
+from saexport.topology.calibration import CalibrationCheckpoint, Calibrator, HeadRows, Run, calibration_key
+from saexport.topology.fast import LEVELS, QualityTable, hellinger_curves
+from saexport.topology.goals import PROXIES
 
-PROXIES = ("hellinger", "output", "residual")
 ROWS_PER_HEAD = 16
 
 
@@ -94,52 +80,39 @@ def quality_curves(proxies: tuple[str, ...], probe: RowProbe, row_levels: torch.
     curves = {}
     for proxy in proxies:
         if proxy == "hellinger":
-            curves[proxy] = fidelity_curves(probe.masses, row_levels)
+            curves[proxy] = hellinger_curves(probe.masses, row_levels)
         elif proxy == "output":
             curves[proxy] = 1 - output_error_curves(probe, row_levels, cumulated)
         elif proxy == "residual":
             curves[proxy] = 1 - residual_error_curves(probe, row_levels, cumulated)
         else:
-            raise SaexportError(f"unknown quality proxy '{proxy}'; use one of {', '.join(PROXIES)}")
+            raise SaexportError(f"`proxy` must be one of {', '.join(PROXIES)}, got {proxy!r}")
     return curves
 
 
-def compute_quality(
-    loaded: LoadedModel,
-    topology: Topology,
-    prompts: CalibrationSet,
-    loop: CalibrationLoop,
-    proxies: tuple[str, ...] = PROXIES,
-    rows_per_head: int = ROWS_PER_HEAD,
-    device: str | torch.device = "cpu",
-    progress: Callable = tqdm,
-    checkpoint_path: Path | None = None,
-    seed: int = 2,
-) -> dict[str, torch.Tensor]:
+def compute_quality(calibrator: Calibrator, topology: Topology, proxies: tuple[str, ...] = PROXIES,
+                    rows_per_head: int = ROWS_PER_HEAD, seed: int = 2) -> dict[str, torch.Tensor]:
     """Each proxy's Q `[steps, layers, heads, 256]` for every level of `topology`, along the dense sampler loop:
-    one walk measures them all. With `checkpoint_path`, an interrupted measurement resumes."""
+    one walk measures them all. An interrupted measurement resumes from the calibrator's progress file."""
     unknown = [proxy for proxy in proxies if proxy not in PROXIES]
     if unknown or not proxies:
         raise SaexportError(f"quality proxies must be among {', '.join(PROXIES)}, got {list(proxies)}")
-    grid, block_size = topology.grid, topology.block_size
-    seq_len = math.prod(grid)
+    blocks, loop = topology.blocks, calibrator.loop
     layers, heads = topology.levels.shape[:2]
-    rows = HeadRows.draw(seq_len, heads, block_size, rows_per_head, seed, residual="residual" in proxies)
+    rows = HeadRows.draw(blocks.seq_len, heads, blocks.block_size, rows_per_head, seed,
+                         residual="residual" in proxies)
     # levels of each sampled row's query block: [layers, heads, R, n]
     row_levels = topology.levels[:, torch.arange(heads).view(-1, 1), rows.block]
-    tables = {proxy: FidelityTable(loop.steps, layers, heads) for proxy in proxies}
-    current = [Run(0, 0, 0, "cond")]
+    tables = {proxy: QualityTable(loop.steps, layers, heads) for proxy in proxies}
 
-    def on_rows(layer: int, probe: RowProbe) -> None:
+    def on_rows(run: Run, layer: int, probe: RowProbe) -> None:
         for proxy, curves in quality_curves(tuple(proxies), probe, row_levels[layer]).items():
-            tables[proxy].add(current[0].step, layer, curves)
+            tables[proxy].add(run.step, layer, curves)
 
-    key = calibration_key("FAST quality", topology.hash(), loaded.weights_id, prompts.embeddings, prompts.negative,
-                          loop.settings(), list(proxies), rows_per_head, seed)
+    key = calibration_key("FAST quality", topology.hash(), calibrator.loaded.weights_id, calibrator.prompts.embeddings,
+                          calibrator.prompts.negative, loop.settings(), list(proxies), rows_per_head, seed)
     state = {f"{proxy}.{name}": getattr(table, name) for proxy, table in tables.items() for name in ("sum", "count")}
-    checkpoint = CalibrationCheckpoint(checkpoint_path, key, state)
-    for run in calibration_runs(loaded, grid, topology.layout, block_size, rows, on_rows, prompts, loop, device,
-                                progress, "FAST quality", checkpoint):
-        current[0] = run
+    checkpoint = CalibrationCheckpoint(calibrator.progress_path(), key, state)
+    calibrator.measure(blocks, rows, on_rows, "FAST quality", checkpoint)
     checkpoint.remove()
     return {proxy: table.mean() for proxy, table in tables.items()}

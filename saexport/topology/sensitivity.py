@@ -27,18 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from saexport.artifacts import Budgets, Topology
 from saexport.errors import SaexportError
 from saexport.levels import DENSE_LEVEL
-from saexport.models.checkpoint import LoadedModel
 from saexport.models.dit import SparseWanDiT, latent_shape
 from saexport.runtime.denoisers import TorchDenoiser
 from saexport.runtime.sampler import sample
 from saexport.topology.allocation import level_densities
-from saexport.topology.calibration import CalibrationCheckpoint, CalibrationLoop, calibration_key
-from saexport.topology.prompts import CalibrationSet
+from saexport.topology.calibration import CalibrationCheckpoint, Calibrator, calibration_key
 
 log = logging.getLogger("saexport")
 STEP_BUCKETS = 5
@@ -49,26 +46,38 @@ def uniform_levels(topology: Topology, density: float) -> torch.Tensor:
     return (level_densities(topology.levels) - density).abs().argmin(-1).to(torch.uint8)
 
 
-def final_latents(loaded: LoadedModel, topology: Topology, budget_levels: torch.Tensor | None, prompts: CalibrationSet,
-                  loop: CalibrationLoop, device: str | torch.device = "cpu", batch_size: int = 1) -> torch.Tensor:
+def final_latents(calibrator: Calibrator, topology: Topology, budget_levels: torch.Tensor | None) -> torch.Tensor:
     """The final latents `[prompts x seeds, *latent_shape]` of the sampler loop over the sparse DiT with
     `budget_levels` `[steps, layers, heads]` on the topology, or dense (None: every budget 255, through the same
     attention op, so that a difference against it is sparsity's alone, not the op's rounding)."""
-    if budget_levels is None:
-        budget_levels = torch.full((loop.steps, *topology.levels.shape[:2]), DENSE_LEVEL, dtype=torch.uint8)
-    model = SparseWanDiT(loaded.transformer, topology.grid, topology.layout, topology.levels, budget_levels,
-                         topology.block_size)
-    denoiser = TorchDenoiser(model.to(device), loop.steps)
+    return final_latents_of_tables(calibrator, topology, [budget_levels])[0]
+
+
+def final_latents_of_tables(calibrator: Calibrator, topology: Topology,
+                            tables: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """`final_latents` of every budget table in `tables` (None: dense), as generation would make them one by one,
+    made together: each (table, prompt, seed) is one sample of a batched sampler loop whose samples carry their own
+    budgets, `calibrator.batch_size` samples a forward pass (the noise is drawn per seed, so batching changes no
+    sample)."""
+    prompts, loop = calibrator.prompts, calibrator.loop
+    layers, heads = topology.levels.shape[:2]
+    dense = torch.full((loop.steps, layers, heads), DENSE_LEVEL, dtype=torch.uint8)
     pairs = [(prompt, seed) for prompt in range(prompts.embeddings.shape[0]) for seed in loop.seeds]
     if not pairs:
         raise SaexportError("the calibration set is empty: give at least one prompt and one seed")
+    samples = [(table, prompt, seed) for table in range(len(tables)) for prompt, seed in pairs]
     out = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        text = prompts.embeddings[[prompt for prompt, _ in chunk]]
-        out.append(sample(denoiser, text, prompts.negative, model.latent_shape(), loop.steps, loop.flow_shift,
-                          [seed for _, seed in chunk], loop.guidance, progress=lambda it, **_: it))
-    return torch.cat(out)
+    for start in range(0, len(samples), calibrator.batch_size):
+        chunk = samples[start:start + calibrator.batch_size]
+        budgets = torch.stack([dense if tables[t] is None else tables[t] for t, _, _ in chunk], dim=2)
+        model = SparseWanDiT(calibrator.loaded.transformer, topology.grid, topology.layout, topology.levels,
+                             budgets, topology.block_size).to(calibrator.device)
+        denoiser = TorchDenoiser(model, loop.steps)
+        text = prompts.embeddings[[prompt for _, prompt, _ in chunk]]
+        out.append(sample(denoiser, loop.sampler(model.latent_shape()), text, prompts.negative,
+                          [seed for _, _, seed in chunk], progress=lambda it, **_: it))
+    latents = torch.cat(out)
+    return list(latents.split(len(pairs)))
 
 
 def relative_error(latents: torch.Tensor, reference: torch.Tensor) -> float:
@@ -117,13 +126,13 @@ class SensitivityErrors:
                 "layer_errors": [round(e, 6) for e in self.group_errors]}
 
 
-def _sparse_one_part_errors(loaded: LoadedModel, topology: Topology, prompts: CalibrationSet, loop: CalibrationLoop,
-                            density: float, parts: list[tuple[tuple[int, int], tuple[int, int]]],
-                            device: str | torch.device, batch_size: int, progress: Callable,
-                            checkpoint_path: Path | None = None) -> list[float]:
+def _sparse_one_part_errors(calibrator: Calibrator, topology: Topology, density: float,
+                            parts: list[tuple[tuple[int, int], tuple[int, int]]],
+                            progress_file: Path | None = None) -> list[float]:
     """For each part (step range, layer range): the final latent error with only that part sparse (uniform WEST
-    at `density`), every other entry dense; one dense generation first. With `checkpoint_path`, each finished
+    at `density`), every other entry dense; one dense generation first. With `progress_file`, each finished
     generation is saved (the dense latents and the errors so far) and a rerun of the same measurement skips it."""
+    loaded, prompts, loop = calibrator.loaded, calibrator.prompts, calibrator.loop
     steps = loop.steps
     reference = uniform_levels(topology, density)  # [L, H]
     samples = prompts.embeddings.shape[0] * len(loop.seeds)
@@ -131,83 +140,71 @@ def _sparse_one_part_errors(loaded: LoadedModel, topology: Topology, prompts: Ca
              "errors": torch.full((len(parts),), float("nan"), dtype=torch.float64)}
     key = calibration_key("FAST sensitivity", topology.hash(), loaded.weights_id, prompts.embeddings,
                           prompts.negative, loop.settings(), density, [list(map(list, part)) for part in parts])
-    checkpoint = CalibrationCheckpoint(checkpoint_path, key, state)
+    checkpoint = CalibrationCheckpoint(progress_file, key, state)
     if checkpoint.done:
         log.info("resuming: %d of %d sensitivity generations done", len(checkpoint.done), len(parts) + 1)
-    for index, part in progress(list(enumerate([None, *parts], start=-1)), desc="FAST sensitivity",
-                                unit="generation"):
-        if (index, 0) in checkpoint.done:
-            continue
+
+    def table(part) -> torch.Tensor | None:
         if part is None:
-            state["dense"].copy_(final_latents(loaded, topology, None, prompts, loop, device, batch_size))
-        else:
-            (step_start, step_end), (layer_start, layer_end) = part
-            levels = torch.full((steps, *reference.shape), DENSE_LEVEL, dtype=torch.uint8)
-            levels[step_start:step_end, layer_start:layer_end] = reference[layer_start:layer_end]
-            state["errors"][index] = relative_error(
-                final_latents(loaded, topology, levels, prompts, loop, device, batch_size), state["dense"])
-        checkpoint.finish((index, 0))
+            return None
+        (step_start, step_end), (layer_start, layer_end) = part
+        levels = torch.full((steps, *reference.shape), DENSE_LEVEL, dtype=torch.uint8)
+        levels[step_start:step_end, layer_start:layer_end] = reference[layer_start:layer_end]
+        return levels
+
+    # The dense generation first (every error is against it), then the parts, as many at once as one batch holds.
+    todo = [(index, part) for index, part in enumerate([None, *parts], start=-1) if (index, 0) not in checkpoint.done]
+    per_batch = max(1, calibrator.batch_size // samples)
+    groups = [todo[:1], *[todo[i:i + per_batch] for i in range(1, len(todo), per_batch)]] if todo else []
+    for group in calibrator.progress([g for g in groups if g], desc="FAST sensitivity", unit="batch"):
+        for (index, _), latents in zip(group, final_latents_of_tables(calibrator, topology,
+                                                                      [table(part) for _, part in group]),
+                                       strict=True):
+            if index == -1:
+                state["dense"].copy_(latents)
+            else:
+                state["errors"][index] = relative_error(latents, state["dense"])
+        for index, _ in group:  # saved after the whole batch: a batch's generations are one sampler loop
+            checkpoint.finish((index, 0))
     checkpoint.remove()
     return state["errors"].tolist()
 
 
-def sensitivity_errors(
-    loaded: LoadedModel,
-    topology: Topology,
-    prompts: CalibrationSet,
-    loop: CalibrationLoop,
-    density: float = 0.30,
-    buckets: int = STEP_BUCKETS,
-    layer_groups: int | None = None,
-    device: str | torch.device = "cpu",
-    batch_size: int = 1,
-    progress: Callable = tqdm,
-    checkpoint_path: Path | None = None,
-) -> SensitivityErrors:
+def sensitivity_errors(calibrator: Calibrator, topology: Topology, density: float = 0.30,
+                       buckets: int = STEP_BUCKETS, layer_groups: int | None = None) -> SensitivityErrors:
     """The end-to-end measurements of the module's docstring (`layer_groups`: None measures every layer alone);
-    with `checkpoint_path`, an interrupted measurement resumes from its last finished generation."""
-    layers = topology.levels.shape[0]
-    step_ranges = step_buckets(loop.steps, buckets)
+    an interrupted measurement resumes from the calibrator's progress file (suffix ".sensitivity")."""
+    layers, steps = topology.levels.shape[0], calibrator.loop.steps
+    step_ranges = step_buckets(steps, buckets)
     layer_ranges = step_buckets(layers, layer_groups or layers)
-    parts = [(r, (0, layers)) for r in step_ranges] + [((0, loop.steps), r) for r in layer_ranges]
-    errors = _sparse_one_part_errors(loaded, topology, prompts, loop, density, parts, device, batch_size, progress,
-                                     checkpoint_path)
-    return SensitivityErrors(loop.steps, step_ranges, errors[:len(step_ranges)], layer_ranges,
+    parts = [(r, (0, layers)) for r in step_ranges] + [((0, steps), r) for r in layer_ranges]
+    errors = _sparse_one_part_errors(calibrator, topology, density, parts, calibrator.progress_path(".sensitivity"))
+    return SensitivityErrors(steps, step_ranges, errors[:len(step_ranges)], layer_ranges,
                              errors[len(step_ranges):], density)
 
 
-def cell_errors(
-    loaded: LoadedModel,
-    topology: Topology,
-    prompts: CalibrationSet,
-    loop: CalibrationLoop,
-    density: float = 0.30,
-    buckets: int = STEP_BUCKETS,
-    device: str | torch.device = "cpu",
-    batch_size: int = 1,
-    progress: Callable = tqdm,
-) -> torch.Tensor:
+def cell_errors(calibrator: Calibrator, topology: Topology, density: float = 0.30,
+                buckets: int = STEP_BUCKETS) -> torch.Tensor:
     """The final latent error with only one (step bucket, layer) cell sparse, for every cell: float64
     `[buckets, layers]`, interactions included (what the weights' product a[k] * b[l] approximates, and what a
     proxy is judged against); 1 + buckets x layers generations per prompt x seed."""
     layers = topology.levels.shape[0]
-    step_ranges = step_buckets(loop.steps, buckets)
+    step_ranges = step_buckets(calibrator.loop.steps, buckets)
     parts = [(r, (layer, layer + 1)) for r in step_ranges for layer in range(layers)]
-    errors = _sparse_one_part_errors(loaded, topology, prompts, loop, density, parts, device, batch_size, progress)
+    errors = _sparse_one_part_errors(calibrator, topology, density, parts)
     return torch.tensor(errors, dtype=torch.float64).view(len(step_ranges), layers)
 
 
-def latent_error_judge(loaded: LoadedModel, topology: Topology, prompts: CalibrationSet, loop: CalibrationLoop,
-                       device: str | torch.device = "cpu", batch_size: int = 1) -> Callable[[Budgets], float]:
+def latent_error_judge(calibrator: Calibrator, topology: Topology) -> Callable[[Budgets], float]:
     """A judge for `fit_budgets_v2(warmup="auto")`: minus the mean relative error of the final latents of the
     budgets' sparse DiT against the dense DiT on the calibration prompts x seeds (the dense run is made once)."""
-    dense: list[torch.Tensor] = []
+    dense: torch.Tensor | None = None
 
     def judge(budgets: Budgets) -> float:
-        if not dense:
-            dense.append(final_latents(loaded, topology, None, prompts, loop, device, batch_size))
-        latents = final_latents(loaded, topology, budgets.levels, prompts, loop, device, batch_size)
-        error = relative_error(latents, dense[0])
+        nonlocal dense
+        if dense is None:
+            dense = final_latents(calibrator, topology, None)
+        error = relative_error(final_latents(calibrator, topology, budgets.levels), dense)
         return -error if math.isfinite(error) else -math.inf
 
     return judge

@@ -26,7 +26,7 @@ import torch
 
 from saexport.artifacts import Topology
 from saexport.errors import SaexportError
-from saexport.levels import DENSE_LEVEL
+from saexport.levels import DENSE_LEVEL, num_blocks
 
 TRANSFER_RULES = ("min", "bilinear")
 
@@ -60,8 +60,8 @@ def interpolation_weights(old_grid: tuple[int, int, int], new_grid: tuple[int, i
         x = ((coord.double() + 0.5) * old_size / new_size - 0.5).clamp(0, old_size - 1)
         low = x.floor().long()
         corners.append((low, (low + 1).clamp(max=old_size - 1), x - low))
-    n_new = math.ceil(new_perm.numel() / block_size)
-    n_old = math.ceil(old_perm.numel() / block_size)
+    n_new = num_blocks(new_perm.numel(), block_size)
+    n_old = num_blocks(old_perm.numel(), block_size)
     new_block = torch.arange(new_perm.numel()) // block_size
     weights = torch.zeros(n_new, n_old, dtype=torch.float64)
     for pick_f in (0, 1):
@@ -81,7 +81,7 @@ def transfer_topology(topology: Topology, new_grid: tuple[int, int, int], rule: 
     """The topology's map for `new_grid` by `rule` ("min" or "bilinear", the module's docstring)."""
     if rule not in TRANSFER_RULES:
         raise SaexportError(f"unknown transfer rule '{rule}'; use one of {', '.join(TRANSFER_RULES)}")
-    n_new = math.ceil(math.prod(new_grid) / topology.block_size)
+    n_new = num_blocks(math.prod(new_grid), topology.block_size)
     if rule == "bilinear":
         a = interpolation_weights(topology.grid, new_grid, topology.layout, topology.block_size)
         # ceil, less a hair of float64 rounding so an exact integer stays itself

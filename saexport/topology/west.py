@@ -20,26 +20,14 @@ The diagonal is structural and always kept (level 0).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
-from saexport.artifacts import Topology
+from saexport.artifacts import BlockedGrid, Topology
 from saexport.errors import SaexportError
-from saexport.layout import TokenLayout
 from saexport.levels import DENSE_LEVEL, levels_from_scores
-from saexport.models.checkpoint import LoadedModel
-from saexport.topology.calibration import (
-    CalibrationCheckpoint,
-    CalibrationLoop,
-    SampledRows,
-    calibration_key,
-    calibration_runs,
-)
-from saexport.topology.prompts import CalibrationSet
+from saexport.topology.calibration import CalibrationCheckpoint, Calibrator, Run, SampledRows, calibration_key
 
 LEVELS = DENSE_LEVEL + 1
 
@@ -62,6 +50,29 @@ def block_scores(masses: torch.Tensor, rows: SampledRows, seq_len: int, block_si
 AGGREGATIONS = ("min", "prompt-min-of-step-mean", "quantile", "mean-score")
 
 
+@dataclass(frozen=True)
+class Aggregation:
+    """How WEST combines its runs (the module's docstring): `rule`, and for "quantile" the quantile and the
+    histogram's bin width in levels (`stride`)."""
+
+    rule: str = "min"
+    quantile: float = 0.1
+    stride: int = 4
+
+    def __post_init__(self):
+        if self.rule not in AGGREGATIONS:
+            raise SaexportError(f"`aggregation` must be one of {', '.join(AGGREGATIONS)}, got {self.rule!r}")
+        if self.rule == "quantile" and not (0 <= self.quantile <= 1 and 1 <= self.stride <= LEVELS):
+            raise SaexportError(f"the quantile must be within [0, 1] and its stride within 1..{LEVELS}, "
+                                f"got {self.quantile} and {self.stride}")
+
+    def settings(self) -> dict:
+        """What the topology's calibration metadata records of the aggregation."""
+        if self.rule == "quantile":
+            return {"aggregation": self.rule, "quantile": self.quantile, "quantile_stride": self.stride}
+        return {"aggregation": self.rule}
+
+
 class ThresholdMap:
     """The runs' block scores combined by an aggregation (the module's docstring) into uint8 `[layers, heads, n, n]`.
 
@@ -70,23 +81,19 @@ class ThresholdMap:
     lives on `device`, where the probes' scores are: a calibration on a GPU never copies a run's scores to the
     host (the ranking of every run is a sort of heads x n^2 scores per layer)."""
 
-    def __init__(self, layers: int, heads: int, n: int, aggregation: str = "min", quantile: float = 0.1,
-                 quantile_stride: int = 4, device: str | torch.device = "cpu"):
-        if aggregation not in AGGREGATIONS:
-            raise SaexportError(f"unknown WEST aggregation '{aggregation}'; use one of {', '.join(AGGREGATIONS)}")
-        if aggregation == "quantile" and not (0 <= quantile <= 1 and 1 <= quantile_stride <= LEVELS):
-            raise SaexportError(f"the quantile must be within [0, 1] and its stride within 1..{LEVELS}, "
-                                f"got {quantile} and {quantile_stride}")
-        self.aggregation, self.quantile, self.stride = aggregation, quantile, quantile_stride
+    def __init__(self, layers: int, heads: int, n: int, aggregation: Aggregation = Aggregation(),
+                 device: str | torch.device = "cpu"):
+        self.aggregation = aggregation.rule
+        self.quantile, self.stride = aggregation.quantile, aggregation.stride
         shape = (layers, heads, n, n)
         # the running minimum ("min", "prompt-min-of-step-mean")
         self.levels = torch.full(shape, DENSE_LEVEL, dtype=torch.uint8, device=device)
         self._state = {"levels": self.levels}
-        if aggregation in ("prompt-min-of-step-mean", "mean-score"):
+        if self.aggregation in ("prompt-min-of-step-mean", "mean-score"):
             self._state["sum"] = torch.zeros(shape, dtype=torch.float64, device=device)
             self._state["count"] = torch.zeros(layers, dtype=torch.float64, device=device)
-        if aggregation == "quantile":
-            bins = -(-LEVELS // quantile_stride)
+        if self.aggregation == "quantile":
+            bins = -(-LEVELS // self.stride)
             self._state["histogram"] = torch.zeros(*shape, bins, dtype=torch.int16, device=device)
             self._state["runs"] = torch.zeros(layers, dtype=torch.int64, device=device)
 
@@ -139,56 +146,37 @@ class ThresholdMap:
         levels[..., torch.arange(n), torch.arange(n)] = 0
         return levels
 
-    def settings(self) -> dict:
-        """What the topology's calibration metadata records of the aggregation."""
-        if self.aggregation == "quantile":
-            return {"aggregation": self.aggregation, "quantile": self.quantile, "quantile_stride": self.stride}
-        return {"aggregation": self.aggregation}
 
-
-def compute_topology(
-    loaded: LoadedModel,
-    grid: tuple[int, int, int],
-    block_size: int,
-    layout: TokenLayout,
-    prompts: CalibrationSet,
-    loop: CalibrationLoop,
-    rows_per_block: int = 16,
-    device: str | torch.device = "cpu",
-    progress: Callable = tqdm,
-    checkpoint_path: Path | None = None,
-    aggregation: str = "min",
-    quantile: float = 0.1,
-    quantile_stride: int = 4,
-) -> Topology:
+def compute_topology(calibrator: Calibrator, blocks: BlockedGrid, rows_per_block: int = 16,
+                     aggregation: Aggregation = Aggregation()) -> Topology:
     """WEST over the passes of the sampler's loop for every prompt x seed: each (run, layer) is one run of the rule,
-    the runs combined by `aggregation` (the module's docstring).
-
-    With `checkpoint_path`, an interrupted calibration resumes from its last finished trajectory."""
+    the runs combined by `aggregation` (the module's docstring). An interrupted calibration resumes from the
+    calibrator's progress file."""
+    loaded, prompts, loop = calibrator.loaded, calibrator.prompts, calibrator.loop
     preset = loaded.preset
-    seq_len = math.prod(grid)
-    n = math.ceil(seq_len / block_size)
-    rows = SampledRows.draw(seq_len, block_size, rows_per_block, seed=0)
-    threshold = ThresholdMap(preset.num_layers, preset.num_heads, n, aggregation, quantile, quantile_stride, device)
-
-    def on_masses(layer: int, masses: torch.Tensor) -> None:
-        for sample in masses:  # each batch element is a run of its own
-            threshold.add_run(layer, block_scores(sample, rows, seq_len, block_size))
-
-    key = calibration_key("WEST", preset.config_hash(), loaded.weights_id, grid, block_size, layout.to_metadata(),
-                          prompts.embeddings, prompts.negative, loop.settings(), rows_per_block, threshold.settings())
-    checkpoint = CalibrationCheckpoint(checkpoint_path, key, threshold.state())
+    seq_len = blocks.seq_len
+    rows = SampledRows.draw(seq_len, blocks.block_size, rows_per_block, seed=0)
+    threshold = ThresholdMap(preset.num_layers, preset.num_heads, blocks.num_blocks, aggregation, calibrator.device)
     trajectory = None
-    for run in calibration_runs(loaded, grid, layout, block_size, rows, on_masses, prompts, loop, device, progress,
-                                "WEST calibration", checkpoint):
-        # the probes record during each forward pass; a new trajectory's first run closes the one before (also
-        # one restored from a checkpoint, saved after its last pass)
+
+    def on_masses(run: Run, layer: int, masses: torch.Tensor) -> None:
+        # a new trajectory's first measured pass closes the one before (also one restored from a checkpoint,
+        # saved after its last pass)
+        nonlocal trajectory
         if (run.prompt, run.seed) != trajectory:
             threshold.end_trajectory()
             trajectory = (run.prompt, run.seed)
+        for sample in masses:  # each batch element is a run of its own
+            threshold.add_run(layer, block_scores(sample, rows, seq_len, blocks.block_size))
+
+    key = calibration_key("WEST", preset.config_hash(), loaded.weights_id, blocks.grid, blocks.block_size,
+                          blocks.layout.to_metadata(), prompts.embeddings, prompts.negative, loop.settings(),
+                          rows_per_block, aggregation.settings())
+    checkpoint = CalibrationCheckpoint(calibrator.progress_path(), key, threshold.state())
+    calibrator.measure(blocks, rows, on_masses, "WEST calibration", checkpoint)
     levels = threshold.result()
     checkpoint.remove()
     calibration = {"method": "WEST", "prompts": int(prompts.embeddings.shape[0]), "embeddings": prompts.source,
-                   **loop.settings(), "rows_per_block": rows_per_block, **threshold.settings()}
-    return Topology(levels, preset.name, preset.config_hash(), loaded.weights_id, tuple(grid),
-                    block_size, layout, calibration)
+                   **loop.settings(), "rows_per_block": rows_per_block, **aggregation.settings()}
+    return Topology(levels, preset.name, preset.config_hash(), loaded.weights_id, blocks.grid, blocks.block_size,
+                    blocks.layout, calibration)

@@ -31,9 +31,9 @@ from pathlib import Path
 import onnx
 
 from saexport import kernels
-from saexport.artifacts import ArtifactFolder, Budgets, OnnxMetadata, Topology
+from saexport.artifacts import ArtifactFolder, Budgets, FidelityReport, OnnxMetadata, Topology
 from saexport.errors import SaexportError
-from saexport.folders import check_output_folder, check_replaceable_folder, staged_folder
+from saexport.folders import Output, check_output_folder, check_replaceable_folder, staged_folder
 from saexport.models.checkpoint import detect_layout
 from saexport.models.presets import ModelPreset, check_config_matches, get_preset
 from saexport.models.text_encoder import has_text_encoder
@@ -75,23 +75,36 @@ def _warmup(inputs: list[Spec]) -> list[str]:
     return ["model_warmup [ {", '    name: "zeros"', "    batch_size: 1", *entries, "} ]"]
 
 
-def model_config(name: str, inputs: list[Spec], outputs: list[Spec], *, platform: str | None = None,
-                 backend: str | None = None, instance_kind: str = "KIND_GPU", gpus: list[int] | None = None,
-                 warmup: bool = False, parameters: dict[str, str] | None = None) -> str:
-    lines = [f'name: "{name}"']
-    lines += [f'platform: "{platform}"'] if platform else [f'backend: "{backend}"']
-    lines.append("max_batch_size: 0")  # static shapes, batch included (the masks are tied to the grid)
-    lines += ["input [", ",\n".join(_pbtxt(s) for s in inputs), "]"]
-    lines += ["output [", ",\n".join(_pbtxt(s) for s in outputs), "]"]
-    group = f"kind: {instance_kind} count: 1"  # count per GPU: one instance on each GPU listed
-    if instance_kind == "KIND_GPU" and gpus:
-        group += f" gpus: [ {', '.join(map(str, gpus))} ]"
-    lines.append(f"instance_group [ {{ {group} }} ]")
-    for key, value in (parameters or {}).items():
-        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
-    if warmup:
-        lines += _warmup([s for s in inputs if not s.optional])
-    return "\n".join(lines) + "\n"
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model's `config.pbtxt`: its I/O, its backend (or platform), where its instances run, the warm-up
+    request at load and the backend's parameters."""
+
+    name: str
+    inputs: list[Spec]
+    outputs: list[Spec]
+    backend: str = "python"
+    platform: str | None = None
+    group: tuple[str, tuple[int, ...]] = ("KIND_CPU", ())  # instance kind, and the GPUs of a KIND_GPU group
+    warmup: bool = False
+    parameters: dict[str, str] | None = None
+
+    def text(self) -> str:
+        lines = [f'name: "{self.name}"']
+        lines += [f'platform: "{self.platform}"'] if self.platform else [f'backend: "{self.backend}"']
+        lines.append("max_batch_size: 0")  # static shapes, batch included (the masks are tied to the grid)
+        lines += ["input [", ",\n".join(_pbtxt(s) for s in self.inputs), "]"]
+        lines += ["output [", ",\n".join(_pbtxt(s) for s in self.outputs), "]"]
+        kind, gpus = self.group
+        group = f"kind: {kind} count: 1"  # count per GPU: one instance on each GPU listed
+        if kind == "KIND_GPU" and gpus:
+            group += f" gpus: [ {', '.join(map(str, gpus))} ]"
+        lines.append(f"instance_group [ {{ {group} }} ]")
+        for key, value in (self.parameters or {}).items():
+            lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
+        if self.warmup:
+            lines += _warmup([s for s in self.inputs if not s.optional])
+        return "\n".join(lines) + "\n"
 
 
 def validate_config(text: str) -> None:
@@ -143,7 +156,7 @@ def plan_repository(onnx_path: Path, metadata: OnnxMetadata, engine_path: Path |
     elif metadata.dtype == "fp32":
         dit = "onnxruntime"
     else:
-        fallback = "give --engine, or export with --dtype fp32"
+        fallback = "give it an engine (`engine_path`), or export it in fp32"
         if metadata.random_weights:
             raise SaexportError(f"{onnx_path} is a {metadata.dtype} graph of random weights: without an engine its DiT "
                                 "runs in torch on the GPU from the checkpoint it was exported from, and random weights "
@@ -151,7 +164,7 @@ def plan_repository(onnx_path: Path, metadata: OnnxMetadata, engine_path: Path |
         if checkpoint is None:
             raise SaexportError(f"{onnx_path} is a {metadata.dtype} graph: without an engine its DiT runs in torch on "
                                 "the GPU from the checkpoint it was exported from; give that checkpoint "
-                                f"(`saexport build --weights PATH`), or {fallback}")
+                                f"(`weights`), or {fallback}")
         check_config_matches(preset, detect_layout(checkpoint).config, str(checkpoint))
         dit = "torch"
     text_encoder = None
@@ -166,19 +179,18 @@ def plan_repository(onnx_path: Path, metadata: OnnxMetadata, engine_path: Path |
 
 def write_triton_repository(
     onnx_path: str | Path,
-    out_dir: str | Path,
+    out: Output,
     name: str,
     engine_path: str | Path | None = None,
     gpus: list[int] | None = None,
     weights: str | Path | None = None,
-    overwrite: bool = False,
 ) -> Path:
     """Write the repository atomically (a staging folder swapped into place). `weights`: the checkpoint folder the
     graph was exported from (text encoder, VAE, and the torch DiT load it from there); without it, the package's
     own checkpoint where the model ships one. The sampler's step count and flow shift come from the graph's
     metadata: the budgets frozen into it were made for that many steps. A file of the old repository edited since
-    it was written (a hand-tuned `config.pbtxt`) refuses the replacement, unless `overwrite`."""
-    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    it was written (a hand-tuned `config.pbtxt`) refuses the replacement, unless `out.overwrite`."""
+    onnx_path, out_dir, overwrite = Path(onnx_path), Path(out.path), out.overwrite
     engine_path = Path(engine_path) if engine_path is not None else None
     sources = [onnx_path, *([engine_path] if engine_path is not None else [])]
     check_replaceable_folder(out_dir, "triton", sources, overwrite=overwrite)  # before anything is read or written
@@ -187,7 +199,6 @@ def write_triton_repository(
     if plan.checkpoint is not None:
         sources.append(plan.checkpoint)
         check_output_folder(out_dir, "triton", sources)  # the swap must never take the checkpoint with it
-    preset = get_preset(metadata.model)
     inputs, outputs = graph_io(onnx_path)
     latents = outputs[0]
     if latents.dims[0] != 1:
@@ -200,91 +211,117 @@ def write_triton_repository(
                     "embeddings, not prompts", metadata.model, names["pipeline"])
     if plan.vae is None:
         log.warning("note: no VAE (the checkpoint's vae/ folder): %s answers latents, not frames", names["pipeline"])
-    gpu_group = {"instance_kind": "KIND_GPU", "gpus": gpus} if plan.gpu else {"instance_kind": "KIND_CPU"}
     frames = Spec("frames", "uint8", (metadata.frames, metadata.height, metadata.width, 3))
 
     # Built beside the target and swapped in: the old repository stays whole until the new one is complete, and
     # only a folder this command wrote (marked as the triton repository's) is ever replaced.
     with staged_folder(out_dir, "triton", sources, overwrite=overwrite) as staging:
-        configs: dict[str, str] = {}
-
-        def version(part: str) -> Path:
-            folder = staging / names[part] / "1"
-            folder.mkdir(parents=True)
-            return folder
-
-        # <name>_text_encoder
-        if plan.text_encoder is not None:
-            folder = version("text_encoder")
-            on_gpu = plan.text_encoder == "umt5" and plan.gpu
-            _write_json(folder / "text_encoder.json", {
-                "kind": plan.text_encoder, "checkpoint": str(plan.checkpoint), "text_len": text_spec.dims[1],
-                "text_dim": text_spec.dims[2], "dtype": "bf16" if on_gpu else "fp32"})
-            _copy_model_py("text_encoder_model.py", folder)
-            configs["text_encoder"] = model_config(
-                names["text_encoder"], [Spec("prompt", "string", (-1,))],
-                [Spec("embeddings", "fp32", (-1, *text_spec.dims[1:]))], backend="python", warmup=True,
-                **(gpu_group if on_gpu else {"instance_kind": "KIND_CPU"}))
-
-        # <name>_dit
-        folder = version("dit")
-        if plan.dit == "tensorrt":
-            shutil.copy2(engine_path, folder / "model.plan")
-            configs["dit"] = model_config(names["dit"], inputs, outputs, platform="tensorrt_plan", warmup=True,
-                                          **gpu_group)
-        else:
-            settings = {"backend": plan.dit, "steps": metadata.steps, "inputs": [s.to_json() for s in inputs],
-                        "output": outputs[0].to_json()}
-            if plan.dit == "torch":
-                topology, budgets = artifacts
-                shutil.copy2(topology, ArtifactFolder(folder).topology)
-                shutil.copy2(budgets, ArtifactFolder(folder).budgets)
-                library = next((p.resolve() for p in kernels.library_candidates() if p.is_file()), None)
-                settings.update(checkpoint=str(plan.checkpoint), dtype=metadata.dtype, block_size=metadata.block_size,
-                                head_dim=preset.head_dim, kernel_library=str(library) if library else None,
-                                compile=True)  # on a GPU: 1.3-1.5x faster than eager at 30% (docs/BENCHMARKS.md)
-                parameters = {CPU_ONLY_INPUTS: "no"}
-            else:
-                for file in onnx_path.parent.glob(onnx_path.name + "*"):  # model.onnx and model.onnx.data
-                    shutil.copy2(file, folder / file.name)
-                parameters = None
-            _write_json(folder / "dit.json", settings)
-            _copy_model_py("dit_model.py", folder)
-            configs["dit"] = model_config(names["dit"], inputs, outputs, backend="python", warmup=True,
-                                          parameters=parameters, **gpu_group)
-
-        # <name>_vae
-        if plan.vae is not None:
-            folder = version("vae")
-            on_gpu = plan.vae == "wan-vae" and plan.gpu
-            _write_json(folder / "vae.json", {
-                "codec": plan.vae, "vae": str(plan.checkpoint / "vae") if plan.vae == "wan-vae" else None,
-                "input": Spec("latents", "fp32", latents.dims).to_json(), "output": frames.to_json()})
-            _copy_model_py("vae_model.py", folder)
-            configs["vae"] = model_config(
-                names["vae"], [Spec("latents", "fp32", latents.dims)], [frames], backend="python", warmup=True,
-                parameters={CPU_ONLY_INPUTS: "no"} if on_gpu else None,
-                **(gpu_group if on_gpu else {"instance_kind": "KIND_CPU"}))
-
-        # <name>_pipeline
-        folder = version("pipeline")
+        writer = _Writer(staging, names, plan, metadata, ("KIND_GPU", tuple(gpus or ())) if plan.gpu
+                         else ("KIND_CPU", ()))
+        configs = [writer.text_encoder(text_spec), writer.dit(onnx_path, engine_path, inputs, outputs, artifacts),
+                   writer.vae(latents, frames)]
         request = pipeline_inputs(plan.text_encoder is not None, text_spec.dims[1:])
         response = frames if plan.vae is not None else Spec("latents", "fp32", latents.dims)
+        configs.append(writer.pipeline(request, response, latents, inputs[0].dtype))
+        for config in filter(None, configs):
+            text = config.text()
+            validate_config(text)
+            (staging / config.name / "config.pbtxt").write_text(text)
+        readme = _readme(names, plan, metadata, text_spec.dims[1:], request, response, gpus)
+        report = ArtifactFolder(onnx_path.parent).fidelity_report
+        if report.is_file():  # what the budgets frozen into the graph deliver, measured by the build
+            readme += f"\n## Fidelity\n\n{FidelityReport.read(report).summary()} (`fidelity.json`).\n"
+            FidelityReport.read(report).write(staging / "fidelity.json")
+        (staging / "README.md").write_text(readme)
+    return out_dir
+
+
+@dataclass(frozen=True)
+class _Writer:
+    """Writes each model's version folder into the staging repository and returns its config."""
+
+    staging: Path
+    names: dict[str, str]
+    plan: RepositoryPlan
+    metadata: OnnxMetadata
+    gpu_group: tuple[str, tuple[int, ...]]
+
+    def version(self, part: str) -> Path:
+        folder = self.staging / self.names[part] / "1"
+        folder.mkdir(parents=True)
+        return folder
+
+    def text_encoder(self, text_spec: Spec) -> ModelConfig | None:
+        """`<name>_text_encoder`: prompts -> embeddings (UMT5 in bf16 on the GPU, or the demo's words)."""
+        plan = self.plan
+        if plan.text_encoder is None:
+            return None
+        folder = self.version("text_encoder")
+        on_gpu = plan.text_encoder == "umt5" and plan.gpu
+        _write_json(folder / "text_encoder.json", {
+            "kind": plan.text_encoder, "checkpoint": str(plan.checkpoint), "text_len": text_spec.dims[1],
+            "text_dim": text_spec.dims[2], "dtype": "bf16" if on_gpu else "fp32"})
+        _copy_model_py("text_encoder_model.py", folder)
+        return ModelConfig(self.names["text_encoder"], [Spec("prompt", "string", (-1,))],
+                           [Spec("embeddings", "fp32", (-1, *text_spec.dims[1:]))], warmup=True,
+                           group=self.gpu_group if on_gpu else ("KIND_CPU", ()))
+
+    def dit(self, onnx_path: Path, engine_path: Path | None, inputs: list[Spec], outputs: list[Spec],
+            artifacts: tuple[Path, Path] | None) -> ModelConfig:
+        """`<name>_dit`: the engine, or the torch DiT (bf16/fp16 graph), or the graph in ONNX Runtime (fp32)."""
+        plan, metadata, name = self.plan, self.metadata, self.names["dit"]
+        folder = self.version("dit")
+        if plan.dit == "tensorrt":
+            shutil.copy2(engine_path, folder / "model.plan")
+            return ModelConfig(name, inputs, outputs, platform="tensorrt_plan", group=self.gpu_group, warmup=True)
+        settings = {"backend": plan.dit, "steps": metadata.steps, "inputs": [s.to_json() for s in inputs],
+                    "output": outputs[0].to_json()}
+        parameters = None
+        if plan.dit == "torch":
+            topology, budgets = artifacts
+            shutil.copy2(topology, ArtifactFolder(folder).topology)
+            shutil.copy2(budgets, ArtifactFolder(folder).budgets)
+            library = next((p.resolve() for p in kernels.library_candidates() if p.is_file()), None)
+            settings.update(checkpoint=str(plan.checkpoint), dtype=metadata.dtype, block_size=metadata.block_size,
+                            head_dim=get_preset(metadata.model).head_dim,
+                            kernel_library=str(library) if library else None,
+                            compile=True)  # on a GPU: 1.3-1.5x faster than eager at 30% (docs/BENCHMARKS.md)
+            parameters = {CPU_ONLY_INPUTS: "no"}
+        else:
+            for file in onnx_path.parent.glob(onnx_path.name + "*"):  # model.onnx and model.onnx.data
+                shutil.copy2(file, folder / file.name)
+        _write_json(folder / "dit.json", settings)
+        _copy_model_py("dit_model.py", folder)
+        return ModelConfig(name, inputs, outputs, group=self.gpu_group, warmup=True, parameters=parameters)
+
+    def vae(self, latents: Spec, frames: Spec) -> ModelConfig | None:
+        """`<name>_vae`: latents -> frames (Wan's VAE on the GPU, tiled; or the demo's pixels)."""
+        plan = self.plan
+        if plan.vae is None:
+            return None
+        folder = self.version("vae")
+        on_gpu = plan.vae == "wan-vae" and plan.gpu
+        _write_json(folder / "vae.json", {
+            "codec": plan.vae, "vae": str(plan.checkpoint / "vae") if plan.vae == "wan-vae" else None,
+            "input": Spec("latents", "fp32", latents.dims).to_json(), "output": frames.to_json()})
+        _copy_model_py("vae_model.py", folder)
+        return ModelConfig(self.names["vae"], [Spec("latents", "fp32", latents.dims)], [frames], warmup=True,
+                           parameters={CPU_ONLY_INPUTS: "no"} if on_gpu else None,
+                           group=self.gpu_group if on_gpu else ("KIND_CPU", ()))
+
+    def pipeline(self, request: list[Spec], response: Spec, latents: Spec, dtype: str) -> ModelConfig:
+        """`<name>_pipeline` (BLS): the sampler loop over the other three."""
+        plan, names, metadata = self.plan, self.names, self.metadata
+        folder = self.version("pipeline")
         _write_json(folder / "pipeline.json", {
             "text_encoder_model": names["text_encoder"] if plan.text_encoder else None, "dit_model": names["dit"],
             "vae_model": names["vae"] if plan.vae else None, "steps": metadata.steps,
             "flow_shift": flow_shift_for(metadata.height), "latent_shape": list(latents.dims[1:]),
-            "dtype": inputs[0].dtype, "inputs": [s.to_json() for s in request], "output": response.to_json()})
+            "dtype": dtype, "inputs": [s.to_json() for s in request], "output": response.to_json()})
         _copy_model_py("pipeline_model.py", folder)
         # No warm-up request: it would run a whole generation through models that may not be loaded yet. The
         # three models it calls are warmed up.
-        configs["pipeline"] = model_config(names["pipeline"], request, [response], backend="python", **gpu_group)
-
-        for part, config in configs.items():
-            validate_config(config)
-            (staging / names[part] / "config.pbtxt").write_text(config)
-        (staging / "README.md").write_text(_readme(names, plan, metadata, text_spec.dims[1:], request, response, gpus))
-    return out_dir
+        return ModelConfig(names["pipeline"], request, [response], group=self.gpu_group)
 
 
 def _torch_artifacts(onnx_path: Path, metadata: OnnxMetadata) -> tuple[Path, Path]:
@@ -315,6 +352,15 @@ def _dims(spec: Spec) -> str:
 
 def _readme(names: dict[str, str], plan: RepositoryPlan, metadata: OnnxMetadata, text_dims: tuple[int, ...],
             request: list[Spec], response: Spec, gpus: list[int] | None) -> str:
+    """The repository's README: what each model does, how to start the server, how to call the pipeline."""
+    lines = _readme_models(names, plan, metadata, text_dims, request, response, gpus)
+    lines += _readme_server(plan)
+    lines += _readme_client(names, plan, metadata, request, response)
+    return "\n".join(lines)
+
+
+def _readme_models(names: dict[str, str], plan: RepositoryPlan, metadata: OnnxMetadata, text_dims: tuple[int, ...],
+                   request: list[Spec], response: Spec, gpus: list[int] | None) -> list[str]:
     where = f"one instance on each of the GPUs {gpus}" if gpus else "one instance on each GPU"
     dit = {
         "tensorrt": "the TensorRT plan (`model.plan`) with the `BlockSparseAttention` plugin, " + where,
@@ -326,7 +372,7 @@ def _readme(names: dict[str, str], plan: RepositoryPlan, metadata: OnnxMetadata,
                   "reference runs, said in the server log). The topology and budgets are copied beside "
                   "`dit.json`; the checkpoint is not"),
         "onnxruntime": ("the exported fp32 graph in ONNX Runtime on the CPU (the block-sparse node runs the "
-                        "reference implementation through onnxruntime-extensions): a correctness back end, slow; "
+                        "project's C++ custom op, `libsaexport_ort_ops.so`): a correctness back end; "
                         "export bf16 for the GPU"),
     }[plan.dit]
     lines = [f"# Triton model repository: {names['pipeline'].removesuffix('_pipeline')}", ""]
@@ -364,6 +410,11 @@ def _readme(names: dict[str, str], plan: RepositoryPlan, metadata: OnnxMetadata,
                      "(the `checkpoint` / `vae` paths in the models' json files). Keep it there, or edit those "
                      "paths, on the serving machine.")
         lines.append("")
+    return lines
+
+
+def _readme_server(plan: RepositoryPlan) -> list[str]:
+    lines = []
     if plan.dit == "tensorrt":
         lines += ["Start the server with the plugin loaded (the plan's `BlockSparseAttention` layers need it):", "",
                   "    tritonserver --model-repository . "
@@ -374,9 +425,14 @@ def _readme(names: dict[str, str], plan: RepositoryPlan, metadata: OnnxMetadata,
                   "engine instead, write the repository again with `--engine model.engine` and load the plugin with "
                   "`--backend-config=tensorrt,plugins=/path/libsaexport_trt_plugin.so` or `LD_PRELOAD`):", "",
                   "    tritonserver --model-repository .", ""]
-    lines += ["The Python-backend models import `saexport` (and torch, diffusers, transformers): start the server "
-              "with it on `PYTHONPATH`, in the Python environment whose `triton_python_backend_stub` the server "
-              "uses.", "", "Calling the pipeline with tritonclient:", "",
+    return lines + ["The Python-backend models import `saexport` (and torch, diffusers, transformers): start the "
+                    "server with it on `PYTHONPATH`, in the Python environment whose `triton_python_backend_stub` "
+                    "the server uses.", ""]
+
+
+def _readme_client(names: dict[str, str], plan: RepositoryPlan, metadata: OnnxMetadata, request: list[Spec],
+                   response: Spec) -> list[str]:
+    lines = ["Calling the pipeline with tritonclient:", "",
               "    import numpy as np, tritonclient.http as http",
               '    client = http.InferenceServerClient("127.0.0.1:8000")',
               "    def tensor(name, value, dtype):",
@@ -394,4 +450,4 @@ def _readme(names: dict[str, str], plan: RepositoryPlan, metadata: OnnxMetadata,
               f'    result = client.infer("{names["pipeline"]}", inputs)',
               f'    {response.name} = result.as_numpy("{response.name}")  # {_dims(response)}',
               "", "A bad request raises `tritonclient.utils.InferenceServerException` with the model's message.", ""]
-    return "\n".join(lines)
+    return lines

@@ -154,8 +154,9 @@ def torch_denoiser(folder: Path, config: dict, device: torch.device):
     """The sparse DiT (`SparseWanDiT`) of the checkpoint, with the topology and budgets copied beside `dit.json`,
     as `generate --backend torch` builds it (`open_denoiser`), on `device` in the graph's precision; on a GPU
     `torch.compile`d when `dit.json` says `"compile": true` (Triton's warm-up request pays for the compilation)."""
+    from saexport.models.checkpoint import ModelSource
     from saexport.runtime.denoisers import TorchDenoiser
-    from saexport.runtime.generation import Artifacts, open_denoiser
+    from saexport.runtime.generation import Artifacts, BackendOptions, open_denoiser
 
     library = config.get("kernel_library")
     if library and "SAEXPORT_KERNEL_LIBRARY" not in os.environ and Path(library).is_file():
@@ -165,8 +166,8 @@ def torch_denoiser(folder: Path, config: dict, device: torch.device):
         raise SaexportError(f"{folder}: budgets for {artifacts.budgets.steps} steps, dit.json says {config['steps']}")
     compiled = bool(config.get("compile", False)) and device.type == "cuda"
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        denoiser = open_denoiser(artifacts, "torch", Path(config["checkpoint"]), False, 0, config["dtype"], None,
-                                 compile_model=compiled)
+        denoiser = open_denoiser(artifacts, "torch", ModelSource(artifacts.preset.name, Path(config["checkpoint"])),
+                                 BackendOptions(config["dtype"], compile_model=compiled))
     if denoiser.device.type != device.type:  # a CPU instance on a machine with a GPU (never compiled)
         denoiser = TorchDenoiser(denoiser.model.to(device), denoiser.steps)
     return denoiser
@@ -221,9 +222,7 @@ class Dit:
         return checked
 
     def __call__(self, tensors: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        named = dict(zip([s.name for s in self.inputs], self.check(tensors), strict=True))
-        noise = self.denoiser.predict(named["hidden_states"], named["timestep"], named["step_index"],
-                                      named["encoder_hidden_states"])
+        noise = self.denoiser.predict(*self.check(tensors))  # the graph's inputs, in the graph's order
         return noise.to(TORCH_DTYPES[self.output.dtype])
 
 
@@ -328,14 +327,14 @@ class Pipeline:
 
     def __call__(self, arrays: dict[str, np.ndarray | None]) -> np.ndarray:
         """The response's one output (`self.output.name`): uint8 frames, or fp32 latents."""
-        from saexport.runtime.sampler import sample
+        from saexport.runtime.sampler import SamplerSettings, sample
 
         request = self.parse(arrays)
         embeddings = self.encode(request.text) if self.encode is not None else request.text
         text, negative = embeddings[:1], embeddings[1:2]
-        latents = sample(self.denoiser, text, negative, tuple(self.config["latent_shape"]), self.steps,
-                         float(self.config["flow_shift"]), request.seed, request.guidance_scale,
-                         progress=lambda steps, **_: steps)
+        settings = SamplerSettings(tuple(self.config["latent_shape"]), self.steps, float(self.config["flow_shift"]),
+                                   request.guidance_scale)
+        latents = sample(self.denoiser, settings, text, negative, request.seed, progress=lambda steps, **_: steps)
         if self.decode is None:
             return latents.float().numpy()
         return self.decode(latents)

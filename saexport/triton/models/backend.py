@@ -101,7 +101,7 @@ class DitOverBls:
     def __init__(self, model_name: str, steps: int, dtype: torch.dtype, device: torch.device):
         self.model_name, self.steps, self.dtype, self.device = model_name, steps, dtype, device
 
-    def predict(self, latents, timestep, step_index, text_embeddings):
+    def predict(self, latents, timestep, text_embeddings, step_index):
         inputs = [
             tensor_out("hidden_states", latents.to(self.dtype)),
             tensor_out("timestep", timestep.float()),
