@@ -422,7 +422,8 @@ class Manifest:
             return cls(path)
         try:
             stages = json.loads(path.read_text())["stages"]
-            if not all(isinstance(entry["outputs"], dict) for entry in stages.values()):
+            if not all(isinstance(entry["outputs"], dict) and isinstance(entry["key"], str)
+                       for entry in stages.values()):
                 raise KeyError("outputs")
             return cls(path, stages)
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):

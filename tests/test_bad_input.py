@@ -316,3 +316,44 @@ def test_a_quality_or_density_goal_is_checked_before_compute(built, tmp_path, ar
     assert_user_error(run("budgets", *TINY, "--topology", built.topology, "--steps", "3", *args, "--out", out),
                       message)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, name, message", [
+    (["--seed", "99999999999999999999999"], "x.safetensors", "--seed must be within 0..2^63-1"),
+    (["--guidance", "nan"], "x.safetensors", "--guidance must be a finite number, got nan"),
+    (["--prompt", "a red circle", "--embeddings", "x.safetensors"], "y.safetensors",
+     "give a --prompt or its --embeddings, not both"),
+    (["--upscale", "5000"], "v.gif", "--upscale 5000 makes a"),
+])
+def test_generate_refuses_bad_requests_before_sampling(built, tmp_path, args, name, message):
+    out = tmp_path / name
+    assert_user_error(run("generate", *TINY, "--artifacts", built.root, *args, "--out", out), message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "--device must be cpu, cuda, cuda:N or auto, got 'gpu'"),
+                                              ("cuda:x", "--device must be cpu, cuda")])
+def test_a_device_name_is_checked_before_compute(tmp_path, device, message):
+    assert_user_error(run("topology", *TINY, *GRID, "--device", device, "--out", tmp_path / "t.safetensors"), message)
+
+
+def test_a_topology_of_too_few_layers_is_named(built, tmp_path):
+    topology = Topology.load(built.topology)
+    topology.levels = topology.levels[:1]  # a hand-edited map: one layer of the tiny model's two
+    short = tmp_path / "short.safetensors"
+    topology.save(short)
+    result = run("export", *TINY, *GRID[:4], "--topology", short, "--budgets", built.budgets, "--out", tmp_path / "e")
+    assert_user_error(result, "covers 1 layers x 4 heads, wan2.1-tiny has 2 x 4")
+
+
+def test_a_manifest_stage_without_its_key_is_named(built, tmp_path):
+    import shutil
+
+    folder = tmp_path / "b"
+    shutil.copytree(built.root, folder)
+    manifest = json.loads((folder / "build.json").read_text())
+    del manifest["stages"]["topology"]["key"]
+    (folder / "build.json").write_text(json.dumps(manifest))
+    result = run("build", *TINY, *GRID, "--steps", "3", "--prompts", "1", "--device", "cpu", "--dtype", "fp32",
+                 "--density", "0.2", "--out", folder)
+    assert_user_error(result, "build.json is corrupt or from an older saexport")

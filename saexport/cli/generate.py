@@ -31,19 +31,19 @@ backend_group = OptionGroup("backend", (
 ), _backend)
 
 
-def _request(prompt, negative_prompt, embeddings_path, negative_path, guidance, seed):
+def _request(prompt, negative_prompt, embeddings_file, negative_file, guidance, seed):
     from saexport.runtime.generation import GenerationRequest
 
-    return GenerationRequest(prompt, negative_prompt, embeddings_path, negative_path, guidance, seed)
+    return GenerationRequest(prompt, negative_prompt, embeddings_file, negative_file, guidance, seed)
 
 
 request_group = OptionGroup("request", (
     click.option("--prompt", help="Prompt text, encoded by the checkpoint's text encoder (UMT5, or the demo's "
                                   "words)."),
     click.option("--negative-prompt", default="", help="Negative prompt text (with --prompt)."),
-    click.option("--embeddings", "embeddings_path", type=click.Path(path_type=Path),
+    click.option("--embeddings", "embeddings_file", type=click.Path(path_type=Path),
                  help="safetensors: `embeddings` [1, text_len, text_dim] (the prompt); synthetic if absent."),
-    click.option("--negative", "negative_path", type=click.Path(path_type=Path),
+    click.option("--negative", "negative_file", type=click.Path(path_type=Path),
                  help="safetensors: `embeddings` of the negative prompt; the empty prompt if absent."),
     click.option("--guidance", default=5.0, show_default=True, help="Classifier-free guidance scale."),
     click.option("--seed", default=0, show_default=True, help="Seed of the initial noise: which video."),
@@ -75,7 +75,7 @@ def generate(source, artifacts, backend, request, steps, vae_path, upscale, out)
         raise SaexportError(f"the artifacts are for {model}, not --model {source.model}")
     source = replace(source, model=model)
     inputs = [*request.files(), *([source.weights] if source.weights is not None else [])]
-    check_generation_target(out, artifacts, inputs, vae_path)
+    check_generation_target(out, artifacts, inputs, vae_path, upscale)
     backend_name, options = backend
     pipeline = SparsePipeline(artifacts, backend_name, source, options, vae_path)
     if steps is not None and steps != pipeline.steps:

@@ -54,9 +54,12 @@ def user_error(error: SaexportError) -> UserError:
     return UserError(flag_names(str(error)))
 
 
+RESUMING_COMMANDS = ("topology", "budgets", "build")  # their calibrations keep their progress
+
+
 def clear_errors(command: Callable) -> Callable:
     """Bad input ends with `Error: <what and how to fix it>` and exit status 2, not a traceback; Ctrl-C says what
-    happens on a rerun."""
+    happens on a rerun: the calibrating commands resume, the others start again (nothing half-written is kept)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -69,7 +72,11 @@ def clear_errors(command: Callable) -> Callable:
 
             raise UserError(os_error_message(e, action="read or write")) from None
         except KeyboardInterrupt:
-            click.echo("\ninterrupted — rerun the same command to resume", err=True)
+            context = click.get_current_context(silent=True)
+            if context is not None and context.info_name in RESUMING_COMMANDS:
+                click.echo("\ninterrupted — rerun the same command to resume", err=True)
+            else:
+                click.echo("\ninterrupted — nothing half-written was kept; rerun the command to start again", err=True)
             raise SystemExit(130) from None
 
     return wrapper
@@ -183,10 +190,15 @@ def run_group(*parts: str) -> OptionGroup:
 
 
 def _device(device: str) -> str:
-    if device == "auto":
-        import torch
+    import torch
 
+    if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
+        raise SaexportError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SaexportError(f"--device {device}: this torch has no CUDA device (a CPU build, or no GPU): use "
+                            "--device cpu")
     return device
 
 

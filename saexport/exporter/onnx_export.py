@@ -49,6 +49,10 @@ def build_sparse_dit(loaded: LoadedModel, topology: Topology, budgets: Budgets, 
     """The sparse DiT for `video`, after checking that topology and budgets were made for it."""
     grid = video.token_grid(loaded.preset.patch_size)
     topology.check_matches(loaded.identity, grid)
+    shape, model = tuple(topology.levels.shape[:2]), (loaded.preset.num_layers, loaded.preset.num_heads)
+    if shape != model:
+        raise SaexportError(f"the topology covers {shape[0]} layers x {shape[1]} heads, {loaded.preset.name} has "
+                            f"{model[0]} x {model[1]}: it was not made for this model (or was edited)")
     budgets.check_matches(topology)
     return SparseWanDiT(loaded.transformer, grid, topology.layout, topology.levels, budgets.levels,
                         topology.block_size)

@@ -7,6 +7,8 @@ checkpoint they were made from), `onnxruntime` the ONNX, `tensorrt` the engine.
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +68,11 @@ class Artifacts:
         return cls(folder, topology, budgets, preset, video_of_grid(topology.grid, preset.patch_size, preset.codec))
 
 
+def machine_memory() -> int:
+    """This machine's memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -122,6 +129,16 @@ class GenerationRequest:
     negative_file: Path | None = None
     guidance: float = DEFAULT_GUIDANCE
     seed: int = 0
+
+    def __post_init__(self):
+        if not math.isfinite(self.guidance):
+            raise SaexportError(f"`guidance` must be a finite number, got {self.guidance}")
+        if not 0 <= self.seed < 2**63:
+            raise SaexportError(f"`seed` must be within 0..2^63-1, got {self.seed}")
+        if self.prompt is not None and self.embeddings_file is not None:
+            raise SaexportError("give a `prompt` or its `embeddings_file`, not both (the file would be ignored)")
+        if self.negative_file is not None and self.negative_prompt:
+            raise SaexportError("give a `negative_prompt` or its `negative_file`, not both")
 
     def files(self) -> list[Path]:
         return [path for path in (self.embeddings_file, self.negative_file) if path is not None]
@@ -221,14 +238,21 @@ def open_pipeline(root: str | Path, backend: str = "torch", **options) -> Sparse
     return SparsePipeline(root, backend, source, backend_options, options.get("vae"))
 
 
-def check_generation_target(out: Output, root: Path, inputs: list[Path], vae: Path | None) -> Path:
+def check_generation_target(out: Output, root: Path, inputs: list[Path], vae: Path | None, upscale: int = 1) -> Path:
     """Before any model is loaded: `out` can receive what `generate` writes, and is none of its inputs (the
-    folder's artifacts, `inputs`: embeddings, checkpoint; the `vae`) nor inside one. Returns the resolved path."""
+    folder's artifacts, `inputs`: embeddings, checkpoint; the `vae`) nor inside one, and a video enlarged `upscale`
+    times fits in memory. Returns the resolved path."""
     folder = ArtifactFolder(Path(root))
     path = check_writable_file_target(out.path, OUTPUT_SUFFIXES, overwrite=out.overwrite, ours=written_by_generate,
                                       inputs=[folder.topology, folder.budgets, folder.onnx, folder.engine, *inputs,
                                               *([vae] if vae is not None else [])])
-    preset = get_preset(Topology.load(folder.topology).model)
+    topology = Topology.load(folder.topology)
+    preset = get_preset(topology.model)
+    video = video_of_grid(topology.grid, preset.patch_size, preset.codec)
+    frame_bytes = video.frames * video.height * video.width * 3 * upscale**2
+    if path.suffix.lower() in VIDEO_SUFFIXES and frame_bytes > machine_memory() // 4:
+        raise SaexportError(f"`upscale` {upscale} makes a {frame_bytes / 2**30:.0f} GiB video, more than a quarter of "
+                            "this machine's memory: choose a smaller one")
     if path.suffix.lower() in VIDEO_SUFFIXES and preset.codec.name != "pixels" and vae is None:
         raise SaexportError(f"a video of {preset.name}'s latents is decoded by a `vae` (the checkpoint's vae/ "
                             "folder); or write .safetensors")
