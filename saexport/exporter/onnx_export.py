@@ -16,7 +16,7 @@ from saexport.errors import SaexportError
 from saexport.folders import clean_stale, temporary_folder
 from saexport.models.checkpoint import LoadedModel, dtype_name
 from saexport.models.dit import SparseWanDiT
-from saexport.models.onnx_op import register_schema, translate_block_sparse_attention
+from saexport.models.onnx_op import register_schema, translation_table
 from saexport.models.video_shape import VideoShape
 
 INPUT_NAMES = ["hidden_states", "timestep", "encoder_hidden_states", "step_index"]
@@ -72,9 +72,7 @@ def export_onnx(loaded: LoadedModel, topology: Topology, budgets: Budgets, video
     with torch.no_grad():
         program = torch.onnx.export(
             module, args, dynamo=True, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-            custom_translation_table={
-                torch.ops.saexport.block_sparse_attention.default: translate_block_sparse_attention
-            },
+            custom_translation_table=translation_table(),
             optimize=True,
         )
     metadata = OnnxMetadata(

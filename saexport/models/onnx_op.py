@@ -55,10 +55,20 @@ register_schema()
 _opset = onnxscript.values.Opset(DOMAIN, 1)
 
 
-def translate_block_sparse_attention(q, k, v, topology, budgets, step_index, block_size: int, scale: float):
-    """torch.onnx translation of `saexport::block_sparse_attention`."""
+def _translate(q, k, v, topology, budgets, step_index, block_size: int, scale: float):
+    """torch.onnx translation of `saexport::block_sparse_attention` (the op's schema: the node's inputs and
+    attributes one for one)."""
     return _opset.BlockSparseAttention(
         q, k, v, topology, budgets, step_index,
         plugin_version=PLUGIN_VERSION, plugin_namespace=PLUGIN_NAMESPACE,
         num_heads=int(q.shape[2]), head_dim=int(q.shape[3]), block_size=block_size, scale=float(scale),
     )
+
+
+def translation_table() -> dict:
+    """What `torch.onnx.export(custom_translation_table=...)` needs to write the node."""
+    import torch
+
+    from saexport.models import attention_op  # noqa: F401  (registers the op)
+
+    return {torch.ops.saexport.block_sparse_attention.default: _translate}
