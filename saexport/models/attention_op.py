@@ -44,6 +44,11 @@ def _(q, k, v, topology, budgets, step_index, block_size, scale):
     return torch.empty_like(q)
 
 
+@_op.register_kernel("cpu")
+def _(q, k, v, topology, budgets, step_index, block_size, scale):
+    return gathered_block_sparse_attention(q, k, v, PackedMasks(topology, budgets, block_size), step_index, scale)
+
+
 @_op.register_kernel("cuda")
 def _(q, k, v, topology, budgets, step_index, block_size, scale):
     masks = PackedMasks(topology, budgets, block_size)
@@ -73,6 +78,41 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: Packe
     if budgets.dtype != torch.int32 or budgets.dim() != 2 or budgets.shape[1] != heads:
         raise ValueError(f"budgets must be int32 [steps, {heads}], got {budgets.dtype} {tuple(budgets.shape)}")
     return n
+
+
+def gathered_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: PackedMasks,
+                                    step_index: torch.Tensor, scale: float) -> torch.Tensor:
+    """The op on a CPU, in at least float32: per head, every query block attends only its kept key blocks,
+    gathered (padded to the head's longest row, the padding masked), in one attention call per head, so the work
+    follows the density (the reference computes every score and masks). Same semantics as the reference."""
+    n = check_inputs(q, k, v, masks)
+    topology, budgets, block_size = masks
+    step = int(step_index.reshape(-1)[0])
+    if not 0 <= step < budgets.shape[0]:
+        raise ValueError(f"step_index {step} is outside [0, {budgets.shape[0]})")
+    keep = kept_blocks(unpack_levels(topology), budgets[step])  # [heads, n, n]
+    batch, seq_len, heads, dim = q.shape
+    compute = torch.promote_types(q.dtype, torch.float32)
+    pad = n * block_size - seq_len
+    qh, kh, vh = (torch.nn.functional.pad(t.to(compute).transpose(1, 2), (0, 0, 0, pad)) for t in (q, k, v))
+    key_valid = torch.arange(n * block_size, device=q.device) < seq_len  # the last block's padding
+    out = torch.zeros(batch, heads, n * block_size, dim, dtype=compute, device=q.device)
+    for head in range(heads):
+        counts = keep[head].sum(-1)  # kept key blocks per query block
+        width = int(counts.max())
+        if width == 0:
+            continue
+        # each row's kept blocks first, in order, then blocks of its own padding (masked below)
+        order = torch.sort((~keep[head]).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # [n, width]
+        slot_kept = torch.arange(width, device=q.device)[None, :] < counts[:, None]  # [n, width]
+        tokens = (order[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(1)  # [n, w*bs]
+        allowed = (slot_kept[..., None] & key_valid[tokens].view(n, width, block_size)).flatten(1)  # [n, w*bs]
+        keys, values = kh[:, head][:, tokens], vh[:, head][:, tokens]  # [batch, n, w*bs, dim]
+        queries = qh[:, head].view(batch, n, block_size, dim)
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=allowed[None, :, None, :], scale=scale)
+        out[:, head] = torch.where((counts > 0)[None, :, None, None], attended, 0.0).flatten(1, 2)
+    return out[:, :, :seq_len].transpose(1, 2).to(q.dtype).contiguous()
 
 
 def reference_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: PackedMasks,
