@@ -297,7 +297,7 @@ def test_a_corrupt_graph_and_a_full_disk_are_one_line_errors(built, tmp_path):
         (broken / artifact.name).write_bytes(artifact.read_bytes())
     (broken / "model.onnx").write_bytes(built.onnx.read_bytes()[:5000])  # truncated
     assert_user_error(run("generate", *TINY, "--artifacts", broken, "--backend", "onnxruntime", "--out",
-                          tmp_path / "x.safetensors"), "ONNX Runtime cannot load", "model.onnx")
+                          tmp_path / "x.safetensors"), "is not a readable ONNX model", "model.onnx")
     # /dev/full: every write fails with ENOSPC, as on a full disk.
     result = run("generate", *TINY, "--artifacts", built.root, "--backend", "onnxruntime", "--out", "/dev/full")
     assert_user_error(result)
@@ -357,3 +357,30 @@ def test_a_manifest_stage_without_its_key_is_named(built, tmp_path):
     result = run("build", *TINY, *GRID, "--steps", "3", "--prompts", "1", "--device", "cpu", "--dtype", "fp32",
                  "--density", "0.2", "--out", folder)
     assert_user_error(result, "build.json is corrupt or from an older saexport")
+
+
+def test_embeddings_of_another_text_length_are_refused_on_every_back_end(built, tmp_path):
+    short = tmp_path / "short.safetensors"
+    save_file({"embeddings": torch.randn(1, 5, 32)}, str(short))  # the tiny model encodes 8 tokens
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / f"{backend}.safetensors"
+        result = run("generate", *TINY, "--artifacts", built.root, "--backend", backend, "--embeddings", short,
+                     "--out", out)
+        assert_user_error(result, "embeddings must be [prompts, 8, 32], got (1, 5, 32)")
+        assert not out.exists()
+
+
+def test_budgets_edited_beside_their_graph_are_refused(built, tmp_path):
+    import shutil
+
+    from saexport.artifacts import Budgets
+
+    folder = tmp_path / "edited"
+    shutil.copytree(built.root, folder)
+    budgets = Budgets.load(folder / "budgets.safetensors")
+    budgets.levels[0] = 255
+    budgets.save(folder / "budgets.safetensors")  # the torch back end would read this, ONNX Runtime the graph's
+    for backend in ("torch", "onnxruntime"):
+        result = run("generate", *TINY, "--artifacts", folder, "--backend", backend, "--out",
+                     tmp_path / "x.safetensors")
+        assert_user_error(result, "its budgets.safetensors is not the budgets model.onnx froze")

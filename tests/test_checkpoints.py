@@ -155,3 +155,29 @@ def test_weights_and_random_are_exclusive(tmp_path):
         load_model("wan2.1-tiny", tmp_path, random_weights=True)
     with pytest.raises(SaexportError, match="needs `weights`"):
         load_model("wan2.1-tiny")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda config: [config], "is not a JSON object of config fields"),
+    (lambda config: {**config, "frobnicate": 3}, "unknown config field 'frobnicate'"),
+    (lambda config: {**config, "rope_max_seq_len": "long"}, "config field 'rope_max_seq_len' must be int, got 'long'"),
+])
+def test_a_diffusers_config_of_the_wrong_form_is_named(tiny, tmp_path, change, message):
+    tiny.transformer.save_pretrained(tmp_path / "transformer")
+    path = tmp_path / "transformer" / "config.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    with pytest.raises(SaexportError, match=message):
+        load_model("wan2.1-tiny", tmp_path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("window_size", [128, 128], "local attention windows are not supported"),
+    ("model_type", "i2v", "saexport runs text-to-video"),
+    ("text_len", 512, "text_len is 512, wan2.1-tiny encodes prompts to 8 tokens"),
+])
+def test_an_original_config_saexport_would_run_wrongly_is_refused(tiny, tmp_path, field, value, message):
+    write_original(tmp_path, tiny.transformer.state_dict(), tiny.transformer.config)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(SaexportError, match=message):
+        load_model("wan2.1-tiny", tmp_path)

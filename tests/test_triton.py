@@ -9,7 +9,7 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from saexport.artifacts import ArtifactFolder, Budgets, OnnxMetadata, Topology
+from saexport.artifacts import ArtifactFolder, Budgets, EngineMetadata, OnnxMetadata, Topology
 from saexport.errors import SaexportError
 from saexport.folders import Output
 from saexport.models.checkpoint import load_model, resolve_weights
@@ -97,9 +97,17 @@ PROMPT_IN = [("prompt", M.TYPE_STRING, [1]), ("negative_prompt", M.TYPE_STRING, 
 # ---------------------------------------------------------------------------------------------- configs
 
 
-def test_tensorrt_repository_configs(tiny_fp32, checkpoint, tmp_path):
+def test_tensorrt_repository_configs(tiny_fp32, tiny_bf16, checkpoint, tmp_path):
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"a plan would be here")
+    with pytest.raises(SaexportError, match="engine.json is missing"):  # any file is not an engine
+        write_triton_repository(tiny_fp32.onnx, Output(tmp_path / "no"), "wan", engine_path=engine)
+    built = EngineMetadata(OnnxMetadata.read(tiny_bf16.onnx), "10.16", "1", 2, None, None)
+    built.write(tmp_path / "engine.json")
+    with pytest.raises(SaexportError, match="is not an engine built from"):  # an engine of another graph
+        write_triton_repository(tiny_fp32.onnx, Output(tmp_path / "no"), "wan", engine_path=engine)
+    EngineMetadata(OnnxMetadata.read(tiny_fp32.onnx), "10.16", "1", 2, None, None).write(tmp_path / "engine.json")
+    assert not (tmp_path / "no").exists()
     repo = write_triton_repository(tiny_fp32.onnx, Output(tmp_path / "repo"), "wan", engine_path=engine, gpus=[0, 1],
                                    weights=checkpoint)
     assert sorted(p.name for p in repo.iterdir() if not p.name.startswith(".")) == [

@@ -96,6 +96,9 @@ def load_model(
     weights = resolve_weights(preset, weights)
     layout = detect_layout(weights)
     check_config_matches(preset, layout.config, str(weights))
+    if layout.config.get("_text_len", preset.text_len) != preset.text_len:
+        raise SaexportError(f"{weights}: its config's text_len is {layout.config['_text_len']}, {preset.name} encodes "
+                            f"prompts to {preset.text_len} tokens: not a {preset.name} checkpoint")
     config = {**preset.config, **layout.config}
     transformer = _build_meta(config)
     state = _read_state(layout)
@@ -128,14 +131,18 @@ def detect_layout(path: Path) -> CheckpointLayout:
             config = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
             raise SaexportError(f"{config_file} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise SaexportError(f"{config_file} is not a JSON object of config fields (found a "
+                                f"{type(config).__name__})")
         if config.get("_class_name") == "WanTransformer3DModel":
-            return CheckpointLayout("diffusers", config, _weight_files(config_dir))
+            return CheckpointLayout("diffusers", check_diffusers_config(config, config_file), _weight_files(config_dir))
         if "dim" in config and "num_heads" in config:
             try:
                 diffusers_config = original_config_to_diffusers(config)
-            except (KeyError, ValueError) as e:
+            except (KeyError, ValueError, TypeError) as e:
                 raise SaexportError(f"{config_file}: not a usable Wan config ({e})") from None
-            return CheckpointLayout("original", diffusers_config, _weight_files(config_dir))
+            return CheckpointLayout("original", check_diffusers_config(diffusers_config, config_file),
+                                    _weight_files(config_dir))
         if config_dir == path / "transformer" or "_class_name" in config:
             raise SaexportError(
                 f"{config_file} describes a {config.get('_class_name', 'unknown model')}, not a Wan2.1 DiT"
@@ -144,6 +151,34 @@ def detect_layout(path: Path) -> CheckpointLayout:
         f"{path} is neither a diffusers Wan2.1 checkpoint (transformer/config.json) nor an original Wan2.1 "
         "checkpoint (config.json with dim/num_heads beside diffusion_pytorch_model*.safetensors)"
     )
+
+
+def check_diffusers_config(config: dict[str, Any], source: Path) -> dict[str, Any]:
+    """A `WanTransformer3DModel` config whose fields the class takes, each of the type Wan2.1's presets give it:
+    one line naming the field, not a TypeError from inside diffusers."""
+    import inspect
+
+    known = set(inspect.signature(WanTransformer3DModel.__init__).parameters) - {"self"}
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+    if unknown:
+        raise SaexportError(f"{source}: unknown config field {unknown[0]!r} (WanTransformer3DModel takes "
+                            f"{', '.join(sorted(known))})")
+    reference = get_preset("wan2.1").config
+    for key, value in config.items():
+        want = reference.get(key)
+        if isinstance(want, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(want, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(want, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif isinstance(want, list):
+            ok = isinstance(value, list) and all(isinstance(x, int) for x in value)
+        else:
+            ok = True
+        if not ok:
+            raise SaexportError(f"{source}: config field {key!r} must be {type(want).__name__}, got {value!r}")
+    return config
 
 
 def _weight_files(folder: Path) -> list[Path]:

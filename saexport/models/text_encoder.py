@@ -32,8 +32,9 @@ def synthetic_embeddings(text_len: int, text_dim: int, prompts: int, seed: int) 
     return torch.randn(prompts, text_len, text_dim, generator=gen)
 
 
-def read_embeddings(path: Path, text_dim: int) -> torch.Tensor:
-    """The `embeddings` tensor `[prompts, text_len, text_dim]` of a safetensors file (e.g. UMT5 outputs), fp32."""
+def read_embeddings(path: Path, text_dim: int, text_len: int | None = None) -> torch.Tensor:
+    """The `embeddings` tensor `[prompts, text_len, text_dim]` of a safetensors file (e.g. UMT5 outputs), fp32;
+    `text_len` given: the model's, which the file must have."""
     if not path.is_file():
         raise SaexportError(f"embeddings file {path} does not exist")
     try:
@@ -41,8 +42,9 @@ def read_embeddings(path: Path, text_dim: int) -> torch.Tensor:
             embeddings = f.get_tensor("embeddings")
     except (OSError, SafetensorError) as e:
         raise SaexportError(f"{path}: not a safetensors file with an `embeddings` tensor ({e})") from None
-    if embeddings.dim() != 3 or embeddings.shape[-1] != text_dim:
-        raise SaexportError(f"{path}: embeddings must be [prompts, text_len, {text_dim}], "
+    if embeddings.dim() != 3 or embeddings.shape[-1] != text_dim or text_len not in (None, embeddings.shape[1]):
+        length = "text_len" if text_len is None else text_len
+        raise SaexportError(f"{path}: embeddings must be [prompts, {length}, {text_dim}], "
                             f"got {tuple(embeddings.shape)}")
     return embeddings.float()
 

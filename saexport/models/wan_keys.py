@@ -56,6 +56,11 @@ def original_config_to_diffusers(config: dict) -> dict:
     dim, num_heads = int(config["dim"]), int(config["num_heads"])
     if dim % num_heads:
         raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+    # What saexport does not run: say so rather than drop it (local attention, an image-to-video model).
+    if tuple(config.get("window_size", (-1, -1))) != (-1, -1):
+        raise ValueError(f"window_size {config['window_size']}: local attention windows are not supported")
+    if config.get("model_type", "t2v") != "t2v":
+        raise ValueError(f"model_type {config['model_type']!r}: saexport runs text-to-video (t2v) models")
     qk_norm = config.get("qk_norm", True)
     return {
         "patch_size": list(config.get("patch_size", [1, 2, 2])),
@@ -70,4 +75,5 @@ def original_config_to_diffusers(config: dict) -> dict:
         "cross_attn_norm": bool(config.get("cross_attn_norm", True)),
         "qk_norm": "rms_norm_across_heads" if qk_norm else None,
         "eps": float(config.get("eps", 1e-6)),
+        **({"_text_len": int(config["text_len"])} if "text_len" in config else {}),  # the text encoder's length
     }

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saexport.artifacts import ArtifactFolder, Budgets, Topology
+from saexport.artifacts import ArtifactFolder, Budgets, OnnxMetadata, Topology
 from saexport.errors import SaexportError
 from saexport.folders import Output, check_writable_file_target
 from saexport.models.checkpoint import ModelSource, load_model, parse_dtype
@@ -61,9 +61,18 @@ class Artifacts:
 
     @classmethod
     def open(cls, root: Path) -> Artifacts:
+        """The folder's topology and budgets; where it holds a graph too, they must be the ones the graph froze
+        (a hand-edited budgets file would make the torch back end and ONNX Runtime answer differently)."""
         folder = ArtifactFolder(root)
         topology, budgets = Topology.load(folder.topology), Budgets.load(folder.budgets)
         budgets.check_matches(topology)
+        if folder.onnx.is_file():
+            graph = OnnxMetadata.read(folder.onnx)
+            for kind, found, frozen in (("topology", topology.hash(), graph.topology_hash),
+                                        ("budgets", budgets.hash(), graph.budgets_hash)):
+                if found != frozen:
+                    raise SaexportError(f"{root}: its {kind}.safetensors is not the {kind} model.onnx froze (changed "
+                                        "since the export?): export again, or put the exported one back")
         preset = get_preset(topology.model)
         return cls(folder, topology, budgets, preset, video_of_grid(topology.grid, preset.patch_size, preset.codec))
 
@@ -160,11 +169,11 @@ def prompt_embeddings(preset: ModelPreset, encode: Callable[[list[str]], torch.T
         log.warning("note: SYNTHETIC prompt embeddings (seeded normal); give a prompt or its embeddings")
         text = synthetic_embeddings(text_len, text_dim, 1, PROMPT_SEED)
     else:
-        text = read_embeddings(embeddings_file, text_dim)
+        text = read_embeddings(embeddings_file, text_dim, text_len)
         if text.shape[0] != 1:
             raise SaexportError(f"{embeddings_file}: one prompt expected, got {text.shape[0]}")
     if negative_file is not None:
-        negative = read_embeddings(negative_file, text_dim)[:1]
+        negative = read_embeddings(negative_file, text_dim, text_len)[:1]
     elif encode is not None:
         negative = encode([""])  # the empty prompt, as Wan's pipeline encodes its default negative prompt
     else:

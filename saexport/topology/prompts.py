@@ -151,7 +151,7 @@ class PromptSource:
         self.check()
         text_len, text_dim = self.preset.text_len, self.preset.config["text_dim"]
         if self.kind == "file":
-            embeddings = read_embeddings(self.embeddings_file, text_dim)  # type: ignore[arg-type]
+            embeddings = read_embeddings(self.embeddings_file, text_dim, text_len)  # type: ignore[arg-type]
         elif self.kind == "text encoder":
             prompts = builtin_prompts(self.preset, self.weights, self.count, self.role)  # type: ignore[arg-type]
             embeddings = encode_prompts(self.weights, prompts, cache, max_length=text_len)  # type: ignore[arg-type]

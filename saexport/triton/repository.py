@@ -31,7 +31,7 @@ from pathlib import Path
 import onnx
 
 from saexport import kernels
-from saexport.artifacts import ArtifactFolder, Budgets, FidelityReport, OnnxMetadata, Topology
+from saexport.artifacts import ArtifactFolder, Budgets, EngineMetadata, FidelityReport, OnnxMetadata, Topology
 from saexport.errors import SaexportError
 from saexport.folders import Output, check_output_folder, check_replaceable_folder, staged_folder
 from saexport.models.checkpoint import detect_layout
@@ -152,6 +152,11 @@ def plan_repository(onnx_path: Path, metadata: OnnxMetadata, engine_path: Path |
     preset = get_preset(metadata.model)
     checkpoint = checkpoint_of(metadata, preset, weights)
     if engine_path is not None:
+        # An engine is served only with the metadata `saexport engine` wrote beside it, built from this graph.
+        built = EngineMetadata.read(ArtifactFolder(Path(engine_path).parent).engine_metadata).onnx
+        if not Path(engine_path).is_file() or built != metadata:
+            raise SaexportError(f"{engine_path} is not an engine built from {onnx_path} (its engine.json names another "
+                                "graph, or the file is missing): build it with `saexport engine` from this graph")
         dit = "tensorrt"
     elif metadata.dtype == "fp32":
         dit = "onnxruntime"
