@@ -29,7 +29,7 @@ from saexport.models.checkpoint import load_model
 from saexport.models.text_encoder import synthetic_embeddings
 from saexport.models.video_shape import parse_video_shape
 from saexport.runtime.schedule import flow_shift_for
-from saexport.topology.calibration import CalibrationLoop
+from saexport.topology.calibration import CalibrationLoop, Calibrator
 from saexport.topology.prompts import CalibrationSet
 from saexport.topology.standin import standin_budgets, standin_topology
 from saexport.topology.west import compute_topology
@@ -81,8 +81,8 @@ def main() -> None:
             rows.append((mode, "dense (cuDNN SDPA)", 1.0, dense_ms[mode]))
             print(*rows[-1], f"(at {time.perf_counter() - started:.0f} s: compiling is in the first call)", flush=True)
         p = loaded.preset
-        topology = standin_topology(loaded.identity, p.num_layers, p.num_heads,
-                                    BlockedGrid(grid, 128, parse_layout("tile3d")))
+        blocks = BlockedGrid(grid, 128, parse_layout("tile3d"))
+        topology = standin_topology(loaded.identity, p.num_layers, p.num_heads, blocks)
         densities = [float(d) for d in args.densities.split(",")]
         sparse = build_sparse_dit(loaded, topology, standin_budgets(topology, steps=1, target_density=1.0),
                                   video).cuda()
@@ -110,6 +110,7 @@ def main() -> None:
         text = synthetic_embeddings(p.text_len, loaded.transformer.config.text_dim, 2, 0)
         prompts = CalibrationSet(text[:1], text[1:], "synthetic")
         loop = CalibrationLoop((0,), 2, flow_shift_for(video.height))
+        calibrator = Calibrator(loaded, prompts, loop, "cuda", progress=lambda it, **_: it)
         print()
         print(f"{'WEST calibration pass':28s} {'rows/blk':>8s} {'ms':>9s} {'x dense':>9s}")
         for rows_per_block in [int(r) for r in args.calib_rows.split(",")]:
@@ -118,8 +119,7 @@ def main() -> None:
                 torch.cuda.synchronize()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                compute_topology(loaded, grid, 128, parse_layout("tile3d"), prompts, loop, rows_per_block, "cuda",
-                                 progress=lambda it, **_: it)
+                compute_topology(calibrator, blocks, rows_per_block)
                 end.record()
                 torch.cuda.synchronize()
             ms = start.elapsed_time(end) / passes

@@ -7,14 +7,14 @@ Test set: `--captions` held-out captions (`scenes(count, TEST_CAPTION_SEED, held
 which draws from the other split, nor in calibration, asserted) x 2 seeds, all generated in ONE sampler call
 per configuration (a batch of prompts, one seed each).
 
-Calibration, once: WEST (`compute_topology`) and FAST's fidelity table (`compute_fidelity`) on the built-in
+Calibration, once: WEST (`compute_topology`) and FAST's fidelity table (`compute_hellinger_quality`) on the built-in
 calibration captions (`PromptSource(...).load()`: training captions drawn with CALIBRATION_SEED), one seed,
 along the sampler's loop with guidance (both passes), as `saexport build` calibrates.
 
 Rows, each at mean densities 20 / 30 / 45 % (density = mean fraction of kept block pairs over steps x layers x
 heads, dense steps counted as 1.0), each without and with a dense warm-up (the first 20% of steps dense, the
 other steps at (goal - 0.2) / 0.8, so the mean meets the goal; at 20% nothing is left and the row is n/a):
-- "FAST v1": `saexport.topology.fast.fit_budgets(topology, fidelity_table, preset)` (today's rule); with the
+- "FAST v1": `saexport.topology.fast.fit_budgets_v1(topology, fidelity_table, goal)` (v1's rule); with the
   warm-up, the same rule fitted over the non-warm-up steps to their goal;
 - "uniform WEST": every (step, layer, head) at the WEST level whose mask keeps the fraction closest to the goal;
 - "local window": block pairs ranked by the space-time distance of their centres (token units);
@@ -67,9 +67,8 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -79,7 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fidelity_metrics as fm  # noqa: E402
 
 from saexport import kernels  # noqa: E402
-from saexport.artifacts import Topology  # noqa: E402
+from saexport.artifacts import BlockedGrid, Topology  # noqa: E402
 from saexport.demo import video_module  # noqa: E402
 from saexport.layout import TokenLayout, parse_layout  # noqa: E402
 from saexport.levels import DENSE_LEVEL, density, levels_from_scores, num_blocks  # noqa: E402
@@ -100,8 +99,9 @@ from saexport.runtime.schedule import flow_shift_for  # noqa: E402
 from saexport.runtime.video import latents_to_frames  # noqa: E402
 from saexport.topology import fast  # noqa: E402
 from saexport.topology.allocation import fit_budgets_v2  # noqa: E402
-from saexport.topology.calibration import CalibrationLoop, SampledRows  # noqa: E402
-from saexport.topology.prompts import CalibrationSet, PromptSource, builtin_prompts  # noqa: E402
+from saexport.topology.calibration import CalibrationLoop, Calibrator, SampledRows  # noqa: E402
+from saexport.topology.goals import Goal, Warmup  # noqa: E402
+from saexport.topology.prompts import PromptSource, builtin_prompts  # noqa: E402
 from saexport.topology.quality import PROXIES, compute_quality  # noqa: E402
 from saexport.topology.sensitivity import cell_errors, sensitivity_errors, step_buckets, uniform_levels  # noqa: E402
 from saexport.topology.west import compute_topology  # noqa: E402
@@ -109,7 +109,6 @@ from saexport.topology.west import compute_topology  # noqa: E402
 TEST_CAPTION_SEED = 2_000_003  # held-out captions; calibration draws training captions with CALIBRATION_SEED
 SEED_BASES = (50_000, 60_000)  # video i of seed j: SEED_BASES[j] + i
 DENSITIES = (0.20, 0.30, 0.45)
-PRESETS = {0.20: "low", 0.30: "medium", 0.45: "high"}
 WARMUP_FRACTION = 0.2
 LOCALITY_DENSITIES = (0.1, 0.2, 0.3, 0.5)
 LOCALITY_ROWS_SEED = 7  # bench/locality.py's: rows WEST never ranked with (it draws seed 0)
@@ -186,12 +185,8 @@ def with_warmup(budgets: torch.Tensor, warm: int) -> torch.Tensor:
 
 
 def fast_v1_budgets(topology: Topology, table: torch.Tensor, goal: float, warm: int) -> torch.Tensor:
-    """Today's FAST: `fit_budgets` at the preset, or (with a warm-up) its rule at the rest's goal."""
-    if warm == 0 and goal in PRESETS:
-        return fast.fit_budgets(topology, table, PRESETS[goal]).levels
-    name = f"bench {goal:.4f}"
-    with mock.patch.dict(fast.DENSITY_GOALS, {name: goal}):
-        return with_warmup(fast.fit_budgets(topology, table[warm:], name).levels, warm)
+    """FAST v1: `fit_budgets_v1` at the density goal, or (with a warm-up) its rule at the rest's goal."""
+    return with_warmup(fast.fit_budgets_v1(topology, table[warm:], Goal.of_density(goal)).levels, warm)
 
 
 def fast_v2_budgets(topology: Topology, quality: torch.Tensor, weights: torch.Tensor, goal: float,
@@ -199,9 +194,7 @@ def fast_v2_budgets(topology: Topology, quality: torch.Tensor, weights: torch.Te
     """FAST v2 (issue 13): per entry the level maximising w * Q - lambda * density at the goal, Q the attention-output
     proxy and w the end-to-end sensitivity, both measured on the calibration captions; dense warm-up steps are
     counted inside the goal by the allocation itself."""
-    with mock.patch.dict(fast.DENSITY_GOALS, {f"bench {goal:.4f}": goal}):
-        return fit_budgets_v2(topology, quality, f"bench {goal:.4f}", proxy="output", weights=weights,
-                              warmup=warm).levels
+    return fit_budgets_v2(topology, quality, Goal.of_density(goal), "output", weights, Warmup(warm)).levels
 
 
 # ------------------------------------------------------------------------------- attention processors (hooks)
@@ -426,39 +419,36 @@ class Bench:
 
     # ---------------------------------------------------------------------------------------------- calibration
 
-    def calibration_inputs(self):
-        """(model in --calib-dtype, calibration captions, loop): made on first use."""
-        if not hasattr(self, "_calibration_inputs"):
+    def calibrator(self) -> Calibrator:
+        """The model in --calib-dtype, the calibration captions and loop, on the device (a progress bar with
+        --verbose): made on first use."""
+        if not hasattr(self, "_calibrator"):
             dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[self.args.calib_dtype]
             loaded = self.loaded if dtype == self.dtype else load_model(self.args.model, self.args.weights,
                                                                          dtype=dtype)
             prompts = PromptSource(self.preset, self.args.calib_prompts, None, self.checkpoint).load()
             loop = CalibrationLoop((0,), self.steps, self.shift, self.guidance)
-            self._calibration_inputs = loaded, prompts, loop
-        return self._calibration_inputs
+            self._calibrator = Calibrator(loaded, prompts, loop, self.device,
+                                          progress=_tqdm if self.args.verbose else _quiet)
+        return self._calibrator
 
-    def sensitivity_prompts(self, prompts: CalibrationSet) -> CalibrationSet:
-        count = min(self.args.sensitivity_prompts, len(prompts.embeddings))
-        return CalibrationSet(prompts.embeddings[:count], prompts.negative, f"{prompts.source}, first {count}")
+    def sensitivity_calibrator(self) -> Calibrator:
+        """The calibrator on the first --sensitivity-prompts captions, all of them in one batch."""
+        calibrator = self.calibrator()
+        count = min(self.args.sensitivity_prompts, len(calibrator.prompts.embeddings))
+        return replace(calibrator.first_prompts(count), batch_size=count)
 
     def calibrate(self) -> None:
         """WEST, FAST's fidelity table and FAST v2's proxy and sensitivity weights, each cached in --work as soon
         as it is measured (a device call that ends mid-calibration keeps what it finished)."""
-        loaded = None
-        quiet = _quiet if not self.args.verbose else _tqdm
-        prompts = loop = None
         timing_path = self.work / "calibration_timing.json"
         self.timings = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
-
-        def setup():
-            nonlocal loaded, prompts, loop
-            loaded, prompts, loop = self.calibration_inputs()
 
         def stage(name: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
             path = self.work / f"calibration_{name}.safetensors"
             if path.is_file():
                 return {k: v.double() for k, v in load_file(str(path)).items()}
-            setup()
+            self.calibrator()  # made (the model loaded, the captions encoded) before the clock starts
             t0 = time.perf_counter()
             tensors = compute()
             save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(path))
@@ -470,30 +460,27 @@ class Bench:
 
         west_path = self.work / "west.safetensors"
         if not west_path.is_file():
-            setup()
+            calibrator = self.calibrator()
             t0 = time.perf_counter()
-            compute_topology(loaded, self.grid, self.block_size, self.layout, prompts, loop,
-                             self.args.rows_per_block, self.device, quiet).save(west_path)
+            compute_topology(calibrator, BlockedGrid(self.grid, self.block_size, self.layout),
+                             self.args.rows_per_block).save(west_path)
             self.timings["west_s"] = round(time.perf_counter() - t0, 1)
             timing_path.write_text(json.dumps(self.timings))
             self.say(f"calibration, WEST: {len(self.calibration_captions)} captions x 1 seed, "
                      f"{self.timings['west_s']:.0f} s")
         self.west = Topology.load(west_path)
-        self.table = stage("fast_table", lambda: {"fidelity": fast.compute_fidelity(
-            loaded, self.west, prompts, loop, self.args.rows_per_block, self.device, quiet)})["fidelity"]
+        self.table = stage("fast_table", lambda: {"fidelity": fast.compute_hellinger_quality(
+            self.calibrator(), self.west, self.args.rows_per_block)})["fidelity"]
         self.quality = self.sensitivity = None
         if "FAST v2" in self.args.families:
             # FAST v2's measurements, once: the output-error proxy along the loop (16 rows a head) and the
             # end-to-end sensitivity of step buckets and layers at 30% (the middle preset).
             self.quality = stage("fast_v2_quality", lambda: {"quality": compute_quality(
-                loaded, self.west, prompts, loop, proxies=("output",), device=self.device,
-                progress=quiet)["output"]})["quality"]
+                self.calibrator(), self.west, proxies=("output",))["output"]})["quality"]
 
             def sensitivity() -> dict[str, torch.Tensor]:
                 # 11 whole generations: on the first --sensitivity-prompts captions (one batch): device time
-                subset = self.sensitivity_prompts(prompts)
-                errors = sensitivity_errors(loaded, self.west, subset, loop, density=0.30, device=self.device,
-                                            batch_size=len(subset.embeddings), progress=quiet)
+                errors = sensitivity_errors(self.sensitivity_calibrator(), self.west, density=0.30)
                 (self.work / "fast_v2_sensitivity.json").write_text(json.dumps(errors.to_metadata()))
                 return {"weights": errors.weights()}
 
@@ -515,12 +502,9 @@ class Bench:
         if path.is_file():
             return json.loads(path.read_text())
         t0 = time.perf_counter()
-        loaded, prompts, loop = self.calibration_inputs()
-        subset = self.sensitivity_prompts(prompts)
-        quality = compute_quality(loaded, self.west, subset, loop, proxies=PROXIES, device=self.device,
-                                  progress=_quiet)
-        cells = cell_errors(loaded, self.west, subset, loop, density=0.30, device=self.device,
-                            batch_size=len(subset.embeddings), progress=_quiet)
+        subset = replace(self.sensitivity_calibrator(), progress=_quiet)
+        quality = compute_quality(subset, self.west, proxies=PROXIES)
+        cells = cell_errors(subset, self.west, density=0.30)
         reference = uniform_levels(self.west, 0.30).long()  # [L, H]
         buckets = step_buckets(self.steps, cells.shape[0])
         predictions = {}
@@ -531,7 +515,7 @@ class Bench:
         predictions["sensitivity product a[k] b[l]"] = (torch.tensor(sensitivity["bucket_errors"])[:, None]
                                                         * torch.tensor(sensitivity["layer_errors"])[None, :])
         result = {"cells": cells.tolist(), "buckets": [list(b) for b in buckets], "density": 0.30,
-                  "captions": len(subset.embeddings),
+                  "captions": len(subset.prompts.embeddings),
                   "spearman": {name: round(fm.spearman(p.flatten(), cells.flatten()), 4)
                                for name, p in predictions.items()},
                   "predictions": {name: p.tolist() for name, p in predictions.items()},

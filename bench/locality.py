@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -23,13 +22,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from saexport.artifacts import BlockedGrid
 from saexport.demo import VIDEO_MODULES, captions
 from saexport.layout import parse_layout
 from saexport.models.checkpoint import load_model, parse_dtype
 from saexport.models.text_encoder import encode_prompts, negative_embeddings
 from saexport.models.video_shape import parse_video_shape
 from saexport.runtime.schedule import flow_shift_for
-from saexport.topology.calibration import CalibrationLoop, SampledRows, calibration_runs
+from saexport.topology.calibration import CalibrationLoop, Calibrator, Run, SampledRows
 from saexport.topology.prompts import CALIBRATION_SEED, CalibrationSet
 from saexport.topology.west import compute_topology
 
@@ -46,22 +46,20 @@ def masks_at_density(levels: torch.Tensor, density: float) -> torch.Tensor:
     return levels.to(torch.int32) <= budget[..., None, None]
 
 
-def mass_kept(loaded, grid, block_size, layout, keep: torch.Tensor, prompts: CalibrationSet, loop: CalibrationLoop,
-              rows_per_block: int, device: str) -> torch.Tensor:
+def mass_kept(calibrator: Calibrator, blocks: BlockedGrid, keep: torch.Tensor, rows_per_block: int) -> torch.Tensor:
     """Share of the probed rows' attention mass inside each mask: `[densities, layers, heads]`, over all runs."""
-    rows = SampledRows.draw(math.prod(grid), block_size, rows_per_block, seed=ROWS_SEED)
+    rows = SampledRows.draw(blocks.seq_len, blocks.block_size, rows_per_block, seed=ROWS_SEED)
+    device = calibrator.device
     row_keep = keep[:, :, :, rows.block].to(device)  # [D, L, H, R, n]
     kept = torch.zeros(keep.shape[:3], dtype=torch.float64, device=device)
     total = torch.zeros(keep.shape[1:3], dtype=torch.float64, device=device)
 
-    def on_masses(layer: int, masses: torch.Tensor) -> None:  # [batch, heads, R, n]
+    def on_masses(run: Run, layer: int, masses: torch.Tensor) -> None:  # [batch, heads, R, n]
         masses = masses.double().sum(0)
         kept[:, layer] += (masses * row_keep[:, layer]).sum((-2, -1))
         total[layer] += masses.sum((-2, -1))
 
-    for _ in calibration_runs(loaded, grid, layout, block_size, rows, on_masses, prompts, loop, device,
-                              lambda runs, **_: runs, ""):
-        pass  # the probes record during each forward pass
+    calibrator.measure(blocks, rows, on_masses, "")  # the probes record during each forward pass
     return (kept / total).cpu()
 
 
@@ -123,6 +121,7 @@ def main() -> None:
     preset, run = loaded.preset, loaded.preset.defaults
     video = parse_video_shape(args.resolution or run.resolution, args.frames or run.frames, preset.codec)
     grid, layout, block_size = video.token_grid(preset.patch_size), parse_layout(run.layout), run.block_size
+    blocks = BlockedGrid(grid, block_size, layout)
     steps, shift = args.steps or run.steps, flow_shift_for(video.height)
     calibration = captions(args.model, args.calib_prompts, CALIBRATION_SEED)
     test = captions(args.model, args.test_prompts, TEST_SEED, held_out=True)
@@ -132,14 +131,15 @@ def main() -> None:
         embeddings = encode_prompts(loaded.path, captions, max_length=preset.text_len)
         return CalibrationSet(embeddings, negative, f"{len(captions)} captions, text encoder of {loaded.path}")
 
+    def calibrator(prompts: CalibrationSet, seeds: list[int]) -> Calibrator:
+        return Calibrator(loaded, prompts, CalibrationLoop(tuple(seeds), steps, shift), args.device,
+                          progress=lambda runs, **_: runs)
+
     # The sampler's loop as generation runs it (guidance: both passes measured).
-    topology = compute_topology(loaded, grid, block_size, layout, encode(calibration),
-                                CalibrationLoop((0,), steps, shift), rows_per_block=args.rows_per_block,
-                                device=args.device, progress=lambda runs, **_: runs)
+    topology = compute_topology(calibrator(encode(calibration), [0]), blocks, rows_per_block=args.rows_per_block)
     keep = torch.stack([masks_at_density(topology.levels, d) for d in DENSITIES])  # [D, L, H, n, n]
     seeds = [1000 + i for i in range(args.seeds)]
-    fractions = mass_kept(loaded, grid, block_size, layout, keep, encode(test),
-                          CalibrationLoop(tuple(seeds), steps, shift), args.rows_per_block, args.device)  # [D, L, H]
+    fractions = mass_kept(calibrator(encode(test), seeds), blocks, keep, args.rows_per_block)  # [D, L, H]
 
     table = {f"{d:.0%}": {"blocks_kept": round(float(keep[i].float().mean()), 4), **summary(fractions[i]),
                           "median_per_layer": [round(float(v), 4) for v in fractions[i].median(-1).values]}

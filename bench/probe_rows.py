@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from datetime import date
@@ -38,16 +37,16 @@ from pathlib import Path
 
 import torch
 
-from saexport.artifacts import Topology
+from saexport.artifacts import BlockedGrid, Topology
 from saexport.demo import VIDEO_MODULES, video_module
 from saexport.layout import parse_layout
-from saexport.levels import DENSE_LEVEL, density, kept_blocks, levels_from_scores, num_blocks
+from saexport.levels import DENSE_LEVEL, density, kept_blocks, levels_from_scores
 from saexport.models.checkpoint import load_model
 from saexport.models.text_encoder import encode_prompts, negative_embeddings
 from saexport.models.video_shape import parse_video_shape
 from saexport.runtime.sampler import PASSES
 from saexport.runtime.schedule import flow_shift_for
-from saexport.topology.calibration import CalibrationLoop, SampledRows, calibration_runs
+from saexport.topology.calibration import CalibrationLoop, Calibrator, Run, SampledRows
 from saexport.topology.prompts import CalibrationSet, PromptSource, builtin_prompts
 from saexport.topology.west import compute_topology
 
@@ -107,22 +106,18 @@ def heldout_set(model: str, loaded, count: int, calibration: list[str]) -> Calib
     return CalibrationSet(embeddings, negative, "; ".join(chosen))
 
 
-def heldout_masses(loaded, grid, block_size, layout, prompts: CalibrationSet, loop: CalibrationLoop,
-                   rows_per_block: int, device: str) -> torch.Tensor:
+def heldout_masses(calibrator: Calibrator, blocks: BlockedGrid, rows_per_block: int) -> torch.Tensor:
     """Attention mass of the probed rows summed per (query block, key block): float64 `[L, H, n, n]`, over every
     measured pass. A mask's share of the mass is then `(masses * mask).sum() / masses.sum()`."""
-    preset, seq_len = loaded.preset, math.prod(grid)
-    n = num_blocks(seq_len, block_size)
-    rows = SampledRows.draw(seq_len, block_size, rows_per_block, seed=HELDOUT_ROWS_SEED)
+    preset, device, n = calibrator.loaded.preset, calibrator.device, blocks.num_blocks
+    rows = SampledRows.draw(blocks.seq_len, blocks.block_size, rows_per_block, seed=HELDOUT_ROWS_SEED)
     block = rows.block.to(device)
     total = torch.zeros(preset.num_layers, preset.num_heads, n, n, dtype=torch.float64, device=device)
 
-    def on_masses(layer: int, masses: torch.Tensor) -> None:  # [batch, heads, R, n]
+    def on_masses(run: Run, layer: int, masses: torch.Tensor) -> None:  # [batch, heads, R, n]
         total[layer].index_add_(1, block, masses.double().sum(0))
 
-    for _ in calibration_runs(loaded, grid, layout, block_size, rows, on_masses, prompts, loop, device,
-                              lambda runs, **_: runs, ""):
-        pass  # the probes record during each forward pass
+    calibrator.measure(blocks, rows, on_masses, "")  # the probes record during each forward pass
     return total.cpu()
 
 
@@ -161,11 +156,12 @@ def main() -> None:
     preset, run = loaded.preset, loaded.preset.defaults
     video = parse_video_shape(args.resolution or run.resolution, args.frames or run.frames, preset.codec)
     grid, layout, block_size = video.token_grid(preset.patch_size), parse_layout(run.layout), run.block_size
+    blocks = BlockedGrid(grid, block_size, layout)
     steps, shift = args.steps or run.steps, flow_shift_for(video.height)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     heldout_seeds = tuple(int(s) for s in args.heldout_seeds.split(","))
     assert not set(seeds) & set(heldout_seeds), "held-out seeds must differ from the calibration seeds"
-    n = num_blocks(math.prod(grid), block_size)
+    n = blocks.num_blocks
     heldout_rows = args.heldout_rows or block_size
     source = PromptSource(preset, args.prompts, None, loaded.path)
     prompts = source.load()
@@ -184,8 +180,8 @@ def main() -> None:
             print(f"rows {count}: reused {path}", flush=True)
             continue
         wall, cpu = time.perf_counter(), time.process_time()
-        maps[count] = compute_topology(loaded, grid, block_size, layout, prompts, CalibrationLoop(seeds, steps, shift),
-                                       rows_per_block=count, device=args.device)
+        calibrator = Calibrator(loaded, prompts, CalibrationLoop(seeds, steps, shift), args.device)
+        maps[count] = compute_topology(calibrator, blocks, rows_per_block=count)
         timing[count] = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
                          "load_avg": os.getloadavg()[0]}
         maps[count].save(path)
@@ -201,8 +197,9 @@ def main() -> None:
     else:
         test = heldout_set(args.model, loaded, args.heldout_captions, calibration_captions)
         wall = time.perf_counter()
-        masses = heldout_masses(loaded, grid, block_size, layout, test, CalibrationLoop(heldout_seeds, steps, shift),
-                                heldout_rows, args.device)
+        calibrator = Calibrator(loaded, test, CalibrationLoop(heldout_seeds, steps, shift), args.device,
+                                progress=lambda runs, **_: runs)
+        masses = heldout_masses(calibrator, blocks, heldout_rows)
         heldout = {"key": key, "captions": test.source, "wall_s": time.perf_counter() - wall}
         torch.save(masses, path)
         meta.write_text(json.dumps(heldout))

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from saexport.artifacts import Topology
+from saexport.artifacts import BlockedGrid, Topology
 from saexport.layout import parse_layout
 from saexport.models.checkpoint import load_model
 from saexport.models.video_shape import parse_video_shape
 from saexport.runtime.schedule import flow_shift_for
-from saexport.topology.calibration import CalibrationLoop
+from saexport.topology.calibration import CalibrationLoop, Calibrator
 from saexport.topology.prompts import PromptSource
 from saexport.topology.transfer import TRANSFER_RULES, transfer_topology
 from saexport.topology.west import compute_topology
@@ -65,8 +65,8 @@ def main() -> None:
     def calibrate(resolution: str) -> Topology:
         video = parse_video_shape(resolution, run.frames, loaded.preset.codec)
         loop = CalibrationLoop((0,), run.steps, flow_shift_for(video.height))
-        return compute_topology(loaded, video.token_grid(loaded.preset.patch_size), block, layout, prompts, loop,
-                                device=args.device)
+        return compute_topology(Calibrator(loaded, prompts, loop, args.device),
+                                BlockedGrid(video.token_grid(loaded.preset.patch_size), block, layout))
 
     start = time.perf_counter()
     small = calibrate(args.small)

@@ -15,17 +15,20 @@ a map transferred from a smaller grid (saexport.topology.transfer) against one c
 from __future__ import annotations
 
 import argparse
-import math
+from collections.abc import Callable
 
 import torch
+from tqdm import tqdm
 
+from saexport.artifacts import BlockedGrid, Topology
 from saexport.layout import parse_layout
 from saexport.models.checkpoint import load_model
 from saexport.models.text_encoder import synthetic_embeddings
 from saexport.models.video_shape import parse_video_shape
 from saexport.runtime.schedule import flow_shift_for
-from saexport.topology.calibration import CalibrationLoop, SampledRows, calibration_runs
-from saexport.topology.fast import DENSITY_GOALS, compute_fidelity, fit_budgets
+from saexport.topology.calibration import CalibrationLoop, Calibrator, Run, SampledRows
+from saexport.topology.fast import compute_hellinger_quality, fit_budgets_v1
+from saexport.topology.goals import DENSITY_GOALS, Goal
 from saexport.topology.prompts import CalibrationSet
 from saexport.topology.transfer import transfer_topology
 from saexport.topology.west import compute_topology
@@ -60,18 +63,16 @@ def calibration_set(embeddings: torch.Tensor, negative: torch.Tensor) -> Calibra
     return CalibrationSet(embeddings, negative, f"synthetic ({embeddings.shape[0]} prompts)")
 
 
-def mass_recall(loaded, grid, block_size, layout, keep, prompts: CalibrationSet, loop: CalibrationLoop) -> float:
-    rows = SampledRows.draw(math.prod(grid), block_size, 8, seed=7)
+def mass_recall(calibrator: Calibrator, blocks: BlockedGrid, keep: torch.Tensor) -> float:
+    rows = SampledRows.draw(blocks.seq_len, blocks.block_size, 8, seed=7)
     kept, total = [0.0], [0.0]
 
-    def on_masses(layer: int, masses: torch.Tensor) -> None:
+    def on_masses(run: Run, layer: int, masses: torch.Tensor) -> None:
         row_keep = keep[layer][:, rows.block].to(masses.device)  # [heads, R, n]
         kept[0] += float((masses * row_keep).sum())
         total[0] += float(masses.sum())
 
-    for _ in calibration_runs(loaded, grid, layout, block_size, rows, on_masses, prompts, loop, "cpu",
-                              lambda runs, **_: runs, ""):
-        pass
+    calibrator.measure(blocks, rows, on_masses, "")
     return kept[0] / total[0]
 
 
@@ -92,14 +93,18 @@ def main() -> None:
     grid = video.token_grid(loaded.preset.patch_size)
     layout = parse_layout("tile3d:1x4x4")
     shift = flow_shift_for(video.height)
+    blocks = BlockedGrid(grid, args.block_size, layout)
     text = synthetic_embeddings(loaded.preset.text_len, loaded.transformer.config.text_dim, 13, 0)
     calib, held_out = calibration_set(text[:8], text[12:]), calibration_set(text[8:12], text[12:])
 
-    def loop(seeds, shift=shift):
-        return CalibrationLoop(tuple(seeds), args.steps, shift)
+    def calibrator(prompts: CalibrationSet, seeds: list[int], shift: float = shift,
+                   progress: Callable = tqdm) -> Calibrator:
+        return Calibrator(loaded, prompts, CalibrationLoop(tuple(seeds), args.steps, shift), progress=progress)
 
-    def west(prompts, seeds):
-        return compute_topology(loaded, grid, args.block_size, layout, prompts, loop(seeds), rows_per_block=8)
+    def west(prompts: CalibrationSet, seeds: list[int]) -> Topology:
+        return compute_topology(calibrator(prompts, seeds), blocks, rows_per_block=8)
+
+    held_out_runs = calibrator(held_out, [5, 6], progress=lambda runs, **_: runs)  # measured without a progress bar
 
     full = west(calib, [0, 1])
     keep = masks_at_density(full.levels, DENSITY)
@@ -107,8 +112,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(3)
     off_diagonal = (float(keep.float().mean()) - 1 / n) / (1 - 1 / n)  # same density once the diagonal is in
     random_keep = (torch.rand(keep.shape, generator=gen) < off_diagonal) | torch.eye(n, dtype=torch.bool)
-    west_recall = mass_recall(loaded, grid, args.block_size, layout, keep, held_out, loop([5, 6]))
-    random_recall = mass_recall(loaded, grid, args.block_size, layout, random_keep, held_out, loop([5, 6]))
+    west_recall = mass_recall(held_out_runs, blocks, keep)
+    random_recall = mass_recall(held_out_runs, blocks, random_keep)
     half_a = west(calibration_set(calib.embeddings[:4], calib.negative), [0])
     half_b = west(calibration_set(calib.embeddings[4:], calib.negative), [1])
     a, b = masks_at_density(half_a.levels, DENSITY), masks_at_density(half_b.levels, DENSITY)
@@ -119,19 +124,19 @@ def main() -> None:
     print(f"attention mass kept on held-out prompts and seeds: WEST {west_recall:.3f}, random {random_recall:.3f}")
     print(f"IoU of 30% masks from disjoint calibration halves: {iou:.3f}")
 
-    fidelity = compute_fidelity(loaded, full, calib, loop([2]), rows_per_block=8)
-    for preset in DENSITY_GOALS:
-        budgets = fit_budgets(full, fidelity, preset)
+    fidelity = compute_hellinger_quality(calibrator(calib, [2]), full, rows_per_block=8)
+    for preset, density in DENSITY_GOALS.items():
+        budgets = fit_budgets_v1(full, fidelity, Goal(preset, density=density))
         print(f"FAST {preset:6s}: mean density {budgets.mean_density:.3f}, "
               f"mean fidelity {budgets.curve['mean_fidelity']:.3f} (on the calibration prompts)")
 
     small = parse_video_shape(args.transfer_from, args.frames)
     small_grid = small.token_grid(loaded.preset.patch_size)
-    source = compute_topology(loaded, small_grid, args.block_size, layout, calib,
-                              loop([0, 1], flow_shift_for(small.height)), rows_per_block=8)
+    source = compute_topology(calibrator(calib, [0, 1], flow_shift_for(small.height)),
+                              BlockedGrid(small_grid, args.block_size, layout), rows_per_block=8)
     transferred = masks_at_density(transfer_topology(source, grid).levels, DENSITY)
     recall = float((transferred & keep).sum() / keep.sum())
-    transferred_mass = mass_recall(loaded, grid, args.block_size, layout, transferred, held_out, loop([5, 6]))
+    transferred_mass = mass_recall(held_out_runs, blocks, transferred)
     print(f"transfer {small_grid} -> {grid}: recall of the native 30% masks {recall:.3f} "
           f"(a random 30% mask: {float((random_keep & keep).sum() / keep.sum()):.3f}); attention mass kept on "
           f"held-out prompts {transferred_mass:.3f}")

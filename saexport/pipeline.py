@@ -36,6 +36,7 @@ from saexport.folders import (
     read_owner,
 )
 from saexport.layout import parse_layout
+from saexport.levels import num_blocks
 from saexport.models.checkpoint import LoadedModel, ModelSource, load_model, parse_dtype
 from saexport.models.presets import ModelPreset, RunDefaults, get_preset
 from saexport.models.video_shape import VideoShape, parse_video_shape, video_of_grid
@@ -144,9 +145,18 @@ def resolve_run(model: str, **given) -> RunDefaults:
 
 
 def video_of(source: ModelSource, run: RunDefaults, device: str = "cpu") -> VideoShape:
-    """The run's video, refused before any compute when one forward pass of it cannot fit in `device`'s memory."""
+    """The run's video, refused before any compute when one forward pass of it, or its map of blocks, cannot fit in
+    `device`'s memory."""
     video = parse_video_shape(run.resolution, run.frames, source.preset.codec)
     check_fits_in_memory(source.preset, video, device)
+    preset = source.preset
+    n = num_blocks(math.prod(video.token_grid(preset.patch_size)), run.block_size)
+    need = preset.num_layers * preset.num_heads * n * n + preset.num_heads * n * n * 8  # the map, a layer's scores
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have // 2:
+        raise SaexportError(f"a {video.describe()} video cut into blocks of {run.block_size} is {n} blocks: its map "
+                            f"of block pairs needs about {need / 2**30:.0f} GiB, this machine has "
+                            f"{have / 2**30:.0f}: choose a smaller `resolution` or `frames`, or larger blocks")
     return video
 
 

@@ -384,3 +384,10 @@ def test_budgets_edited_beside_their_graph_are_refused(built, tmp_path):
         result = run("generate", *TINY, "--artifacts", folder, "--backend", backend, "--out",
                      tmp_path / "x.safetensors")
         assert_user_error(result, "its budgets.safetensors is not the budgets model.onnx froze")
+
+
+def test_a_transfer_to_a_grid_too_large_for_memory_is_refused_before_compute(built, tmp_path):
+    out = tmp_path / "t.safetensors"
+    result = run("transfer", "--topology", built.topology, "--resolution", "2048x2048", "--frames", "81", "--out", out)
+    assert_user_error(result, "transferring it needs about", "choose a smaller --resolution or --frames")
+    assert not out.exists()

@@ -21,6 +21,7 @@ computed at the new grid.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -82,6 +83,13 @@ def transfer_topology(topology: Topology, new_grid: tuple[int, int, int], rule: 
     if rule not in TRANSFER_RULES:
         raise SaexportError(f"unknown transfer rule '{rule}'; use one of {', '.join(TRANSFER_RULES)}")
     n_new = num_blocks(math.prod(new_grid), topology.block_size)
+    layers, heads, n_old = topology.levels.shape[:3]
+    need = layers * heads * n_new * max(n_new, n_old) * 4 * 2  # the int32 rows and result, and their scatter
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have // 2:
+        raise SaexportError(f"a map for grid {tuple(new_grid)} is {n_new} x {n_new} blocks a head: transferring it "
+                            f"needs about {need / 2**30:.0f} GiB, this machine has {have / 2**30:.0f}: choose a "
+                            "smaller `resolution` or `frames`")
     if rule == "bilinear":
         a = interpolation_weights(topology.grid, new_grid, topology.layout, topology.block_size)
         # ceil, less a hair of float64 rounding so an exact integer stays itself
@@ -89,7 +97,6 @@ def transfer_topology(topology: Topology, new_grid: tuple[int, int, int], rule: 
         return _finish(topology, result, new_grid, rule)
     pairs = covered_blocks(topology.grid, new_grid, topology.layout, topology.block_size)
     levels = topology.levels.to(torch.int32)  # [layers, heads, n_old, n_old]
-    layers, heads, n_old, _ = levels.shape
     # rows: min over the old query blocks each new query block covers
     rows = torch.full((layers, heads, n_new, n_old), 255, dtype=torch.int32)
     rows.scatter_reduce_(2, pairs[0].view(1, 1, -1, 1).expand(layers, heads, -1, n_old),
