@@ -391,3 +391,14 @@ def test_a_transfer_to_a_grid_too_large_for_memory_is_refused_before_compute(bui
     result = run("transfer", "--topology", built.topology, "--resolution", "2048x2048", "--frames", "81", "--out", out)
     assert_user_error(result, "transferring it needs about", "choose a smaller --resolution or --frames")
     assert not out.exists()
+
+
+def test_an_mp4_without_its_writer_is_refused_before_sampling(built, tmp_path):
+    try:
+        import imageio_ffmpeg  # noqa: F401
+        pytest.skip("imageio-ffmpeg is installed here: the MP4 writer exists")
+    except ImportError:
+        pass
+    (tmp_path / "vae").mkdir()
+    result = run("generate", *TINY, "--artifacts", built.root, "--vae", tmp_path / "vae", "--out", tmp_path / "v.mp4")
+    assert_user_error(result, "writing .mp4 needs imageio-ffmpeg")

@@ -27,7 +27,7 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path):
     assert result.exit_code == 2
     assert "Error: weights path" in result.output and "does not exist" in result.output
     result = run("export", *TINY, "--frames", "80", "--out", str(tmp_path))
-    assert result.exit_code == 2 and "frames must be 4k+1" in result.output
+    assert result.exit_code == 2 and "--frames must be 4k+1" in result.output
 
 
 def test_models_lists_presets():

@@ -107,7 +107,7 @@ def test_budgets_for_another_topology_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("resolution,frames,message", [
-    ("480p", 80, "frames must be 4k\\+1"),
+    ("480p", 80, "`frames` must be 4k\\+1"),
     ("100x64", 9, "multiples of 16"),
     ("1080i", 9, "is not 480p, 720p"),
 ])

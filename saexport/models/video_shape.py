@@ -45,8 +45,11 @@ def parse_video_shape(resolution: str, frames: int, codec: LatentCodec = WAN_VAE
     stride = codec.spatial * PATCH
     if width <= 0 or height <= 0 or width % stride or height % stride:
         raise SaexportError(f"width and height must be positive multiples of {stride}, got {width}x{height}")
-    if frames < 1 or (frames - 1) % codec.temporal:
-        raise SaexportError(f"frames must be {codec.temporal}k+1 (1, {1 + codec.temporal}, ...), got {frames}")
+    if frames < 1:
+        raise SaexportError(f"`frames` must be at least 1, got {frames}")
+    if (frames - 1) % codec.temporal:  # a codec of temporal stride 1 (pixels) takes any count
+        raise SaexportError(f"`frames` must be {codec.temporal}k+1 (1, {1 + codec.temporal}, "
+                            f"{1 + 2 * codec.temporal}, ...) with Wan's VAE, got {frames}")
     return VideoShape(width, height, frames, codec)
 
 

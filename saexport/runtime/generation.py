@@ -262,6 +262,12 @@ def check_generation_target(out: Output, root: Path, inputs: list[Path], vae: Pa
     if path.suffix.lower() in VIDEO_SUFFIXES and frame_bytes > machine_memory() // 4:
         raise SaexportError(f"`upscale` {upscale} makes a {frame_bytes / 2**30:.0f} GiB video, more than a quarter of "
                             "this machine's memory: choose a smaller one")
+    if path.suffix.lower() == ".mp4":
+        try:
+            import imageio_ffmpeg  # noqa: F401  (imageio's MP4 writer)
+        except ImportError:
+            raise SaexportError("writing .mp4 needs imageio-ffmpeg (pip install imageio-ffmpeg); or write .gif"
+                                ) from None
     if path.suffix.lower() in VIDEO_SUFFIXES and preset.codec.name != "pixels" and vae is None:
         raise SaexportError(f"a video of {preset.name}'s latents is decoded by a `vae` (the checkpoint's vae/ "
                             "folder); or write .safetensors")
