@@ -11,6 +11,7 @@ from saexport.layout import parse_layout
 from saexport.levels import density
 from saexport.models.processors import RowProbe, block_masses, block_partials
 from saexport.models.text_encoder import synthetic_embeddings
+from saexport.runtime.sampler import sample
 from saexport.topology.allocation import allocate, fit_budgets_v2, level_densities, levels_at
 from saexport.topology.calibration import CalibrationLoop, Calibrator, HeadRows
 from saexport.topology.fast import fit_budgets_v1
@@ -20,6 +21,7 @@ from saexport.topology.prompts import CalibrationSet
 from saexport.topology.quality import compute_quality, output_error_curves, quality_curves, residual_error_curves
 from saexport.topology.quality_target import measure_psnr, meet_psnr
 from saexport.topology.sensitivity import (
+    SensitivityErrors,
     cell_errors,
     final_latents,
     final_latents_of_tables,
@@ -368,6 +370,18 @@ def test_cell_errors_sparsify_one_step_bucket_of_one_layer(tiny_setup):
     assert float(cells[1, 1]) == pytest.approx(by_hand, rel=1e-9)
 
 
+def test_sensitivity_of_a_shorter_loop_weighs_the_same_fractions_of_generations_loop():
+    errors = SensitivityErrors(steps=2, buckets=[(0, 1), (1, 2)], bucket_errors=[1.0, 3.0], groups=[(0, 1), (1, 3)],
+                               group_errors=[2.0, 1.0], density=0.3)
+    a = torch.tensor([1.0, 1, 3, 3, 3], dtype=torch.float64)  # 5 steps: the first bucket 2 of them, the second 3
+    b = torch.tensor([2.0, 1, 1], dtype=torch.float64)
+    want = a[:, None] * b[None, :]
+    assert torch.allclose(errors.weights(5), want / want.mean())
+    assert torch.allclose(errors.weights(), errors.weights(2)) and errors.weights().shape == (2, 3)
+    with pytest.raises(SaexportError, match="2 sensitivity buckets cannot weigh a loop of 1 steps"):
+        errors.weights(1)
+
+
 def test_budgets_v2_end_to_end_on_the_tiny_model(tiny_setup):
     tiny, prompts, topology = tiny_setup
     loop = CalibrationLoop(seeds=(0,), steps=3, flow_shift=3.0)
@@ -377,11 +391,23 @@ def test_budgets_v2_end_to_end_on_the_tiny_model(tiny_setup):
     curve = budgets.curve
     assert budgets.levels.shape == (3, 2, 4) and abs(budgets.mean_density - 0.45) <= 0.01
     assert curve["rule"] == "v2" and curve["proxy"] == "output" and curve["rows_per_head"] == 4
-    assert curve["sensitivity"]["density"] == 0.45 and len(curve["sensitivity"]["bucket_errors"]) == 3
+    assert curve["sensitivity"]["density"] == 0.45 and curve["sensitivity"]["steps"] == 2  # half of 3, rounded up
+    assert len(curve["sensitivity"]["bucket_errors"]) == 2  # 3 buckets asked, 2 steps to hold them
     weights = torch.tensor(curve["weights"])
     assert weights.shape == (3, 2) and torch.all(weights > 0) and float(weights.mean()) == pytest.approx(1, abs=1e-4)
     with pytest.raises(SaexportError, match="`warmup` must be within 0..3 steps, got 7"):
         compute_budgets_v2(calibrator(tiny, one, loop), topology, HIGH, BudgetRule(warmup=7, sensitivity=False))
+    # measured on a loop of 2 steps (which holds 2 of the 3 buckets) with the 2 layers as one group: 1 + 2 + 1
+    # generations of 2 steps, not 1 + 3 + 2 of 3; the weights still cover generation's 3 steps (per layer equal)
+    with mock.patch("saexport.topology.sensitivity.sample", wraps=sample) as generations:
+        cheap = compute_budgets_v2(calibrator(tiny, one, loop), topology, HIGH,
+                                   BudgetRule(proxy="output", rows_per_head=4, buckets=3, sensitivity_steps=2,
+                                              layer_groups=1))
+    assert generations.call_count == 4 and all(c.args[1].steps == 2 for c in generations.call_args_list)
+    assert cheap.curve["sensitivity"]["steps"] == 2 and cheap.curve["sensitivity"]["layer_groups"] == [[0, 2]]
+    cheap_weights = torch.tensor(cheap.curve["weights"])
+    assert cheap_weights.shape == (3, 2) and torch.equal(cheap_weights[:, 0], cheap_weights[:, 1])
+    assert abs(cheap.mean_density - 0.45) <= 0.01
 
 
 def test_an_interrupted_sensitivity_resumes_from_its_last_generation(tiny_setup, tmp_path):
@@ -467,7 +493,9 @@ def test_a_psnr_target_gets_the_least_density_that_meets_it_on_held_out_prompts(
     assert again[0]["psnr"] == pytest.approx(curve[1]["psnr"], abs=1e-3)
     assert [row["psnr"] for row in curve] == sorted(row["psnr"] for row in curve)  # more blocks, closer to dense
     target = (curve[0]["psnr"] + curve[1]["psnr"]) / 2
+    made.clear()
     chosen = meet_psnr(checker, topology, Goal.of_psnr(target), budgets_at)
+    assert made[:2] in ([0.5, 0.25], [0.5, 0.75]) and len(made) == 5  # a bisection: 1/2^5 <= 0.05 < 1/2^4
     record = chosen.curve["quality_target"]
     assert chosen.fidelity == f"psnr {target:g}" and record["achieved"]["psnr"] >= target
     assert all(row[1] < target for row in record["psnr_vs_density"] if row[0] < chosen.mean_density - 1e-4)

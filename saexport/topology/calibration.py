@@ -219,6 +219,10 @@ class Calibrator:
                                 f"{self.prompts.source}, first {count}")
         return replace(self, prompts=subset)
 
+    def with_steps(self, steps: int) -> Calibrator:
+        """The same calibrator on a sampler loop of `steps` steps."""
+        return replace(self, loop=replace(self.loop, steps=steps))
+
     def measure(self, blocks: BlockedGrid, rows: SampledRows | HeadRows, on_data: Callable, desc: str,
                 checkpoint: CalibrationCheckpoint | None = None) -> None:
         """Walk the dense sampler loop of every prompt x seed, probed, with a progress bar over the runs (passes).

@@ -28,11 +28,11 @@ SENSITIVITY_DENSITY = 0.3  # the uniform density the sensitivity is measured at 
 
 
 def compute_budgets_v2(calibrator: Calibrator, topology: Topology, goal: Goal, rule: BudgetRule = BudgetRule(),
-                       layer_groups: int | None = None, max_warmup: int | None = None) -> Budgets:
+                       max_warmup: int | None = None) -> Budgets:
     """FAST v2 budgets of `topology` for `goal`: Q of the rule's proxy measured along the calibrator's loop,
     weights measured end to end at the goal's density (for a quality goal, at `SENSITIVITY_DENSITY`; uniform
     without `rule.sensitivity`) on the first `rule.sensitivity_prompts` calibration prompts (each costs
-    1 + buckets + layer groups whole generations, batched; `layer_groups` None: every layer alone), warm-up steps
+    1 + buckets + layer groups whole generations, batched, on a loop of `rule.sensitivity_loop`), warm-up steps
     given or "auto" (chosen among 0..`max_warmup` by the final latent error against dense on the calibration
     prompts). A density goal is allocated at once; a quality goal (`goal.psnr`) by the least density whose videos
     of the held-out calibration prompts meet it (`quality_target.meet_psnr`). An interrupted build resumes from the
@@ -44,11 +44,13 @@ def compute_budgets_v2(calibrator: Calibrator, topology: Topology, goal: Goal, r
     if rule.sensitivity:
         start = time.perf_counter()
         density = goal.density if goal.density is not None else SENSITIVITY_DENSITY
-        errors = sensitivity_errors(calibrator.first_prompts(rule.sensitivity_prompts), topology, density,
-                                    rule.buckets, layer_groups)
-        weights, measured = errors.weights(), {**errors.to_metadata(), "prompts": rule.sensitivity_prompts}
-        log.info("FAST v2: sensitivity measured in %.1f s (%d generations per prompt x seed)",
-                 time.perf_counter() - start, 1 + len(errors.buckets) + len(errors.groups))
+        measuring = calibrator.first_prompts(rule.sensitivity_prompts).with_steps(
+            rule.sensitivity_loop(calibrator.loop.steps))
+        errors = sensitivity_errors(measuring, topology, density, rule.buckets, rule.layer_groups)
+        weights = errors.weights(calibrator.loop.steps)
+        measured = {**errors.to_metadata(), "prompts": rule.sensitivity_prompts}
+        log.info("FAST v2: sensitivity measured in %.1f s (%d generations of %d steps per prompt x seed)",
+                 time.perf_counter() - start, 1 + len(errors.buckets) + len(errors.groups), errors.steps)
     judge = latent_error_judge(calibrator, topology) if rule.warmup == WARMUP_AUTO else None
     start = time.perf_counter()
 

@@ -7,15 +7,17 @@ method in one page"):
 - `BudgetRule`: how the budgets are allocated — v1, the lowest level reaching a graded 1 - Hellinger target; v2 (the
   default: docs/BENCHMARKS.md measured it 3.3-3.7 dB above v1 at every preset), per entry the level maximising
   w * Q - lambda * density, with the quality proxy Q measured along the sampler loop on `rows_per_head` rows a head,
-  the weights w measured end to end (`sensitivity`, over `buckets` step buckets and every layer, on the first
-  `sensitivity_prompts` calibration prompts: 1 + buckets + layers whole generations each) and `warmup` dense steps
-  counted in the goal (or "auto").
+  the weights w measured end to end (`sensitivity`, over `buckets` step buckets and every layer or `layer_groups`,
+  on the first `sensitivity_prompts` calibration prompts: 1 + buckets + layers whole generations each, on a loop
+  of `sensitivity_steps`, by default half of generation's) and `warmup` dense steps counted in the goal (or
+  "auto").
 
 Errors name the Python parameters; the command line maps them to its flags.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -88,6 +90,13 @@ class BudgetRule:
     sensitivity: bool = True
     buckets: int = 5
     sensitivity_prompts: int = 1
+    sensitivity_steps: int | None = None  # the sensitivity's sampler loop (None: half of generation's)
+    layer_groups: int | None = None  # the sensitivity's layer groups (None: every layer alone)
+
+    def sensitivity_loop(self, steps: int) -> int:
+        """The steps of the sensitivity's loop for a generation of `steps`: half of them by default, which ranked
+        the cells as the whole loop does and lost no fidelity (bench/sensitivity_cost.py, docs/BENCHMARKS.md)."""
+        return min(steps, self.sensitivity_steps or math.ceil(steps / 2))
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -95,8 +104,8 @@ class BudgetRule:
         if self.proxy not in PROXIES:
             raise SaexportError(f"`proxy` must be one of {', '.join(PROXIES)}, got {self.proxy!r}")
         Warmup(self.warmup)  # checks it
-        for name in ("rows_per_head", "buckets", "sensitivity_prompts"):
-            if getattr(self, name) < 1:
+        for name in ("rows_per_head", "buckets", "sensitivity_prompts", "sensitivity_steps", "layer_groups"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SaexportError(f"`{name}` must be at least 1, got {getattr(self, name)}")
 
     def key(self) -> dict:

@@ -1,16 +1,21 @@
 """FAST for a quality: the least attention work whose videos meet a PSNR against the dense videos.
 
 FAST v2 allocates for a density (`topology.allocation`): per entry the level maximising w * Q - lambda * density.
-Its quality at a density is measured end to end, here: the budgets of a few candidate densities generate the
-held-out calibration prompts' videos (prompts no calibration stage measured from, at seeds the calibration never
-walked), all in one batched sampler loop with the dense videos (`sensitivity.final_latents_of_tables`), and each
-candidate's PSNR against the dense video is averaged over those samples (`runtime.fidelity.latent_psnr`: the pixel
-PSNR of models whose latents are pixels). PSNR grows with density, so a first round over a coarse grid brackets
-the least density that meets the target, and a second round inside the bracket refines it. A candidate meets the
-target when the lower end of its 95% interval over prompts does (its mean, with fewer than 3 prompts): the build
-promises the quality on prompts it has not seen, so the check errs on the side of more blocks. The chosen budgets
-are the least dense candidate that meets it; none below density 1: an error that says what was reached. The curve
-measured (density, mean PSNR, lower 95% bound, prompts) is recorded in the budgets file.
+Its quality at a density is measured end to end, here: the budgets of candidate densities generate the held-out
+calibration prompts' videos (prompts no calibration stage measured from, at seeds the calibration never walked) in
+batched sampler loops with the dense videos (`sensitivity.final_latents_of_tables`; the dense ones made once), and
+each candidate's PSNR against the dense video is averaged over those samples (`runtime.fidelity.latent_psnr`: the
+pixel PSNR of models whose latents are pixels).
+
+PSNR grows with density, so the search bisects a bracket [densest that failed, least that met], from [0, 1], until
+it is `RESOLUTION` wide: 5 candidates. One candidate a round, not several batched: the check's own samples (8
+prompts on a GPU) fill a forward pass of a Wan-size model already, so candidates batched together cost what they
+cost one after another, and a bisection needs the fewest of them (bench/build_cost.py: 5 where rounds of 4 took 7).
+
+A candidate meets the target when the lower end of its 95% interval over prompts does (its mean, with fewer than 3
+prompts): the build promises the quality on prompts it has not seen, so the check errs on the side of more blocks.
+The chosen budgets are the least dense candidate that meets it; none below density 1: an error that says what was
+reached. The curve measured (density, mean PSNR, lower 95% bound, prompts) is recorded in the budgets file.
 """
 
 from __future__ import annotations
@@ -29,8 +34,7 @@ from saexport.topology.goals import Goal
 from saexport.topology.sensitivity import final_latents_of_tables
 
 log = logging.getLogger("saexport")
-COARSE = (0.15, 0.25, 0.4, 0.6, 0.85)  # first round: densities, roughly geometric
-FINE = 3  # second round: densities evenly inside the bracket
+RESOLUTION = 0.05  # the search stops when the least density that meets is bracketed this closely
 
 
 def measure_psnr(checker: Calibrator, topology: Topology, budgets: list[Budgets],
@@ -55,43 +59,46 @@ def measure_psnr(checker: Calibrator, topology: Topology, budgets: list[Budgets]
     return rows, dense
 
 
+def search_round(low: float, high: float) -> list[float]:
+    """The density the next round measures inside the bracket [low, high]: its middle; none once the bracket is
+    `RESOLUTION` wide."""
+    return [] if high - low <= RESOLUTION + 1e-9 else [(low + high) / 2]
+
+
 def meet_psnr(checker: Calibrator, topology: Topology, goal: Goal,
               budgets_at: Callable[[float], Budgets]) -> Budgets:
     """The least dense of the candidate budgets (`budgets_at(density)`) whose held-out PSNR meets `goal.psnr`."""
     target = goal.psnr
-    measured: list[tuple[Budgets, dict]] = []
+    measured: list[tuple[float, Budgets, dict]] = []  # (asked density, budgets, row)
     dense = None
-
-    def round_of(densities) -> None:
-        nonlocal dense
-        candidates = []
-        for density in densities:
-            try:
-                candidates.append(budgets_at(density))
-            except SaexportError:
-                continue  # below the topology's structural minimum: no such budgets
-        rows, dense = measure_psnr(checker, topology, candidates, dense)
-        for budgets, row in zip(candidates, rows, strict=True):
-            measured.append((budgets, row))
-            log.info("quality check: density %.3f -> %.2f dB (target %g)", row["density"], row["psnr"], target)
 
     def meets(row: dict) -> bool:
         return (row["psnr"] if row["psnr_low95"] is None or row["prompts"] < 3 else row["psnr_low95"]) >= target
 
-    round_of(COARSE)
-    meeting = sorted((b.mean_density, i) for i, (b, row) in enumerate(measured) if meets(row))
-    if meeting:
-        high = meeting[0][0]
-        below = [b.mean_density for b, _ in measured if b.mean_density < high]
-        low = max(below) if below else 0.0
-        round_of([low + (high - low) * (k + 1) / (FINE + 1) for k in range(FINE)])
-    ok = [(b, row) for b, row in measured if meets(row)]
-    curve = sorted(tuple(row.values()) for _, row in measured)
+    low, high = 0.0, 1.0  # the densest asked that failed below the least asked that met (dense always meets)
+    while asked := search_round(low, high):
+        candidates = []
+        for density in asked:
+            try:
+                candidates.append((density, budgets_at(density)))
+            except SaexportError:
+                low = max(low, density)  # below the topology's structural minimum: no such budgets
+        if candidates:
+            rows, dense = measure_psnr(checker, topology, [b for _, b in candidates], dense)
+            for (density, budgets), row in zip(candidates, rows, strict=True):
+                measured.append((density, budgets, row))
+                log.info("quality check: density %.3f -> %.2f dB (target %g)", row["density"], row["psnr"], target)
+        met = [density for density, _, row in measured if meets(row)]
+        high = min(met, default=1.0)
+        low = max([low, *(density for density, _, row in measured if density < high and not meets(row))])
+    ok = [(b, row) for _, b, row in measured if meets(row)]
+    curve = sorted(tuple(row.values()) for _, _, row in measured)
     if not ok:
-        best = max((row for _, row in measured), key=lambda row: row["psnr"])
-        raise SaexportError(f"the quality target {target:g} dB is not reached below density 1: the best measured is "
-                            f"{best['psnr']:.1f} dB at density {best['density']:.2f} (on the held-out calibration "
-                            "prompts); ask for a lower target, or a density")
+        best = max((row for _, _, row in measured), key=lambda row: row["psnr"], default=None)
+        reached = "nothing was measured" if best is None else (
+            f"the best measured is {best['psnr']:.1f} dB at density {best['density']:.2f}")
+        raise SaexportError(f"the quality target {target:g} dB is not reached below density 1: {reached} (on the "
+                            "held-out calibration prompts); ask for a lower target, or a density")
     chosen, row = min(ok, key=lambda item: item[0].mean_density)
     chosen.fidelity = goal.name
     chosen.curve.update({"quality_target": {"psnr": target, "achieved": row, "prompts": checker.prompts.source,

@@ -9,6 +9,11 @@ WEST mask (every head keeps the fraction `density` of its block pairs, the level
   (S / `buckets` consecutive steps) are sparse, every layer sparse, the other steps dense;
 - b[l]: the same error when only layer l (or its group of `layer_groups`) is sparse, at every step.
 
+The loop may be shorter than generation's (`sensitivity_steps`): a bucket is a fraction of the trajectory (the
+flow-matching schedule maps step k of S to the same noise level as step k * S' / S of S'), so a[k] measured on a
+loop of S' steps weighs the same fraction of generation's S steps (`SensitivityErrors.weights(steps)`). Cheaper by
+S / S' per generation; bench/sensitivity_cost.py measures what it costs in rank correlation and fidelity.
+
 Errors are averaged over prompts x seeds; the dense reference runs the same attention op with every budget at 255,
 so a measured error is sparsity's alone (at density 1 it is exactly 0). The product ignores interactions (a late
 step that is sensitive only in early layers, say); measuring every (bucket, layer) pair would cost buckets x layers
@@ -105,10 +110,16 @@ class SensitivityErrors:
     group_errors: list[float]  # final latent error with only that layer group sparse
     density: float  # the reference (uniform WEST) density
 
-    def weights(self) -> torch.Tensor:
-        """w `[steps, layers]` = a[bucket(s)] * b[group(l)], normalised to mean 1."""
-        a = torch.zeros(self.steps, dtype=torch.float64)
-        for (start, end), error in zip(self.buckets, self.bucket_errors, strict=True):
+    def weights(self, steps: int | None = None) -> torch.Tensor:
+        """w `[steps, layers]` = a[bucket(s)] * b[group(l)], normalised to mean 1, for a loop of `steps` (None: the
+        measured loop's): each bucket covers the same fraction of it as of the measured loop."""
+        steps = steps or self.steps
+        buckets = self.buckets if steps == self.steps else step_buckets(steps, len(self.buckets))
+        if len(buckets) != len(self.buckets):
+            raise SaexportError(f"{len(self.buckets)} sensitivity buckets cannot weigh a loop of {steps} steps: "
+                                f"measure them with at most {steps} buckets")
+        a = torch.zeros(steps, dtype=torch.float64)
+        for (start, end), error in zip(buckets, self.bucket_errors, strict=True):
             a[start:end] = error
         layers = self.groups[-1][1]
         b = torch.zeros(layers, dtype=torch.float64)
@@ -120,7 +131,7 @@ class SensitivityErrors:
         return w / w.mean()
 
     def to_metadata(self) -> dict:
-        return {"density": self.density, "buckets": [list(b) for b in self.buckets],
+        return {"density": self.density, "steps": self.steps, "buckets": [list(b) for b in self.buckets],
                 "bucket_errors": [round(e, 6) for e in self.bucket_errors],
                 "layer_groups": [list(g) for g in self.groups],
                 "layer_errors": [round(e, 6) for e in self.group_errors]}
