@@ -81,14 +81,15 @@ def test_topology_of_wrong_grid_is_an_error():
 @pytest.mark.parametrize("seq_len,block_size,dtype", [(64, 16, torch.float32), (70, 16, torch.float32),
                                                       (37, 8, torch.bfloat16), (45, 8, torch.float64)])
 def test_the_cpu_kernel_gathers_what_the_reference_masks(seq_len, block_size, dtype):
-    """The op's CPU kernel (kept key blocks gathered per head) against the reference: tails, an empty row, uneven
-    per-head budgets, a dense head."""
+    """The op's CPU kernel (kept key blocks gathered per head, or masked above MASKED_ABOVE) against the reference:
+    tails, an empty row on each path, uneven per-head budgets, a dense head."""
     q, k, v, levels, budgets = random_case(2, seq_len, 4, 8, block_size, dtype=dtype)
     budgets[1] = torch.tensor([0, 90, 200, 255])
     levels[0, 1] = 200  # head 0, query block 1: nothing kept at level 0 -> zeros
+    levels[2, 0] = 255  # head 2 (~78% kept: computed masked), query block 0: nothing kept at 200 -> zeros
     masks, step = PackedMasks(pack_levels(levels), budgets, block_size), torch.tensor([1], dtype=torch.int32)
     got = gathered_block_sparse_attention(q, k, v, masks, step, 0.3)
     want = reference_block_sparse_attention(q, k, v, masks, step, 0.3)
     assert got.dtype == dtype and rel_err(got, want) < {torch.bfloat16: 1e-2}.get(dtype, 1e-6)
-    assert torch.all(got[:, block_size:2 * block_size, 0] == 0)
+    assert torch.all(got[:, block_size:2 * block_size, 0] == 0) and torch.all(got[:, :block_size, 2] == 0)
     assert torch.equal(block_sparse_attention(q, k, v, masks, step, 0.3), got)  # what the op runs on a CPU
