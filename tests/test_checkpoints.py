@@ -78,6 +78,21 @@ def test_original_layout_is_mapped(tiny, tmp_path, prefix):
     assert_same_weights(load_model("wan2.1-tiny", tmp_path), state)
 
 
+def test_the_same_tensors_are_the_same_weights_in_any_layout_or_sharding(tiny, tmp_path):
+    """Artifacts name the weights they were calibrated on by this id (what `check_matches` compares): the same
+    tensors give the same id in the other layout or another sharding, other tensors another id."""
+    state = tiny.transformer.state_dict()
+    tiny.transformer.save_pretrained(tmp_path / "whole" / "transformer")
+    tiny.transformer.save_pretrained(tmp_path / "sharded" / "transformer", max_shard_size="20KB")
+    write_original(tmp_path / "original", state, tiny.transformer.config, "model.diffusion_model.")
+    ids = {name: load_model("wan2.1-tiny", tmp_path / name).weights_id for name in ("whole", "sharded", "original")}
+    assert len(set(ids.values())) == 1, ids
+    changed = dict(state)
+    changed["blocks.0.attn1.to_q.weight"] = changed["blocks.0.attn1.to_q.weight"] + 1e-3
+    write_original(tmp_path / "other", changed, tiny.transformer.config)
+    assert load_model("wan2.1-tiny", tmp_path / "other").weights_id != ids["whole"]
+
+
 def test_bf16_load_keeps_fp32_modules(tiny, tmp_path):
     tiny.transformer.save_pretrained(tmp_path / "transformer")
     model = load_model("wan2.1-tiny", tmp_path, dtype=torch.bfloat16).transformer

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -120,3 +123,14 @@ def test_480p_81_frames_grid():
     video = parse_video_shape("480p", 81)
     assert video.latent_shape() == (16, 21, 60, 104)
     assert video.token_grid((1, 2, 2)) == (21, 30, 52)
+
+
+def test_an_export_prints_progress_not_torchs_notices(tmp_path):
+    """Issue 24: exports printed torch.onnx's skipped torchvision ops and FutureWarnings from inside torch."""
+    done = subprocess.run([sys.executable, "-m", "saexport", "export", "--model", "wan2.1-tiny", "--random-weights",
+                           "--resolution", "64x48", "--frames", "9", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said
+    assert "exporting ONNX" in said and (tmp_path / "out" / "model.onnx").is_file()
+    assert "torchvision" not in said and "Warning" not in said, said

@@ -3,7 +3,11 @@ of `artifacts.OnnxMetadata`."""
 
 from __future__ import annotations
 
+import logging
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +62,22 @@ def build_sparse_dit(loaded: LoadedModel, topology: Topology, budgets: Budgets, 
                         topology.block_size)
 
 
+@contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """torch.onnx without the notices that are not the user's concern: the optional torchvision ops it skips
+    registering, and deprecations between torch's own modules. Its progress lines stay."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def export_onnx(loaded: LoadedModel, topology: Topology, budgets: Budgets, video: VideoShape, out_dir: str | Path,
                 batch: int = 1) -> ExportedModel:
     """Write `out_dir/model.onnx` (+ `model.onnx.data` past 2 GB) atomically, then run the checker. The graph's
@@ -69,7 +89,7 @@ def export_onnx(loaded: LoadedModel, topology: Topology, budgets: Budgets, video
     register_schema()
     module = build_sparse_dit(loaded, topology, budgets, video).cpu().eval()  # calibration may have moved it
     args = example_inputs(loaded, video, dtype, batch)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_exporter():
         program = torch.onnx.export(
             module, args, dynamo=True, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
             custom_translation_table=translation_table(),

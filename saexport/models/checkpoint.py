@@ -36,7 +36,7 @@ class LoadedModel:
 
     preset: ModelPreset
     transformer: WanTransformer3DModel
-    weights_id: str  # sha256 of the weight files, or "random:<seed>"
+    weights_id: str  # sha256 of the weight tensors by canonical name (`hash_state`), or "random:<seed>"
     source: str
     path: Path | None = None  # the checkpoint folder (None for random weights)
 
@@ -103,8 +103,9 @@ def load_model(
     transformer = _build_meta(config)
     state = _read_state(layout)
     _check_state(transformer, state, str(weights))
+    weights_id = hash_state(state)
     _assign(transformer, state, dtype)
-    return LoadedModel(preset, transformer, _hash_files(layout.files), str(weights), weights)
+    return LoadedModel(preset, transformer, weights_id, str(weights), weights)
 
 
 def resolve_weights(preset: ModelPreset, weights: str | Path | None) -> Path:
@@ -289,13 +290,14 @@ def _random_state(model: torch.nn.Module, seed: int, device: torch.device, dtype
     return state
 
 
-def _hash_files(files: list[Path]) -> str:
+def hash_state(state: dict[str, torch.Tensor]) -> str:
+    """The weights' identity: sha256 over the tensors by their diffusers name (sorted), each name, dtype, shape and
+    bytes as stored. The same tensors are the same weights in either checkpoint layout and any sharding."""
     digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 
