@@ -1,0 +1,98 @@
+"""Multi-rank runs (issue 23) on the CPU: heads balanced offline against a brute-force optimum."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from saexport.errors import SaexportError
+from saexport.levels import kept_blocks
+from saexport.parallel import balance
+from saexport.parallel.balance import (
+    balance_heads,
+    balanced_head_order,
+    check_ranks,
+    contiguous_head_order,
+    head_work,
+    imbalance,
+    rank_work,
+)
+
+
+def brute_force_optimum(work: list[int], ranks: int) -> int:
+    """The least max rank work over every split of the heads into `ranks` groups of equal size."""
+    per_rank = len(work) // ranks
+
+    def best(left: tuple[int, ...]) -> int:
+        if not left:
+            return 0
+        first, rest = left[0], left[1:]
+        return min(max(work[first] + sum(work[h] for h in others), best(tuple(h for h in rest if h not in others)))
+                   for others in itertools.combinations(rest, per_rank - 1))
+
+    return best(tuple(range(len(work))))
+
+
+@pytest.mark.parametrize("heads,ranks", [(8, 2), (8, 4), (6, 3), (6, 2), (12, 4)])
+def test_balance_matches_the_brute_force_optimum(heads, ranks):
+    gen = torch.Generator().manual_seed(1000 * heads + ranks)
+    for case in range(20):
+        # skewed work (a few heavy heads, as FAST's budgets give), or ties: both trouble greedy splits
+        scale = torch.rand(heads, generator=gen) ** 3 if case % 2 else torch.ones(heads)
+        work = (torch.randint(1, 5000, (heads,), generator=gen) * scale).round().long().tolist()
+        groups, proven = balance_heads(work, ranks)
+        assert sorted(h for g in groups for h in g) == list(range(heads))  # a permutation of the heads
+        assert all(len(g) == heads // ranks for g in groups)
+        assert max(sum(work[h] for h in g) for g in groups) == brute_force_optimum(work, ranks), (work, groups)
+        assert proven
+
+
+def test_search_cut_short_keeps_a_valid_assignment_no_worse_than_greedy(monkeypatch):
+    gen = torch.Generator().manual_seed(7)
+    work = torch.randint(1, 10_000, (40,), generator=gen).tolist()
+    groups, _ = balance_heads(work, 8)
+    monkeypatch.setattr(balance, "SEARCH_NODES", 0)
+    cut, _ = balance_heads(work, 8)
+    for found in (groups, cut):
+        assert sorted(h for g in found for h in g) == list(range(40)) and all(len(g) == 5 for g in found)
+    optimum = max(sum(work[h] for h in g) for g in groups)
+    mean = sum(work) / 8
+    assert optimum <= max(sum(work[h] for h in g) for g in cut) <= 1.05 * mean
+
+
+def test_head_work_counts_the_kept_block_pairs():
+    gen = torch.Generator().manual_seed(3)
+    levels = torch.randint(0, 256, (2, 4, 7, 7), generator=gen, dtype=torch.uint8)
+    budgets = torch.randint(0, 256, (3, 2, 4), generator=gen, dtype=torch.uint8)
+    work = head_work(levels, budgets)
+    for s, layer in itertools.product(range(3), range(2)):
+        expected = kept_blocks(levels[layer], budgets[s, layer]).sum((1, 2))
+        assert torch.equal(work[s, layer], expected)
+    assert work.unique().numel() > 10  # the case is not degenerate
+
+
+def test_balanced_order_beats_the_split_by_index():
+    gen = torch.Generator().manual_seed(11)
+    work = (torch.randint(1, 4000, (5, 3, 8), generator=gen) * torch.rand(5, 3, 8, generator=gen) ** 2).long()
+    for ranks in (2, 4):
+        balanced = balanced_head_order(work, ranks)
+        naive = contiguous_head_order(work, ranks)
+        assert balanced.proven == 15
+        assert all(sorted(row.tolist()) == list(range(8)) for row in balanced.order.flatten(0, 1))
+        loads = rank_work(work, balanced.order, ranks)
+        assert torch.equal(loads.sum(-1), work.sum(-1))  # every head's work counted once
+        before, after = imbalance(work, naive.order, ranks), imbalance(work, balanced.order, ranks)
+        assert (after <= before + 1e-12).all() and after.mean() < before.mean() - 0.05
+
+
+@pytest.mark.parametrize("heads,ranks,says", [(8, 16, "more than the model's 8 heads"), (12, 8, "does not divide"),
+                                              (8, 0, "at least 1")])
+def test_bad_rank_counts_are_refused_in_one_line(heads, ranks, says):
+    with pytest.raises(SaexportError) as refused:
+        check_ranks(heads, ranks)
+    message = str(refused.value)
+    assert "`ranks`" in message and says in message and "\n" not in message
+    with pytest.raises(SaexportError, match="`ranks`"):
+        balanced_head_order(torch.ones(2, 2, heads, dtype=torch.int64), ranks)
