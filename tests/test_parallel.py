@@ -1,8 +1,13 @@
-"""Multi-rank runs (issue 23) on the CPU: heads balanced offline against a brute-force optimum."""
+"""Multi-rank runs (issue 23) on the CPU: heads balanced offline against a brute-force optimum, and Ulysses sequence
+parallelism (yunchang, gloo) against the single-process forward."""
 
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +24,10 @@ from saexport.parallel.balance import (
     imbalance,
     rank_work,
 )
+from saexport.parallel.ulysses import ulysses_dit
+from tests.parallel_worker import tiny_sparse_dit
+
+WORKER = Path(__file__).parent / "parallel_worker.py"
 
 
 def brute_force_optimum(work: list[int], ranks: int) -> int:
@@ -96,3 +105,45 @@ def test_bad_rank_counts_are_refused_in_one_line(heads, ranks, says):
     assert "`ranks`" in message and says in message and "\n" not in message
     with pytest.raises(SaexportError, match="`ranks`"):
         balanced_head_order(torch.ones(2, 2, heads, dtype=torch.int64), ranks)
+
+
+def run_ranks(tmp_path: Path, ranks: int, *options: str) -> list[dict]:
+    seed = int.from_bytes(os.urandom(2), "little")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+               str(WORKER), "--seed", str(seed), "--out", str(tmp_path), *options]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"seed {seed}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(ranks)]
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_ulysses_forward_equals_the_single_process_forward(tmp_path, ranks):
+    results = run_ranks(tmp_path, ranks)
+    reference = results[0]["reference"]
+    step_order = results[0]["order"][1]  # [layers, heads] at the step the forward runs
+    assert (step_order != torch.arange(4)).any(-1).all()  # every layer's heads are permuted
+    for result in results:
+        assert torch.equal(result["reference"], reference)  # every rank built the same model
+        assert result["output"].shape == reference.shape
+        torch.testing.assert_close(result["output"], reference, rtol=0, atol=1e-5)
+    assert reference.abs().mean() > 0.1
+
+
+def test_ulysses_split_by_index_also_equals_the_single_process_forward(tmp_path):
+    results = run_ranks(tmp_path, 2, "--contiguous")
+    assert torch.equal(results[0]["order"][1], torch.arange(4).expand(2, 4))
+    for result in results:
+        torch.testing.assert_close(result["output"], result["reference"], rtol=0, atol=1e-5)
+
+
+def test_ulysses_refuses_bad_setups_in_one_line(monkeypatch):
+    dit = tiny_sparse_dit(seed=5)
+    with pytest.raises(SaexportError, match="`degree` 3 does not divide the model's 4 heads"):
+        ulysses_dit(dit, 3)
+    with pytest.raises(SaexportError, match="torch.distributed initialised"):
+        ulysses_dit(dit, 2)
+    monkeypatch.setitem(sys.modules, "yunchang", None)  # as if not installed
+    with pytest.raises(SaexportError, match=r"pip install 'saexport\[parallel\]'"):
+        ulysses_dit(dit, 2)
+

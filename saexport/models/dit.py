@@ -14,6 +14,8 @@ with four changes that the exported graph needs:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from diffusers import WanTransformer3DModel
 
@@ -58,6 +60,14 @@ def latent_shape(transformer: WanTransformer3DModel, grid: tuple[int, int, int])
     return (transformer.config.in_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw)
 
 
+class Conditioning(NamedTuple):
+    """What conditions every block of one forward pass."""
+
+    temb: torch.Tensor  # [batch, dim]: the timestep embedding (the output norm's shift and scale)
+    timestep_proj: torch.Tensor  # [batch, 6, dim]: the blocks' shifts, scales and gates
+    text: torch.Tensor  # [batch, text_len, dim]: the projected text embeddings
+
+
 class WanDiT(torch.nn.Module):
     """The DiT for `grid` in `layout`, with dense self-attention until `probe` or a subclass installs another."""
 
@@ -96,8 +106,16 @@ class WanDiT(torch.nn.Module):
         encoder_hidden_states: torch.Tensor,  # text embeddings [batch, text_len, text_dim]
         step_index: torch.Tensor,  # int32 [1]
     ) -> torch.Tensor:
+        tokens, conditioning = self.embed(hidden_states, timestep, encoder_hidden_states, step_index)
+        tokens = self.run_blocks(tokens, conditioning, (self.rope_cos, self.rope_sin))
+        return self.unembed(tokens, conditioning)
+
+    def embed(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+              step_index: torch.Tensor) -> tuple[torch.Tensor, Conditioning]:
+        """The forward pass up to the blocks: tokens `[batch, L, dim]` in the layout's order, and what conditions
+        every block. (Split out of `forward` so that a sequence-parallel DiT runs the blocks on a shard.)"""
         model = self.transformer
-        batch, _, num_frames, height, width = hidden_states.shape
+        _, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = model.config.patch_size
         grid = (num_frames // p_t, height // p_h, width // p_w)
         if grid != self.grid:
@@ -110,20 +128,27 @@ class WanDiT(torch.nn.Module):
         hidden_states = hidden_states.contiguous()
 
         temb, timestep_proj, encoder_hidden_states, _ = model.condition_embedder(timestep, encoder_hidden_states)
-        timestep_proj = timestep_proj.unflatten(1, (6, -1))
+        return hidden_states, Conditioning(temb, timestep_proj.unflatten(1, (6, -1)), encoder_hidden_states)
 
-        rotary_emb = (self.rope_cos, self.rope_sin)
-        for block in model.blocks:
-            hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
+    def run_blocks(self, tokens: torch.Tensor, conditioning: Conditioning,
+                   rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The transformer blocks over `tokens` `[batch, tokens, dim]` with their RoPE tables `rotary_emb`."""
+        for block in self.transformer.blocks:
+            tokens = block(tokens, conditioning.text, conditioning.timestep_proj, rotary_emb)
+        return tokens
 
-        shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
-        hidden_states = (model.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+    def unembed(self, tokens: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """The forward pass after the blocks: all tokens `[batch, L, dim]` -> the noise prediction, latents' shape."""
+        model = self.transformer
+        p_t, p_h, p_w = model.config.patch_size
+        shift, scale = (model.scale_shift_table + conditioning.temb.unsqueeze(1)).chunk(2, dim=1)
+        hidden_states = (model.norm_out(tokens.float()) * (1 + scale) + shift).type_as(tokens)
         hidden_states = model.proj_out(hidden_states)
         if not self.layout.is_identity():
             hidden_states = hidden_states[:, self.inverse_perm]
 
         frames, rows, cols = self.grid
-        hidden_states = hidden_states.reshape(batch, frames, rows, cols, p_t, p_h, p_w, -1)
+        hidden_states = hidden_states.reshape(tokens.shape[0], frames, rows, cols, p_t, p_h, p_w, -1)
         hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)
 

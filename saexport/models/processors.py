@@ -80,7 +80,7 @@ def check_self_attention_call(encoder_hidden_states, attention_mask, rotary_emb)
         raise ValueError("this processor serves Wan's self-attention (with RoPE) only")
 
 
-def _output(attn, out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def project_output(attn, out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`[batch, L, heads, head_dim]` -> the layer's output projection."""
     return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(like)))
 
@@ -163,7 +163,7 @@ class DenseSelfAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         check_self_attention_call(encoder_hidden_states, attention_mask, rotary_emb)
         query, key, value = project_qkv(attn, hidden_states, rotary_emb)
-        return _output(attn, dense_attention(query, key, value), query)
+        return project_output(attn, dense_attention(query, key, value), query)
 
 
 class ProbedSelfAttnProcessor:
@@ -176,7 +176,7 @@ class ProbedSelfAttnProcessor:
         check_self_attention_call(encoder_hidden_states, attention_mask, rotary_emb)
         query, key, value = project_qkv(attn, hidden_states, rotary_emb)
         self.on_masses(self.layer, block_masses(query, key, self.rows, self.block_size))
-        return _output(attn, dense_attention(query, key, value), query)
+        return project_output(attn, dense_attention(query, key, value), query)
 
 
 class SparseSelfAttnProcessor:
@@ -207,7 +207,7 @@ class SparseSelfAttnProcessor:
         )
         if samples:
             out = out.reshape(seq_len, batch, heads, dim).transpose(0, 1)
-        return _output(attn, out, query)
+        return project_output(attn, out, query)
 
 
 @dataclass(frozen=True)
@@ -278,4 +278,4 @@ class ProbedRowsSelfAttnProcessor:
             stream = x[:, self.rows.to(x.device).flatten()].unflatten(1, tuple(self.rows.shape))
             gate = self.inputs.gate
         self.on_rows(self.layer, RowProbe(masses, partials, attn.to_out[0].weight, stream, gate))
-        return _output(attn, dense_attention(query, key, value), query)
+        return project_output(attn, dense_attention(query, key, value), query)

@@ -1,0 +1,77 @@
+"""One rank of tests/test_parallel.py's multi-rank runs (launched by torchrun, gloo on the CPU).
+
+Every rank builds the same tiny sparse DiT (seeded random weights, random per-head levels, uneven per-head
+budgets) and saves to `OUT/rank{R}.pt` a single-process result (the reference) and the same computed by all ranks:
+one DiT forward sequence-parallel over every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from saexport.layout import parse_layout
+from saexport.levels import DENSE_LEVEL
+from saexport.models.checkpoint import load_model
+from saexport.models.dit import SparseWanDiT
+from saexport.parallel.ulysses import ulysses_dit
+
+GRID = (3, 3, 4)  # 9 frames of 64x48 pixels: Wan's VAE (4x in time, 8x in space), then 1x2x2 patches
+BLOCK_SIZE = 4  # 36 tokens: 9 blocks
+STEPS = 3
+# heads 0 and 1 keep most of their blocks, 2 and 3 few: the split by index (0, 1 | 2, 3) is the worst there is
+HEAD_BUDGETS = (220, 250, 25, 60)
+
+
+def tiny_sparse_dit(seed: int) -> SparseWanDiT:
+    loaded = load_model("wan2.1-tiny", random_weights=True, seed=seed)
+    layers, heads = len(loaded.transformer.blocks), loaded.transformer.config.num_attention_heads
+    gen = torch.Generator().manual_seed(seed)
+    n = -(-GRID[0] * GRID[1] * GRID[2] // BLOCK_SIZE)
+    levels = torch.randint(1, DENSE_LEVEL, (layers, heads, n, n), generator=gen, dtype=torch.uint8)
+    levels[..., torch.arange(n), torch.arange(n)] = 0
+    jitter = torch.randint(-15, 16, (STEPS, layers, heads), generator=gen)
+    budgets = (torch.tensor(HEAD_BUDGETS) + jitter).clamp(0, DENSE_LEVEL).to(torch.uint8)
+    return SparseWanDiT(loaded.transformer, GRID, parse_layout("tile3d:1x3x2"), levels, budgets, BLOCK_SIZE).eval()
+
+
+def inputs(seed: int, dit: SparseWanDiT, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed + 1)
+    config = dit.transformer.config
+    latents = torch.randn(batch, *dit.latent_shape(), generator=gen)
+    timestep = torch.rand(batch, generator=gen) * 1000
+    text = torch.randn(batch, 8, config.text_dim, generator=gen)
+    return latents, timestep, text, torch.tensor([1], dtype=torch.int32)
+
+
+def forward(seed: int, contiguous: bool) -> dict:
+    dit = tiny_sparse_dit(seed)
+    feed = inputs(seed, dit)
+    reference = dit(*feed)
+    order = None
+    if contiguous:
+        heads = dit.transformer.config.num_attention_heads
+        order = torch.arange(heads).expand(STEPS, len(dit.masks), heads).clone()
+    parallel = ulysses_dit(dit, dist.get_world_size(), order)
+    return {"reference": reference, "output": parallel(*feed), "order": parallel.head_order}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--contiguous", action="store_true", help="split the heads by index, not balanced")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    with torch.no_grad():
+        result = forward(args.seed, args.contiguous)
+    torch.save(result, args.out / f"rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
