@@ -2,7 +2,8 @@
 
 Every rank builds the same tiny sparse DiT (seeded random weights, random per-head levels, uneven per-head
 budgets) and saves to `OUT/rank{R}.pt` a single-process result (the reference) and the same computed by all ranks:
-one DiT forward sequence-parallel over every rank.
+one DiT forward sequence-parallel over every rank (default), or with `--cfg` a whole guided sampling with its two
+passes on the two halves of the ranks (each half a Ulysses group when it has more than one rank).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from saexport.layout import parse_layout
 from saexport.levels import DENSE_LEVEL
 from saexport.models.checkpoint import load_model
 from saexport.models.dit import SparseWanDiT
+from saexport.parallel.cfg import CfgParallelDenoiser, cfg_pair_group
 from saexport.parallel.ulysses import ulysses_dit
+from saexport.runtime.denoisers import TorchDenoiser
+from saexport.runtime.sampler import SamplerSettings, sample
 
 GRID = (3, 3, 4)  # 9 frames of 64x48 pixels: Wan's VAE (4x in time, 8x in space), then 1x2x2 patches
 BLOCK_SIZE = 4  # 36 tokens: 9 blocks
@@ -59,16 +63,34 @@ def forward(seed: int, contiguous: bool) -> dict:
     return {"reference": reference, "output": parallel(*feed), "order": parallel.head_order}
 
 
+def quiet(items, **_):
+    """No progress bars in the test's log."""
+    return items
+
+
+def guided_sampling(seed: int) -> dict:
+    dit = tiny_sparse_dit(seed)
+    gen = torch.Generator().manual_seed(seed + 2)
+    text, negative = torch.randn(2, 1, 8, dit.transformer.config.text_dim, generator=gen)
+    settings = SamplerSettings(dit.latent_shape(), STEPS, flow_shift=3.0, guidance=5.0)
+    reference = sample(TorchDenoiser(dit, STEPS), settings, text, negative, seed, quiet)
+    degree = dist.get_world_size() // 2
+    model = ulysses_dit(dit, degree) if degree > 1 else dit
+    denoiser = CfgParallelDenoiser(TorchDenoiser(model, STEPS), cfg_pair_group())
+    return {"reference": reference, "output": sample(denoiser, settings, text, negative, seed, quiet)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--contiguous", action="store_true", help="split the heads by index, not balanced")
+    parser.add_argument("--cfg", action="store_true", help="a guided sampling, CFG parallel")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     with torch.no_grad():
-        result = forward(args.seed, args.contiguous)
+        result = guided_sampling(args.seed) if args.cfg else forward(args.seed, args.contiguous)
     torch.save(result, args.out / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 

@@ -147,3 +147,13 @@ def test_ulysses_refuses_bad_setups_in_one_line(monkeypatch):
     with pytest.raises(SaexportError, match=r"pip install 'saexport\[parallel\]'"):
         ulysses_dit(dit, 2)
 
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_cfg_parallel_sampling_equals_the_single_process_sampling(tmp_path, ranks):
+    """2 ranks: one pass each; 4: each pass on a Ulysses group of 2."""
+    results = run_ranks(tmp_path, ranks, "--cfg")
+    reference = results[0]["reference"]
+    assert reference.abs().mean() > 0.1
+    for result in results:
+        assert torch.equal(result["reference"], reference)
+        torch.testing.assert_close(result["output"], reference, rtol=0, atol=1e-5)

@@ -45,7 +45,8 @@ def sampling_loop(
     for) and returns the latents. Guidance runs two passes per step (conditional, unconditional), each with
     the step's index, so the sparse attention uses the budgets tuned for that step. Latents stay on the
     denoiser's device for the whole loop; the noise is drawn on the CPU, per seed, so that a seed means the
-    same video on every back end and in any batch.
+    same video on every back end and in any batch. A denoiser with `predict_guided` (CFG parallel,
+    `parallel.cfg`) runs both passes of a guided step in one call, after both events.
     """
     steps = settings.steps
     if steps != denoiser.steps:
@@ -57,6 +58,7 @@ def sampling_loop(
     if len(seeds) != text_embeddings.shape[0]:
         raise SaexportError(f"{text_embeddings.shape[0]} prompts need as many seeds, got {len(seeds)}")
     device = denoiser.device
+    both_passes = getattr(denoiser, "predict_guided", None)  # a denoiser that runs a guided step's passes at once
     latents = torch.cat([torch.randn(1, *settings.latent_shape, generator=torch.Generator().manual_seed(s))
                          for s in seeds]).to(device)
     text_embeddings = text_embeddings.to(device)
@@ -65,10 +67,17 @@ def sampling_loop(
         timestep = t.reshape(1).float().to(device).expand(latents.shape[0])
         step_index = torch.tensor([step], dtype=torch.int32)  # on the host: each back end checks it, no sync
         yield step, "cond"
-        noise = denoiser.predict(latents, timestep, text_embeddings, step_index).float()
-        if settings.guidance != 1.0:
-            yield step, "uncond"
-            uncond = denoiser.predict(latents, timestep, negative_embeddings, step_index).float()
+        if settings.guidance == 1.0:
+            noise = denoiser.predict(latents, timestep, text_embeddings, step_index).float()
+        else:
+            if both_passes is None:
+                noise = denoiser.predict(latents, timestep, text_embeddings, step_index).float()
+                yield step, "uncond"
+                uncond = denoiser.predict(latents, timestep, negative_embeddings, step_index).float()
+            else:  # CFG parallel: the two passes at once, on two ranks (after both events)
+                yield step, "uncond"
+                noise, uncond = (n.float() for n in both_passes(latents, timestep, text_embeddings,
+                                                                  negative_embeddings, step_index))
             noise = uncond + settings.guidance * (noise - uncond)
         latents = scheduler.step(noise, t, latents).prev_sample
     return latents.cpu()
