@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from saexport.errors import SaexportError
 from saexport.layout import parse_layout
 from saexport.levels import DENSE_LEVEL
 from saexport.models.checkpoint import load_model
@@ -63,6 +64,18 @@ def forward(seed: int, contiguous: bool) -> dict:
     return {"reference": reference, "output": parallel(*feed), "order": parallel.head_order}
 
 
+def mismatched(seed: int) -> dict:
+    """Rank 1 holds other budgets than rank 0: every rank must refuse."""
+    dit = tiny_sparse_dit(seed)
+    if dist.get_rank() == 1:
+        dit.masks[0].budgets[0, 0] += 1
+    try:
+        ulysses_dit(dit, dist.get_world_size())
+    except SaexportError as refused:
+        return {"refused": str(refused)}
+    return {"refused": None}
+
+
 def quiet(items, **_):
     """No progress bars in the test's log."""
     return items
@@ -86,11 +99,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--contiguous", action="store_true", help="split the heads by index, not balanced")
     parser.add_argument("--cfg", action="store_true", help="a guided sampling, CFG parallel")
+    parser.add_argument("--mismatch", action="store_true", help="ranks with different budgets")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     with torch.no_grad():
-        result = guided_sampling(args.seed) if args.cfg else forward(args.seed, args.contiguous)
+        if args.mismatch:
+            result = mismatched(args.seed)
+        else:
+            result = guided_sampling(args.seed) if args.cfg else forward(args.seed, args.contiguous)
     torch.save(result, args.out / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 

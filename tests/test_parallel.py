@@ -137,6 +137,13 @@ def test_ulysses_split_by_index_also_equals_the_single_process_forward(tmp_path)
         torch.testing.assert_close(result["output"], result["reference"], rtol=0, atol=1e-5)
 
 
+def test_ranks_holding_different_artifacts_all_refuse(tmp_path):
+    results = run_ranks(tmp_path, 2, "--mismatch")
+    for result in results:
+        assert result["refused"] is not None and "\n" not in result["refused"]
+        assert "ranks [1] differ from rank 0" in result["refused"]
+
+
 def test_ulysses_refuses_bad_setups_in_one_line(monkeypatch):
     dit = tiny_sparse_dit(seed=5)
     with pytest.raises(SaexportError, match="`degree` 3 does not divide the model's 4 heads"):

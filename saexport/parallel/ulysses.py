@@ -15,6 +15,7 @@ Launched in every rank after `torch.distributed.init_process_group` (`torchrun`)
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from types import ModuleType
@@ -128,6 +129,20 @@ class UlyssesWanDiT(torch.nn.Module):
         return self.dit.unembed(torch.cat(shards, dim=1), conditioning)
 
 
+def check_same_masks(dit: SparseWanDiT, head_order: torch.Tensor) -> None:
+    """Refuse, in every rank, to run when the ranks hold different grids, masks or head orders (artifacts that
+    differ across ranks would give each rank's heads another rank's masks, silently)."""
+    digest = hashlib.sha256(repr((dit.grid, dit.block_size)).encode())
+    for tensor in (*(t for masks in dit.masks for t in (masks.topology, masks.budgets)), head_order):
+        digest.update(tensor.cpu().contiguous().numpy().tobytes())
+    digests: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) > 1:
+        differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
+        raise SaexportError(f"the ranks hold different artifacts: ranks {differing} differ from rank 0 in grid, "
+                            "topology, budgets or head order; give every rank the same topology and budgets files")
+
+
 def ulysses_dit(dit: SparseWanDiT, degree: int, head_order: torch.Tensor | None = None) -> UlyssesWanDiT:
     """`dit` (its processors replaced) run by Ulysses groups of `degree` ranks of the initialised default process
     group; every rank calls it. `head_order` `[steps, layers, heads]` (rank r of a group attends positions
@@ -152,6 +167,7 @@ def ulysses_dit(dit: SparseWanDiT, degree: int, head_order: torch.Tensor | None 
     if tuple(head_order.shape) != (steps, layers, heads):
         raise SaexportError(f"`head_order` must be [steps, layers, heads] = {[steps, layers, heads]}, got "
                             f"{list(head_order.shape)}")
+    check_same_masks(dit, head_order)
     device = dit.rope_cos.device
     head_order = head_order.to(device, torch.int64)
     yunchang.set_seq_parallel_pg(degree, 1, dist.get_rank(), dist.get_world_size())  # ring degree 1: Ulysses only
