@@ -23,7 +23,9 @@ def load(artifacts, backend: str = "torch", **options):
     """A callable pipeline over a build or export folder: `(prompt, seed=0, negative_prompt="", guidance=5.0)` ->
     uint8 frames `[frames, height, width, 3]`. Options: `weights` (the checkpoint the artifacts were made from;
     default: the model's shipped weights) or `random_weights` seeded by `weights_seed`; `dtype` and `compile_model`
-    for the torch back end, `plugin` for tensorrt; `vae` to decode Wan2.1's latents."""
+    for the torch back end, and in each rank of a torchrun launch `ulysses` (sequence-parallel ranks) and
+    `cfg_parallel` (a guided step's two passes on two halves of the ranks); `plugin` for tensorrt; `vae` to decode
+    Wan2.1's latents."""
     from saexport.runtime.generation import open_pipeline
 
     return open_pipeline(artifacts, backend, **options)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import saexport
 from saexport.errors import SaexportError
 from saexport.layout import parse_layout
 from saexport.levels import DENSE_LEVEL
@@ -22,6 +23,7 @@ from saexport.models.dit import SparseWanDiT
 from saexport.parallel.cfg import CfgParallelDenoiser, cfg_pair_group
 from saexport.parallel.ulysses import ulysses_dit
 from saexport.runtime.denoisers import TorchDenoiser
+from saexport.runtime.generation import GenerationRequest
 from saexport.runtime.sampler import SamplerSettings, sample
 
 GRID = (3, 3, 4)  # 9 frames of 64x48 pixels: Wan's VAE (4x in time, 8x in space), then 1x2x2 patches
@@ -76,6 +78,15 @@ def mismatched(seed: int) -> dict:
     return {"refused": None}
 
 
+def loaded_pipeline(folder: Path, ulysses: int, cfg_parallel: bool) -> dict:
+    """`saexport.load` on every rank, as a user's script under torchrun: the latents of one guided generation."""
+    request = GenerationRequest("a red circle moving left on blue stripes", seed=3)
+    reference = saexport.load(folder).latents(request)
+    pipeline = saexport.load(folder, ulysses=ulysses, cfg_parallel=cfg_parallel)
+    runs = f"{type(pipeline.denoiser).__name__} over {type(pipeline.denoiser.denoiser.model).__name__}"
+    return {"reference": reference, "output": pipeline.latents(request), "runs": runs}
+
+
 def quiet(items, **_):
     """No progress bars in the test's log."""
     return items
@@ -100,11 +111,15 @@ def main() -> None:
     parser.add_argument("--contiguous", action="store_true", help="split the heads by index, not balanced")
     parser.add_argument("--cfg", action="store_true", help="a guided sampling, CFG parallel")
     parser.add_argument("--mismatch", action="store_true", help="ranks with different budgets")
+    parser.add_argument("--load", type=Path, help="an artifact folder to open with saexport.load")
+    parser.add_argument("--ulysses", type=int, default=1, help="with --load: the Ulysses degree")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     with torch.no_grad():
-        if args.mismatch:
+        if args.load:
+            result = loaded_pipeline(args.load, args.ulysses, args.cfg)
+        elif args.mismatch:
             result = mismatched(args.seed)
         else:
             result = guided_sampling(args.seed) if args.cfg else forward(args.seed, args.contiguous)

@@ -12,8 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import saexport
+from saexport.artifacts import ArtifactFolder, BlockedGrid
 from saexport.errors import SaexportError
+from saexport.layout import parse_layout
 from saexport.levels import kept_blocks
+from saexport.models.checkpoint import load_model
 from saexport.parallel import balance
 from saexport.parallel.balance import (
     balance_heads,
@@ -25,6 +29,7 @@ from saexport.parallel.balance import (
     rank_work,
 )
 from saexport.parallel.ulysses import ulysses_dit
+from saexport.topology.standin import standin_budgets, standin_topology
 from tests.parallel_worker import tiny_sparse_dit
 
 WORKER = Path(__file__).parent / "parallel_worker.py"
@@ -164,3 +169,37 @@ def test_cfg_parallel_sampling_equals_the_single_process_sampling(tmp_path, rank
     for result in results:
         assert torch.equal(result["reference"], reference)
         torch.testing.assert_close(result["output"], reference, rtol=0, atol=1e-5)
+
+
+def demo_artifacts(folder: Path) -> Path:
+    """Stand-in topology and budgets of the demo model (bundled weights, pixels) at 16x16 x 2 frames: 128 tokens."""
+    loaded = load_model("wan2.1-demo")
+    preset = loaded.preset
+    topology = standin_topology(loaded.identity, preset.num_layers, preset.num_heads,
+                                BlockedGrid((2, 8, 8), 16, parse_layout("tile3d:1x4x4")))
+    artifacts = ArtifactFolder(folder)
+    topology.save(artifacts.topology)
+    standin_budgets(topology, steps=2, target_density=0.3).save(artifacts.budgets)
+    return folder
+
+
+def test_load_runs_a_video_on_ulysses_and_cfg_ranks_as_on_one(tmp_path):
+    """4 ranks: two Ulysses groups of 2, one per pass of each guided step, each rank calling `saexport.load`."""
+    folder = demo_artifacts(tmp_path / "artifacts")
+    results = run_ranks(tmp_path, 4, "--load", str(folder), "--ulysses", "2", "--cfg")
+    reference = results[0]["reference"]
+    assert reference.abs().mean() > 0.1
+    for result in results:
+        assert result["runs"] == "CfgParallelDenoiser over UlyssesWanDiT"
+        torch.testing.assert_close(result["output"], reference, rtol=0, atol=1e-5)
+
+
+def test_load_refuses_parallel_options_outside_torchrun(tmp_path, monkeypatch):
+    folder = demo_artifacts(tmp_path)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SaexportError, match="launch every rank with torchrun"):
+        saexport.load(folder, ulysses=2)
+    with pytest.raises(SaexportError, match="`ulysses` must be at least 1"):
+        saexport.load(folder, ulysses=0)
+    with pytest.raises(SaexportError, match="run on the torch back end, not onnxruntime"):
+        saexport.load(folder, "onnxruntime", cfg_parallel=True)

@@ -1,2 +1,3 @@
 """One video on several ranks: heads balanced offline across a Ulysses group (`balance`), the sparse DiT run
-sequence-parallel on yunchang (`ulysses`), and a guided step's two passes on two ranks (`cfg`)."""
+sequence-parallel on yunchang (`ulysses`), a guided step's two passes on two ranks (`cfg`), and joining the ranks
+torchrun launched (`launch`)."""

@@ -30,6 +30,9 @@ from saexport.models.text_encoder import (
     synthetic_embeddings,
 )
 from saexport.models.video_shape import VideoShape, video_of_grid
+from saexport.parallel.cfg import CfgParallelDenoiser, cfg_pair_group
+from saexport.parallel.launch import check_rank_count, join_ranks
+from saexport.parallel.ulysses import ulysses_dit
 from saexport.runtime.denoisers import Denoiser, OnnxRuntimeDenoiser, TensorRTDenoiser, TorchDenoiser
 from saexport.runtime.sampler import DEFAULT_GUIDANCE, SamplerSettings, sample
 from saexport.runtime.schedule import flow_shift_for
@@ -94,12 +97,23 @@ def generation_dtype(preset: ModelPreset, device: str | torch.device) -> str:
 
 @dataclass(frozen=True)
 class BackendOptions:
-    """How a back end runs: the torch back end's precision (None: the model's on a GPU, fp32 on a CPU) and whether
-    it is `torch.compile`d; the TensorRT back end's plugin library."""
+    """How a back end runs: the torch back end's precision (None: the model's on a GPU, fp32 on a CPU), whether
+    it is `torch.compile`d, and over how many ranks launched by torchrun (`ulysses` ranks of sequence parallelism,
+    twice as many with `cfg_parallel`); the TensorRT back end's plugin library."""
 
     dtype: str | None = None
     plugin: Path | None = None
     compile_model: bool = False
+    ulysses: int = 1
+    cfg_parallel: bool = False
+
+    def __post_init__(self):
+        if self.ulysses < 1:
+            raise SaexportError(f"`ulysses` must be at least 1, got {self.ulysses}")
+
+    @property
+    def parallel(self) -> bool:
+        return self.ulysses > 1 or self.cfg_parallel
 
 
 def open_denoiser(artifacts: Artifacts, backend: str, source: ModelSource,
@@ -108,16 +122,24 @@ def open_denoiser(artifacts: Artifacts, backend: str, source: ModelSource,
     model's precision (bf16 for Wan2.1: the attention runs the CUDA kernel) or on the CPU in fp32, and optionally
     compiles it (`torch.compile` keeps one graph around the attention op, whose fake implementation it traces)."""
     steps = artifacts.budgets.steps
+    if options.parallel and backend != "torch":
+        raise SaexportError(f"`ulysses` and `cfg_parallel` run on the torch back end, not {backend}")
     if backend == "torch":
         topo, preset = artifacts.topology, artifacts.preset
-        device = default_device()
+        device = join_ranks() if options.parallel else default_device()
         dtype = options.dtype or generation_dtype(preset, device)
         loaded = load_model(preset.name, source.checkpoint, dtype=parse_dtype(dtype),
                             random_weights=source.random_weights, seed=source.weights_seed)
         topo.check_matches(loaded.identity)
         model = SparseWanDiT(loaded.transformer, topo.grid, topo.layout, topo.levels, artifacts.budgets.levels,
                              topo.block_size).to(device)
-        return TorchDenoiser(model, steps, compiled=options.compile_model)
+        if not options.parallel:
+            return TorchDenoiser(model, steps, compiled=options.compile_model)
+        check_rank_count(options.ulysses, options.cfg_parallel)
+        if options.ulysses > 1:
+            model = ulysses_dit(model, options.ulysses)
+        denoiser = TorchDenoiser(model, steps, compiled=options.compile_model)
+        return CfgParallelDenoiser(denoiser, cfg_pair_group()) if options.cfg_parallel else denoiser
     if backend == "onnxruntime":
         return OnnxRuntimeDenoiser(artifacts.folder.onnx, steps)
     if backend == "tensorrt":
@@ -235,15 +257,17 @@ class SparsePipeline:
 
 def open_pipeline(root: str | Path, backend: str = "torch", **options) -> SparsePipeline:
     """`SparsePipeline` from keyword options (what `saexport.load` takes): weights, random_weights, weights_seed,
-    dtype, plugin, compile_model, vae."""
-    known = {"weights", "random_weights", "weights_seed", "dtype", "plugin", "compile_model", "vae"}
+    dtype, plugin, compile_model, ulysses, cfg_parallel, vae."""
+    known = {"weights", "random_weights", "weights_seed", "dtype", "plugin", "compile_model", "ulysses",
+             "cfg_parallel", "vae"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise SaexportError(f"unknown option {', '.join(unknown)}; the options are {', '.join(sorted(known))}")
     model = Artifacts.open(Path(root)).preset.name
     source = ModelSource(model, options.get("weights"), options.get("random_weights", False),
                          options.get("weights_seed", 0))
-    backend_options = BackendOptions(options.get("dtype"), options.get("plugin"), options.get("compile_model", False))
+    backend_options = BackendOptions(options.get("dtype"), options.get("plugin"), options.get("compile_model", False),
+                                     options.get("ulysses", 1), options.get("cfg_parallel", False))
     return SparsePipeline(root, backend, source, backend_options, options.get("vae"))
 
 
