@@ -155,6 +155,9 @@ def test_ulysses_refuses_bad_setups_in_one_line(monkeypatch):
         ulysses_dit(dit, 3)
     with pytest.raises(SaexportError, match="torch.distributed initialised"):
         ulysses_dit(dit, 2)
+    repeated = torch.tensor([0, 1, 1, 3]).expand(3, 2, 4)  # head 1 twice, head 2 never
+    with pytest.raises(SaexportError, match="must be a permutation of the 4 heads"):
+        ulysses_dit(dit, 2, repeated)
     monkeypatch.setitem(sys.modules, "yunchang", None)  # as if not installed
     with pytest.raises(SaexportError, match=r"pip install 'saexport\[parallel\]'"):
         ulysses_dit(dit, 2)

@@ -155,6 +155,13 @@ def ulysses_dit(dit: SparseWanDiT, degree: int, head_order: torch.Tensor | None 
                             "gives every rank as many tokens")
     if any(masks.samples for masks in dit.masks):
         raise SaexportError("a DiT with per-sample budgets (calibration's) cannot run sequence-parallel")
+    steps, layers = dit.masks[0].budgets.shape[0], len(dit.masks)
+    if head_order is not None and tuple(head_order.shape) != (steps, layers, heads):
+        raise SaexportError(f"`head_order` must be [steps, layers, heads] = {[steps, layers, heads]}, got "
+                            f"{list(head_order.shape)}")
+    if head_order is not None and not torch.equal(head_order.sort(-1).values.cpu(),
+                                                  torch.arange(heads).expand(steps, layers, heads)):
+        raise SaexportError(f"every row of `head_order` must be a permutation of the {heads} heads")
     yunchang = import_yunchang()
     if not dist.is_initialized():
         raise SaexportError("sequence parallelism needs torch.distributed initialised in every rank (launch with "
@@ -163,10 +170,6 @@ def ulysses_dit(dit: SparseWanDiT, degree: int, head_order: torch.Tensor | None 
         raise SaexportError(f"`degree` {degree} does not divide the {dist.get_world_size()} ranks launched")
     if head_order is None:
         head_order = balanced_head_order(dit_head_work(dit), degree).order
-    steps, layers = dit.masks[0].budgets.shape[0], len(dit.masks)
-    if tuple(head_order.shape) != (steps, layers, heads):
-        raise SaexportError(f"`head_order` must be [steps, layers, heads] = {[steps, layers, heads]}, got "
-                            f"{list(head_order.shape)}")
     check_same_masks(dit, head_order)
     device = dit.rope_cos.device
     head_order = head_order.to(device, torch.int64)
