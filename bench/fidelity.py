@@ -85,10 +85,10 @@ from saexport.levels import DENSE_LEVEL, density, levels_from_scores, num_blocks
 from saexport.models.checkpoint import load_model  # noqa: E402
 from saexport.models.dit import SparseWanDiT, WanDiT  # noqa: E402
 from saexport.models.processors import (  # noqa: E402
-    _output,
     block_masses,
     check_self_attention_call,
     dense_attention,
+    project_output,
     project_qkv,
 )
 from saexport.models.text_encoder import encode_prompts, negative_embeddings  # noqa: E402
@@ -269,7 +269,7 @@ class OracleProcessor:
         out = torch.ops.saexport.block_sparse_attention(*fold, pack_levels_device(levels), budgets, step,
                                                          self.block_size, dim**-0.5)
         out = out.reshape(seq_len, batch, heads, dim).permute(1, 0, 2, 3)
-        return _output(attn, out, q)
+        return project_output(attn, out, q)
 
 
 class LocalityProbe:
@@ -289,7 +289,7 @@ class LocalityProbe:
             masses = masses.double().sum(0)  # [H, R, n]
             self.kept[:, self.layer] += (masses * self.row_keep[:, self.layer]).sum((-2, -1))
             self.total[self.layer] += masses.sum((-2, -1))
-        return _output(attn, dense_attention(q, k, v), q)
+        return project_output(attn, dense_attention(q, k, v), q)
 
 
 class Recorder:
