@@ -360,7 +360,7 @@ def make_triton(onnx_path: Path, out: Output, serving: Serving, engine_path: Pat
     from saexport.triton.repository import write_triton_repository
 
     return write_triton_repository(onnx_path, out, serving.name, engine_path=engine_path, gpus=list(serving.gpus),
-                                   weights=weights)
+                                   weights=weights, dit=serving.dit)
 
 
 def engine_unavailable(plugin: Path | None, dtype: str) -> str | None:
@@ -380,10 +380,12 @@ def engine_unavailable(plugin: Path | None, dtype: str) -> str | None:
 
 @dataclass(frozen=True)
 class Serving:
-    """How the Triton repository serves: its models' name prefix and the GPUs of their instance group."""
+    """How the Triton repository serves: its models' name prefix, the GPUs of their instance group, and the DiT's
+    back end (None: the engine where one is given, else ONNX Runtime for an fp32 graph, torch for fp16/bf16)."""
 
     name: str = "wan"
     gpus: tuple[int, ...] = (0,)
+    dit: str | None = None
 
 
 @dataclass(frozen=True)

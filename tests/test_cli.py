@@ -106,6 +106,44 @@ def test_verify_compares_on_polygraphy_and_fails_on_a_corrupted_graph(tmp_path):
     assert result.exit_code == 2 and "disagrees with PyTorch" in result.output
 
 
+def test_verify_checks_a_half_precision_graph_by_its_relative_error_and_says_where_it_cannot_run(tmp_path):
+    """An fp16 graph verified on the CPU provider (--device cpu) through the half-precision comparison, which a
+    corrupted weight fails; a bf16 graph (the CUDA provider's) on a machine without onnxruntime-gpu is one line before
+    any model loads, as is an fp32 graph asked onto cuda."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from onnx import numpy_helper
+
+    for dtype in ("fp16", "bf16"):
+        assert run("export", *TINY, "--resolution", "64x64", "--frames", "9", "--block-size", "8", "--steps", "2",
+                   "--dtype", dtype, "--out", str(tmp_path / dtype)).exit_code == 0
+    result = run("verify", *TINY, "--artifacts", str(tmp_path / "fp16"), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    error = float(result.output.split("max relative error")[1].split()[0])
+    assert 0 < error < 5e-3
+    model = onnx.load(str(tmp_path / "fp16" / "model.onnx"))
+    weight = max(model.graph.initializer, key=lambda t: np.prod(t.dims) if t.data_type == onnx.TensorProto.FLOAT16
+                 else 0)
+    weight.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(weight) * 1.1).astype(np.float16), weight.name))
+    onnx.save(model, str(tmp_path / "fp16" / "model.onnx"))
+    result = run("verify", *TINY, "--artifacts", str(tmp_path / "fp16"), "--device", "cpu")
+    assert result.exit_code == 2 and "disagrees with PyTorch" in result.output
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+        return  # the GPU machine runs these (tests/test_ort_ops.py)
+    result = run("verify", *TINY, "--artifacts", str(tmp_path / "bf16"))
+    assert result.exit_code == 2
+    assert ("has no CUDA execution provider: install onnxruntime-gpu" in result.output
+            or "this torch has no CUDA device" in result.output), result.output
+    result = run("generate", *TINY, "--artifacts", str(tmp_path / "bf16"), "--backend", "onnxruntime",
+                 "--out", str(tmp_path / "v.safetensors"))
+    assert result.exit_code == 2 and "CUDA execution provider" in result.output, result.output
+    assert not (tmp_path / "v.safetensors").exists()
+    result = run("generate", *TINY, "--artifacts", str(tmp_path / "fp16"), "--backend", "tensorrt", "--device", "cpu",
+                 "--out", str(tmp_path / "v.safetensors"))
+    assert result.exit_code == 2 and "--device is for --backend torch and onnxruntime" in result.output
+
+
 def test_budgets_v2_and_the_west_aggregation_from_the_command_line(tmp_path):
     from saexport.artifacts import Budgets, Topology
 

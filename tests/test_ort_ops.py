@@ -62,11 +62,14 @@ def contract_attention(q, k, v, topology, budgets, step: int, block_size: int, s
 
 # --- graphs and inputs ---------------------------------------------------------------------------------------------
 
-def attention_model(dtype: str, attributes: dict, shaped: bool = True, q_shape=None, n=None, steps=None) -> bytes:
+def attention_model(dtype: str, attributes: dict, shaped: bool = True, q_shape=None, n=None, steps=None,
+                    bf16_io: bool = False) -> bytes:
     """One BlockSparseAttention node. fp32 and fp16 take and give their own type; bf16 (which numpy lacks) takes and
-    gives fp32 through Cast nodes around the node, with inputs exactly representable in bf16. `shaped` False
-    declares no shapes, so that ONNX Runtime hands whatever it is fed to the node."""
-    io = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
+    gives fp32 through Cast nodes around the node, with inputs exactly representable in bf16, unless `bf16_io` (for
+    torch tensors bound in place). `shaped` False declares no shapes, so that ONNX Runtime hands whatever it is fed
+    to the node."""
+    io = ELEMENT[dtype] if dtype != "bf16" or bf16_io else TensorProto.FLOAT
+    cast = dtype == "bf16" and not bf16_io
 
     def info(name, elem, shape):
         return helper.make_tensor_value_info(name, elem, shape if shaped else None)
@@ -78,14 +81,14 @@ def attention_model(dtype: str, attributes: dict, shaped: bool = True, q_shape=N
         info("step_index", TensorProto.INT32, [1]),
     ]
     nodes, names = [], ["q", "k", "v"]
-    if dtype == "bf16":
+    if cast:
         nodes += [helper.make_node("Cast", [x], [x + "_bf16"], to=TensorProto.BFLOAT16) for x in names]
         names = [x + "_bf16" for x in names]
     attrs = {key: value for key, value in attributes.items() if value is not None}
     nodes.append(helper.make_node("BlockSparseAttention", [*names, "topology", "budgets", "step_index"],
-                                  ["out_bsa" if dtype == "bf16" else "out"], name="attention_3",
+                                  ["out_bsa" if cast else "out"], name="attention_3",
                                   domain="ai.onnx.contrib", **attrs))
-    if dtype == "bf16":
+    if cast:
         nodes.append(helper.make_node("Cast", ["out_bsa"], ["out"], to=TensorProto.FLOAT))
     graph = helper.make_graph(nodes, "bsa", inputs, [info("out", io, q_shape)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
@@ -357,3 +360,140 @@ def test_an_exported_graph_in_onnxruntime_equals_the_torch_back_end(tmp_path, dt
     # A step past the budgets (what once killed the interpreter through the PyOp) is the last step's output.
     args[3] = torch.tensor([budgets.steps], dtype=torch.int32)
     assert torch.equal(run_dit(sess, args), outputs[-1])
+
+
+# --- the CUDA execution provider (on the GPU machine: pytest -m gpu; needs onnxruntime-gpu) -------------------------
+
+def cuda_provider_session(model: bytes, library: str | Path) -> ort.InferenceSession:
+    import torch
+
+    from saexport.runtime.ort_session import providers
+
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model, options, providers=providers(torch.device("cuda", 0)))
+
+
+def needs_cuda_provider():
+    import torch
+
+    if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs a GPU and onnxruntime-gpu")
+
+
+def run_on_gpu(sess: ort.InferenceSession, case: dict, step: int, dtype: str):
+    """One run through IO binding on torch tensors of the GPU, into an output poisoned with NaN (so every element
+    must be written)."""
+    import torch
+
+    from saexport.runtime.ort_session import run_bound
+
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    inputs = {name: torch.from_numpy(np.asarray(case[name], np.float32)).to("cuda", torch_dtype) for name in "qkv"}
+    inputs.update({name: torch.from_numpy(case[name]).cuda() for name in ("topology", "budgets")})
+    inputs["step_index"] = torch.tensor([step], dtype=torch.int32, device="cuda")
+    out = torch.full(case["q"].shape, float("nan"), dtype=torch_dtype, device="cuda")
+    run_bound(sess, inputs, out)
+    return out.float().cpu().numpy()
+
+
+# (batch, L, heads, head_dim, block_size, steps): the kernel's head dims and blocks, each with a partial last block.
+CUDA_SHAPES = [(2, 300, 3, 64, 64, 3), (1, 300, 2, 128, 128, 2), (1, 333, 2, 64, 128, 2)]
+CUDA_TOLERANCE = {"fp16": (2e-3, 5e-3), "bf16": (1e-2, 2e-2)}  # the kernel's P V in the input's precision
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_the_cuda_provider_matches_the_contract_in_float64(library, rng, dtype, shape):
+    needs_cuda_provider()
+    steps = shape[-1]
+    case = random_case(rng, dtype, *shape)
+    model = attention_model(dtype, attributes_of(case), q_shape=list(case["q"].shape), n=case["n"], steps=steps,
+                            bf16_io=True)
+    sess = cuda_provider_session(model, library)
+    assert sess.get_providers()[0] == "CUDAExecutionProvider"
+    block = case["block_size"]
+    empty_rows = slice(case["empty"] * block, (case["empty"] + 1) * block)
+    atol, rtol = CUDA_TOLERANCE[dtype]
+    outputs = []
+    for step in range(steps):
+        got = run_on_gpu(sess, case, step, dtype)
+        want = contract_attention(case["q"], case["k"], case["v"], case["topology"], case["budgets"], step, block,
+                                  case["scale"])
+        assert np.isfinite(got).all(), "an output element was not written"
+        excess = np.abs(got - want) - (atol + rtol * np.abs(want))
+        assert excess.max() <= 0, f"{dtype} step {step}: worst excess {excess.max():.3g}"
+        assert not np.any(got[:, empty_rows, 0]), "a query block that keeps nothing must be zeros"
+        outputs.append(got)
+    assert not np.array_equal(outputs[0], outputs[-1])
+    for step, want in ((-3, outputs[0]), (steps, outputs[-1]), (2**31 - 1, outputs[-1])):  # clamped, as the plugin
+        assert np.array_equal(run_on_gpu(sess, case, step, dtype), want)
+
+
+@pytest.mark.gpu
+def test_the_cuda_provider_refuses_what_its_kernel_cannot_run_and_the_process_lives(library, rng):
+    needs_cuda_provider()
+    case = random_case(rng, "fp16", 1, 64, 2, 32, 16, 2)  # head_dim 32, blocks of 16: not the kernel's
+    model = attention_model("fp16", attributes_of(case), q_shape=list(case["q"].shape), n=case["n"], steps=2)
+    with pytest.raises(Exception, match="the CUDA kernel needs head_dim and block_size of 64 or 128, got 32 and 16"):
+        cuda_provider_session(model, library).run(None, {**{n: case[n] for n in ("q", "k", "v", "topology",
+                                                                                 "budgets")},
+                                                         "step_index": np.zeros(1, np.int32)})
+    case = random_case(rng, "fp32", 1, 64, 2, 64, 64, 2)
+    model = attention_model("fp32", attributes_of(case), q_shape=list(case["q"].shape), n=case["n"], steps=2)
+    sess = cuda_provider_session(model, library)
+    feeds = {**{n: case[n] for n in ("q", "k", "v", "topology", "budgets")}, "step_index": np.zeros(1, np.int32)}
+    if sess.get_providers()[0] == "CUDAExecutionProvider":
+        try:  # fp32 is the CPU provider's: either ONNX Runtime places the node there, or the CUDA op refuses it
+            got = sess.run(None, feeds)[0]
+            want = contract_attention(case["q"], case["k"], case["v"], case["topology"], case["budgets"], 0, 64,
+                                      case["scale"])
+            assert_close(got, want, "fp32")
+        except Exception as error:  # noqa: BLE001 - ONNX Runtime's own exception types
+            assert "the CUDA kernel runs fp16 and bf16" in str(error)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tolerance", [("fp16", 5e-3), ("bf16", 3e-2)])
+def test_an_exported_graph_on_the_cuda_provider_equals_the_torch_back_end(tmp_path, dtype, tolerance):
+    """The demo architecture (heads of 64, blocks of 64) at a grid with a partial last block, exported in fp16/bf16,
+    in ONNX Runtime's CUDA provider against the sparse DiT in torch on the same GPU (the kernel library), every
+    step; and `saexport verify` on it."""
+    import torch
+
+    from saexport.models.checkpoint import ModelSource, parse_dtype
+    from saexport.pipeline import Models, make_export, make_standins, resolve_run
+    from saexport.runtime.denoisers import OnnxRuntimeDenoiser, TorchDenoiser
+    from saexport.runtime.generation import Artifacts, BackendOptions, open_denoiser
+    from tests.conftest import rel_err
+
+    needs_cuda_provider()
+    source = ModelSource("wan2.1-demo", random_weights=True, weights_seed=int(torch.randint(0, 1000, ())))
+    models = Models(source)
+    run_settings = resolve_run("wan2.1-demo", resolution="40x32", frames=12, block_size=64, layout="identity",
+                               steps=3, dtype=dtype)
+    topology, budgets = make_standins(models, run_settings, 0.4)
+    make_export(models, run_settings, topology, budgets, tmp_path)
+    artifacts = Artifacts.open(tmp_path)
+    graph = open_denoiser(artifacts, "onnxruntime", source)  # fp16/bf16: the GPU by default
+    assert isinstance(graph, OnnxRuntimeDenoiser) and graph.device.type == "cuda"
+    torch_side = open_denoiser(artifacts, "torch", source, BackendOptions(dtype))
+    assert isinstance(torch_side, TorchDenoiser) and torch_side.dtype == parse_dtype(dtype)
+    text = torch.randn(1, artifacts.preset.text_len, artifacts.preset.config["text_dim"])
+    latents = torch.randn(1, *artifacts.video.latent_shape())
+    for step in range(budgets.steps):
+        args = (latents, torch.tensor([float(torch.randint(1, 1000, ()))]), text,
+                torch.tensor([step], dtype=torch.int32))
+        got, want = graph.predict(*args), torch_side.predict(*args)
+        assert got.dtype == parse_dtype(dtype) and got.device.type == "cuda"
+        assert rel_err(got.float(), want.float()) < tolerance, (step, rel_err(got.float(), want.float()))
+
+    from click.testing import CliRunner
+
+    from saexport.cli import main
+
+    result = CliRunner().invoke(main, ["verify", "--model", "wan2.1-demo", "--random-weights", "--weights-seed",
+                                       str(source.weights_seed), "--artifacts", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime vs torch: max relative error" in result.output

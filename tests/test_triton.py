@@ -187,6 +187,31 @@ def test_a_bf16_graph_without_an_engine_serves_the_torch_dit(tiny_bf16, checkpoi
     assert not (tmp_path / "none").exists()
 
 
+def test_a_bf16_graph_served_by_onnx_runtime_runs_on_the_gpu(tiny_bf16, tiny_fp32, checkpoint, tmp_path):
+    """--dit onnxruntime on a bf16 graph: the graph itself in ONNX Runtime's CUDA provider, on the instance group's
+    GPUs (no checkpoint needed for the DiT); a CPU instance of it is refused in one line; and the DiT back ends that
+    cannot serve a graph are refused before anything is written."""
+    from saexport.triton.serving import Dit
+
+    repo = write_triton_repository(tiny_bf16.onnx, Output(tmp_path / "repo"), "wan", gpus=[0], weights=checkpoint,
+                                   dit="onnxruntime")
+    dit = parse(repo / "wan_dit" / "config.pbtxt")
+    assert dit.backend == "python" and kind(dit) == "KIND_GPU" and dit.input[0].data_type == M.TYPE_BF16
+    folder = repo / "wan_dit" / "1"
+    assert read_config(folder, "dit.json")["backend"] == "onnxruntime"
+    assert read_config(folder, "dit.json")["device"] == "cuda"
+    assert (folder / "model.onnx").is_file() and not ArtifactFolder(folder).topology.exists()
+    assert "CUDA execution provider" in (repo / "README.md").read_text()
+    with pytest.raises(SaexportError, match="runs the graph on the GPU, and this instance is on the CPU"):
+        Dit.open(folder, "cpu")
+
+    with pytest.raises(SaexportError, match="fp32 graph: the torch DiT serves fp16/bf16"):
+        write_triton_repository(tiny_fp32.onnx, Output(tmp_path / "torch32"), "wan", dit="torch")
+    with pytest.raises(SaexportError, match="the tensorrt DiT needs its engine"):
+        write_triton_repository(tiny_bf16.onnx, Output(tmp_path / "trt"), "wan", dit="tensorrt")
+    assert not (tmp_path / "torch32").exists() and not (tmp_path / "trt").exists()
+
+
 # ---------------------------------------------------------------------------------------------- the models' work
 
 

@@ -30,8 +30,8 @@ log = logging.getLogger("saexport")
 @click.option("--budgets", "budgets_path", type=click.Path(path_type=Path), help="budgets.safetensors.")
 @click.option("--density", default=0.3, show_default=True, type=click.FloatRange(0, 1),
               help="Mean density of stand-in budgets.")
-@click.option("--verify", is_flag=True, help="Run the ONNX in ONNX Runtime and compare with PyTorch (fp32); "
-                                            "fails when they disagree.")
+@click.option("--verify", is_flag=True, help="Run the ONNX in ONNX Runtime and compare with PyTorch (an fp32 graph "
+                                            "on the CPU, fp16/bf16 on the GPU); fails when they disagree.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @clear_errors
 def export(source, run, batch, topology_path, budgets_path, density, verify, out_dir) -> None:
@@ -48,8 +48,11 @@ def export(source, run, batch, topology_path, budgets_path, density, verify, out
         video_of,
     )
 
-    if verify and run.dtype != "fp32":
-        raise SaexportError("--verify runs ONNX Runtime on the CPU: export with --dtype fp32")
+    if verify:
+        from saexport.exporter.verify import verification_device
+        from saexport.runtime.ort_session import providers
+
+        providers(verification_device(run.dtype, None))  # refused now, not after the export, where it cannot run
     if (topology_path is None) != (budgets_path is None):
         raise SaexportError("give --topology and --budgets together")
     if topology_path is not None:
@@ -72,10 +75,11 @@ def export(source, run, batch, topology_path, budgets_path, density, verify, out
     click.echo(f"wrote {exported.path}")
     if verify:
         from saexport.exporter.verify import verify_graph
+        from saexport.models.checkpoint import parse_dtype
         from saexport.runtime.generation import Artifacts
 
         with stage("verifying in ONNX Runtime"):
-            report = verify_graph(models.get(), Artifacts.open(out_dir))
+            report = verify_graph(models.get(parse_dtype(run.dtype)), Artifacts.open(out_dir))
         show_verification(report)
 
 
@@ -89,31 +93,43 @@ def show_verification(report) -> None:
 @click.command()
 @model_group
 @click.option("--artifacts", required=True, type=click.Path(path_type=Path),
-              help="An export or build folder with an fp32 model.onnx.")
-@click.option("--atol", default=1e-4, show_default=True, help="Absolute tolerance.")
-@click.option("--rtol", default=1e-3, show_default=True, help="Relative tolerance.")
+              help="An export or build folder with a model.onnx.")
+@click.option("--device", help="cpu, cuda or cuda:N. Default: the CPU for an fp32 graph, the GPU (ONNX Runtime's "
+                               "CUDA execution provider) for fp16 and bf16 ones.")
+@click.option("--atol", default=1e-4, show_default=True, help="Absolute tolerance (fp32 graphs, element-wise).")
+@click.option("--rtol", default=1e-3, show_default=True, help="Relative tolerance (fp32 graphs, element-wise).")
+@click.option("--rel-l2", type=float,
+              help="Largest relative L2 error of an fp16/bf16 graph's output. Default: 5e-3 fp16, 3e-2 bf16.")
 @click.option("--save", "save_dir", type=click.Path(path_type=Path),
               help="Folder for the inputs and outputs in polygraphy's JSON format (`polygraphy inspect data`).")
 @clear_errors
-def verify(source, artifacts, atol, rtol, save_dir) -> None:
-    """Compare the exported graph with the PyTorch model on polygraphy's runners (torch vs ONNX Runtime); exits
-    non-zero when they disagree."""
+def verify(source, artifacts, device, atol, rtol, rel_l2, save_dir) -> None:
+    """Compare the exported graph with the PyTorch model on polygraphy's runners (torch vs ONNX Runtime, on one
+    device in the graph's precision); exits non-zero when they disagree."""
     from dataclasses import replace
 
-    from saexport.cli.options import was_given
-    from saexport.exporter.verify import Tolerance, verify_graph
+    from saexport.artifacts import OnnxMetadata
+    from saexport.cli.options import check_device, was_given
+    from saexport.exporter.verify import Tolerance, verification_device, verify_graph
     from saexport.folders import claim_output_folder
+    from saexport.models.checkpoint import parse_dtype
     from saexport.pipeline import Models
     from saexport.runtime.generation import Artifacts
+    from saexport.runtime.ort_session import providers
 
     opened = Artifacts.open(artifacts)
     if was_given("model") and source.model != opened.preset.name:
         raise SaexportError(f"the artifacts are for {opened.preset.name}, not --model {source.model}")
-    loaded = Models(replace(source, model=opened.preset.name)).get()
+    if not opened.folder.onnx.is_file():
+        raise SaexportError(f"{artifacts} holds no model.onnx: export it with `saexport export`")
+    graph_dtype = OnnxMetadata.read(opened.folder.onnx).dtype
+    device = verification_device(graph_dtype, None if device is None else check_device(device))
+    providers(device)  # refused before the model loads
+    loaded = Models(replace(source, model=opened.preset.name)).get(parse_dtype(graph_dtype))
     if save_dir is not None:
         save_dir = claim_output_folder(save_dir, "verify", inputs=[opened.folder.root], option="--save")
-    with stage("verifying on polygraphy's runners"):
-        report = verify_graph(loaded, opened, Tolerance(atol, rtol), save_dir)
+    with stage(f"verifying on polygraphy's runners ({graph_dtype}, {device})"):
+        report = verify_graph(loaded, opened, Tolerance(atol, rtol, rel_l2), save_dir, device)
     show_verification(report)
 
 
@@ -144,14 +160,18 @@ def engine(onnx_path, plugin_library, workspace_gib, timing_cache, version_compa
 @click.option("--weights", type=click.Path(path_type=Path),
               help="The checkpoint the graph was exported from: its text encoder and VAE serve prompts and frames "
                    "(and its DiT, for a bf16 graph without an engine). Default: the model's shipped weights.")
+@click.option("--dit", type=click.Choice(["tensorrt", "torch", "onnxruntime"]),
+              help="The DiT's back end. Default: tensorrt with --engine, else onnxruntime for an fp32 graph (CPU) and "
+                   "torch for fp16/bf16 (GPU); onnxruntime serves fp16/bf16 graphs on the GPU (onnxruntime-gpu).")
 @click.option("--name", default="wan", show_default=True, help="Model name prefix.")
 @click.option("--gpus", default="0", show_default=True, help="Comma-separated GPU ids of the instance group.")
 @output_group("Repository folder.")
 @clear_errors
-def triton(onnx_path, engine_path, weights, name, gpus, out) -> None:
+def triton(onnx_path, engine_path, weights, dit, name, gpus, out) -> None:
     """Write a Triton model repository: NAME_text_encoder, NAME_dit, NAME_vae and NAME_pipeline (prompt in,
     frames out; the sampler loop over NAME_dit with the graph's step count)."""
     from saexport.pipeline import Serving, make_triton
 
-    repo = make_triton(onnx_path, out, Serving(name, tuple(int_list(gpus, "--gpus"))), engine_path, weights)
+    repo = make_triton(onnx_path, out, Serving(name, tuple(int_list(gpus, "--gpus")), dit), engine_path,
+                       weights)
     click.echo(f"wrote {repo} (see {repo / 'README.md'})")

@@ -6,18 +6,30 @@ from pathlib import Path
 
 import click
 
-from saexport.cli.options import DTYPE_NAMES, OptionGroup, clear_errors, model_group, output_group, was_given
+from saexport.cli.options import (
+    DTYPE_NAMES,
+    OptionGroup,
+    check_device,
+    clear_errors,
+    model_group,
+    output_group,
+    was_given,
+)
 from saexport.errors import SaexportError
 
 
-def _backend(backend: str, plugin_library: Path | None, dtype_name: str | None, compile_model: bool):
+def _backend(backend: str, plugin_library: Path | None, dtype_name: str | None, compile_model: bool,
+             device: str | None):
     from saexport.runtime.generation import BackendOptions
 
     if plugin_library is not None and backend != "tensorrt":
         raise SaexportError("--plugin is for --backend tensorrt")
     if (dtype_name is not None or compile_model) and backend != "torch":
         raise SaexportError("--dtype and --compile are for --backend torch")
-    return backend, BackendOptions(dtype_name, plugin_library, compile_model)
+    if device is not None and backend == "tensorrt":
+        raise SaexportError("--device is for --backend torch and onnxruntime (TensorRT runs on the GPU)")
+    return backend, BackendOptions(dtype_name, plugin_library, compile_model,
+                                   device=None if device is None else check_device(device))
 
 
 backend_group = OptionGroup("backend", (
@@ -28,6 +40,9 @@ backend_group = OptionGroup("backend", (
                  help="Precision of the torch back end. Default: the model's on a GPU (bf16 for Wan2.1), fp32 on a "
                       "CPU."),
     click.option("--compile", "compile_model", is_flag=True, help="torch.compile the DiT (torch back end, GPU)."),
+    click.option("--device", help="cpu, cuda or cuda:N (torch and onnxruntime back ends). Default: torch on the GPU "
+                                  "where there is one; onnxruntime on the CPU for an fp32 graph, on the GPU (its CUDA "
+                                  "execution provider, onnxruntime-gpu) for fp16 and bf16 ones."),
 ), _backend)
 
 

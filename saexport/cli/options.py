@@ -189,7 +189,8 @@ def run_group(*parts: str) -> OptionGroup:
     return OptionGroup("run", tuple(option for part in parts for option in RUN_OPTIONS[part]), _run)
 
 
-def _device(device: str) -> str:
+def check_device(device: str) -> str:
+    """--device as a torch device name (auto: cuda where there is one), refused where this torch has no GPU."""
     import torch
 
     if device == "auto":
@@ -207,9 +208,9 @@ def _calibration(prompts: int, embeddings_file: Path | None, seeds: str, calib_g
                  check_prompts: int | None = None):
     from saexport.pipeline import Calibration
 
+    passes = tuple(p.strip() for p in calib_passes.split(",") if p.strip())
     return Calibration(prompts, embeddings_file, tuple(int_list(seeds, "--seeds")), rows_per_block, calib_guidance,
-                       tuple(p.strip() for p in calib_passes.split(",") if p.strip()), _device(device), aggregation,
-                       steps, check_prompts, check_prompts)
+                       passes, check_device(device), aggregation, steps, check_prompts, check_prompts)
 
 
 CALIBRATION_OPTIONS = (

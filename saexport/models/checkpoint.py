@@ -48,6 +48,11 @@ class LoadedModel:
     def identity(self) -> ModelIdentity:
         return ModelIdentity(self.preset.name, self.preset.config_hash(), self.weights_id)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision it was loaded in (the norms Wan keeps in fp32 aside)."""
+        return self.transformer.patch_embedding.weight.dtype
+
 
 @dataclass
 class CheckpointLayout:

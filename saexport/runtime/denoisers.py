@@ -8,6 +8,7 @@ step_index int32 `[1]` (the denoising step, which picks the budgets), text embed
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from pathlib import Path
 from typing import Protocol
@@ -50,35 +51,47 @@ class TorchDenoiser:
 
 
 class OnnxRuntimeDenoiser:
-    """The exported graph in ONNX Runtime on the CPU (fp32 graphs; the node runs the project's custom-op library,
-    `libsaexport_ort_ops.so`)."""
+    """The exported graph in ONNX Runtime, its node served by the project's custom-op library
+    (`libsaexport_ort_ops.so`): on the CPU (fp32 graphs; fp16 where the CPU provider has every op's kernel) or on a
+    GPU through the CUDA execution provider (fp16 and bf16 graphs: the CUDA op runs the kernel library). Tensors are
+    bound in place (IO binding) in the graph's precision on the session's device."""
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: str | Path, steps: int):
-        from saexport.runtime.ort_session import ort_session
+    def __init__(self, onnx_path: str | Path, steps: int, device: str | torch.device = "cpu"):
+        from saexport.runtime.ort_session import element_type, ort_session
 
         path = Path(onnx_path)
         if not path.is_file():
             raise SaexportError(f"no ONNX model at {path}")
-        self.session = ort_session(path)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.session = ort_session(path, device=self.device)
         self.steps = steps
-        self.device, self.dtype = torch.device("cpu"), torch.float32
-        elem = self.session.get_inputs()[0].type
-        if elem != "tensor(float)":
-            raise SaexportError(f"{path} is a {elem} graph; the onnxruntime back end runs fp32 exports")
-        self.batch = self.session.get_inputs()[0].shape[0]  # static: the graph was exported for it
+        first, output = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self.dtype = element_type(first)[0]
+        if self.device.type == "cuda" and self.dtype == torch.float32:
+            raise SaexportError(f"{path} is an fp32 graph: the CUDA op runs fp16 and bf16 (export it in bf16 "
+                                "for the GPU, or run this one on the cpu)")
+        self.output_shape, self.batch = tuple(output.shape), first.shape[0]  # static: exported for that batch
+        self.stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
     def predict(self, latents, timestep, text_embeddings, step_index):
-        from saexport.runtime.ort_session import run_dit
+        from saexport.runtime.ort_session import run_bound
 
         check_step_index(step_index, self.steps)
         if latents.shape[0] != self.batch:
             raise SaexportError(f"the graph was exported for batch {self.batch}; this pass has {latents.shape[0]} "
                                 "(the sampler runs batch 1 a pass: export it for batch 1)")
-        inputs = (latents.float().cpu(), timestep.float().cpu(), text_embeddings.float().cpu(),
-                  step_index.to(torch.int32).cpu())
-        return run_dit(self.session, inputs)
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            names = [value.name for value in self.session.get_inputs()]
+            inputs = dict(zip(names, (latents.to(self.device, self.dtype), timestep.to(self.device, torch.float32),
+                                      text_embeddings.to(self.device, self.dtype),
+                                      step_index.to(self.device, torch.int32)), strict=True))
+            output = torch.empty(self.output_shape, dtype=self.dtype, device=self.device)
+            run_bound(self.session, inputs, output)
+        return output
 
 
 class TensorRTDenoiser:

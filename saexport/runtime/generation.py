@@ -99,17 +99,27 @@ def generation_dtype(preset: ModelPreset, device: str | torch.device) -> str:
 class BackendOptions:
     """How a back end runs: the torch back end's precision (None: the model's on a GPU, fp32 on a CPU), whether
     it is `torch.compile`d, and over how many ranks launched by torchrun (`ulysses` ranks of sequence parallelism,
-    twice as many with `cfg_parallel`); the TensorRT back end's plugin library."""
+    twice as many with `cfg_parallel`); the TensorRT back end's plugin library; the `device` of the torch and ONNX
+    Runtime back ends ("cpu", "cuda" or "cuda:N"; None: torch on the GPU where there is one, ONNX Runtime on the
+    CPU for an fp32 graph and on the GPU for fp16 and bf16 ones, which its CUDA provider runs)."""
 
     dtype: str | None = None
     plugin: Path | None = None
     compile_model: bool = False
     ulysses: int = 1
     cfg_parallel: bool = False
+    device: str | None = None
 
     def __post_init__(self):
         if self.ulysses < 1:
             raise SaexportError(f"`ulysses` must be at least 1, got {self.ulysses}")
+        if self.device is not None:
+            try:
+                kind = torch.device(self.device).type
+            except RuntimeError:
+                kind = None
+            if kind not in ("cpu", "cuda"):
+                raise SaexportError(f"`device` must be cpu, cuda or cuda:N, got {self.device!r}")
 
     @property
     def parallel(self) -> bool:
@@ -124,9 +134,11 @@ def open_denoiser(artifacts: Artifacts, backend: str, source: ModelSource,
     steps = artifacts.budgets.steps
     if options.parallel and backend != "torch":
         raise SaexportError(f"`ulysses` and `cfg_parallel` run on the torch back end, not {backend}")
+    if options.parallel and options.device is not None:
+        raise SaexportError("under torchrun each rank runs on its LOCAL_RANK's GPU: leave `device` unset")
     if backend == "torch":
         topo, preset = artifacts.topology, artifacts.preset
-        device = join_ranks() if options.parallel else default_device()
+        device = join_ranks() if options.parallel else options.device or default_device()
         dtype = options.dtype or generation_dtype(preset, device)
         loaded = load_model(preset.name, source.checkpoint, dtype=parse_dtype(dtype),
                             random_weights=source.random_weights, seed=source.weights_seed)
@@ -141,7 +153,11 @@ def open_denoiser(artifacts: Artifacts, backend: str, source: ModelSource,
         denoiser = TorchDenoiser(model, steps, compiled=options.compile_model)
         return CfgParallelDenoiser(denoiser, cfg_pair_group()) if options.cfg_parallel else denoiser
     if backend == "onnxruntime":
-        return OnnxRuntimeDenoiser(artifacts.folder.onnx, steps)
+        graph_dtype = OnnxMetadata.read(artifacts.folder.onnx).dtype if artifacts.folder.onnx.is_file() else "fp32"
+        device = options.device or ("cpu" if graph_dtype == "fp32" else "cuda")
+        return OnnxRuntimeDenoiser(artifacts.folder.onnx, steps, device)
+    if options.device is not None and torch.device(options.device).type != "cuda":
+        raise SaexportError(f"the {backend} back end runs on the GPU, not on {options.device}")
     if backend == "tensorrt":
         if options.plugin is None:
             raise SaexportError("the tensorrt back end needs the `plugin` library (libsaexport_trt_plugin.so)")
@@ -257,9 +273,9 @@ class SparsePipeline:
 
 def open_pipeline(root: str | Path, backend: str = "torch", **options) -> SparsePipeline:
     """`SparsePipeline` from keyword options (what `saexport.load` takes): weights, random_weights, weights_seed,
-    dtype, plugin, compile_model, ulysses, cfg_parallel, vae."""
+    dtype, plugin, compile_model, ulysses, cfg_parallel, device, vae."""
     known = {"weights", "random_weights", "weights_seed", "dtype", "plugin", "compile_model", "ulysses",
-             "cfg_parallel", "vae"}
+             "cfg_parallel", "device", "vae"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise SaexportError(f"unknown option {', '.join(unknown)}; the options are {', '.join(sorted(known))}")
@@ -267,7 +283,8 @@ def open_pipeline(root: str | Path, backend: str = "torch", **options) -> Sparse
     source = ModelSource(model, options.get("weights"), options.get("random_weights", False),
                          options.get("weights_seed", 0))
     backend_options = BackendOptions(options.get("dtype"), options.get("plugin"), options.get("compile_model", False),
-                                     options.get("ulysses", 1), options.get("cfg_parallel", False))
+                                     options.get("ulysses", 1), options.get("cfg_parallel", False),
+                                     options.get("device"))
     return SparsePipeline(root, backend, source, backend_options, options.get("vae"))
 
 

@@ -23,7 +23,10 @@ from saexport.errors import SaexportError
 
 LIBRARY_NAME = "libsaexport_ort_ops.so"
 BUILD_COMMAND = "cmake -S . -B build && cmake --build build"
-PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+# ONNX's element types of the graphs' inputs and outputs, as torch dtypes (IO binding takes bf16 by its ONNX type:
+# numpy has none).
+TORCH_ELEMENT_TYPES = {"tensor(float)": (torch.float32, 1), "tensor(float16)": (torch.float16, 10),
+                       "tensor(bfloat16)": (torch.bfloat16, 16), "tensor(int32)": (torch.int32, 6)}
 _LOAD_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph, ort_state.InvalidProtobuf,
                 ort_state.NoSuchFile, ort_state.NotImplemented, ort_state.RuntimeException)
 
@@ -46,14 +49,30 @@ def library_path() -> Path:
                         "SAEXPORT_ORT_OPS_LIBRARY")
 
 
-def ort_session(path: str | Path, threads: int = 0, device: str = "cpu") -> ort.InferenceSession:
-    """A session on the exported graph at `path`; `device` "cpu" or "cuda" (the CUDA execution provider, with the CPU
-    one for what it does not run)."""
-    if device not in PROVIDERS:
-        raise SaexportError(f"device must be one of {sorted(PROVIDERS)}, got {device!r}")
-    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+def providers(device: str | torch.device) -> list:
+    """ONNX Runtime's execution providers for `device`: "cpu", or "cuda"/"cuda:N": the CUDA execution provider on
+    GPU N (the current one by default) computing on torch's current stream there, so that it is ordered with the
+    torch work around it, with the CPU provider for what it does not run."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.type != "cuda":
+        raise SaexportError(f"ONNX Runtime runs on cpu or cuda, not {device.type}")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise SaexportError(f"this onnxruntime ({ort.__version__}) has no CUDA execution provider: install "
-                            "onnxruntime-gpu for device cuda")
+                            "onnxruntime-gpu (built for the CUDA major version of this machine) to run on cuda")
+    if not torch.cuda.is_available():
+        raise SaexportError("ONNX Runtime on cuda needs a CUDA device, and torch sees none")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(index).cuda_stream
+    return [("CUDAExecutionProvider", {"device_id": str(index), "user_compute_stream": str(stream)}),
+            "CPUExecutionProvider"]
+
+
+def ort_session(path: str | Path, threads: int = 0, device: str | torch.device = "cpu") -> ort.InferenceSession:
+    """A session on the exported graph at `path` with the custom-op library registered, on `device` (see
+    `providers`)."""
+    chosen = providers(device)
     library = library_path()
     options = ort.SessionOptions()
     try:
@@ -63,9 +82,9 @@ def ort_session(path: str | Path, threads: int = 0, device: str = "cpu") -> ort.
                             f"`{BUILD_COMMAND}`") from None
     options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), options, providers=PROVIDERS[device])
+        return ort.InferenceSession(str(path), options, providers=chosen)
     except ort_state.NotImplemented as e:  # an op of the graph has no kernel in this precision (bf16 on the CPU)
-        raise SaexportError(f"ONNX Runtime cannot load {path} ({str(e).splitlines()[0]}): its {device} provider "
+        raise SaexportError(f"ONNX Runtime cannot load {path} ({str(e).splitlines()[0]}): its {chosen[0]} "
                             "lacks a kernel for this graph's precision; export it in fp32") from None
     except _LOAD_ERRORS as e:
         raise SaexportError(f"ONNX Runtime cannot load {path} ({str(e).splitlines()[0]}): export it again with "
@@ -77,3 +96,26 @@ def run_dit(session: ort.InferenceSession, inputs: tuple[torch.Tensor, ...] | li
     names = [i.name for i in session.get_inputs()]
     (out,) = session.run(None, {name: t.numpy() for name, t in zip(names, inputs, strict=True)})
     return torch.from_numpy(out)
+
+
+def element_type(value: ort.NodeArg) -> tuple[torch.dtype, int]:
+    """A graph input's or output's torch dtype and ONNX element type."""
+    if value.type not in TORCH_ELEMENT_TYPES:
+        raise SaexportError(f"the graph's {value.name} is a {value.type}, which the runtime does not bind")
+    return TORCH_ELEMENT_TYPES[value.type]
+
+
+def run_bound(session: ort.InferenceSession, inputs: dict[str, torch.Tensor], output: torch.Tensor) -> None:
+    """One run on torch tensors in place, through IO binding: nothing is copied between host and device, and the
+    output lands in `output` (its shape and dtype the graph's). On the GPU the tensors must be on the session's
+    device, written on the stream it computes on (`providers`)."""
+    binding = session.io_binding()
+    bound = {name: tensor.contiguous() for name, tensor in inputs.items()}  # alive until the run has read them
+    for value in session.get_inputs():
+        tensor = bound[value.name]
+        binding.bind_input(value.name, tensor.device.type, tensor.device.index or 0, element_type(value)[1],
+                           list(tensor.shape), tensor.data_ptr())
+    (out,) = session.get_outputs()
+    binding.bind_output(out.name, output.device.type, output.device.index or 0, element_type(out)[1],
+                        list(output.shape), output.data_ptr())
+    session.run_with_iobinding(binding)

@@ -129,10 +129,7 @@ class RepositoryPlan:
     text_encoder: str | None  # "umt5", "word", or None (the pipeline takes embeddings)
     vae: str | None  # "wan-vae", "pixels", or None (the pipeline answers latents)
     checkpoint: Path | None  # absolute; referenced by the models' json files, never copied
-
-    @property
-    def gpu(self) -> bool:
-        return self.dit != "onnxruntime"
+    gpu: bool = True  # the models run on the instance group's GPUs (else on the CPU: ONNX Runtime on an fp32 graph)
 
 
 def checkpoint_of(metadata: OnnxMetadata, preset: ModelPreset, weights: str | Path | None) -> Path | None:
@@ -147,10 +144,24 @@ def checkpoint_of(metadata: OnnxMetadata, preset: ModelPreset, weights: str | Pa
     return preset.bundled_weights.resolve()
 
 
+DIT_BACKENDS = ("tensorrt", "torch", "onnxruntime")
+
+
 def plan_repository(onnx_path: Path, metadata: OnnxMetadata, engine_path: Path | None,
-                    weights: str | Path | None) -> RepositoryPlan:
+                    weights: str | Path | None, dit: str | None = None) -> RepositoryPlan:
+    """`dit`: the DiT's back end; None: the engine where one is given, else ONNX Runtime for an fp32 graph (on the
+    CPU) and torch for fp16/bf16 ones. ONNX Runtime serves fp16/bf16 graphs on the GPU (its CUDA provider)."""
     preset = get_preset(metadata.model)
     checkpoint = checkpoint_of(metadata, preset, weights)
+    if dit is not None and dit not in DIT_BACKENDS:
+        raise SaexportError(f"unknown DiT back end {dit!r}; use one of {', '.join(DIT_BACKENDS)}")
+    if dit == "tensorrt" and engine_path is None:
+        raise SaexportError("the tensorrt DiT needs its engine (`engine_path`)")
+    if engine_path is not None and dit not in (None, "tensorrt"):
+        raise SaexportError(f"an engine is served by TensorRT, not {dit}: give one or the other")
+    if dit == "torch" and metadata.dtype == "fp32":
+        raise SaexportError(f"{onnx_path} is an fp32 graph: the torch DiT serves fp16/bf16 graphs on the GPU (export "
+                            "in bf16, or serve this one in onnxruntime)")
     if engine_path is not None:
         # An engine is served only with the metadata `saexport engine` wrote beside it, built from this graph.
         built = EngineMetadata.read(ArtifactFolder(Path(engine_path).parent).engine_metadata).onnx
@@ -158,10 +169,10 @@ def plan_repository(onnx_path: Path, metadata: OnnxMetadata, engine_path: Path |
             raise SaexportError(f"{engine_path} is not an engine built from {onnx_path} (its engine.json names another "
                                 "graph, or the file is missing): build it with `saexport engine` from this graph")
         dit = "tensorrt"
-    elif metadata.dtype == "fp32":
+    elif dit is None and metadata.dtype == "fp32":
         dit = "onnxruntime"
-    else:
-        fallback = "give it an engine (`engine_path`), or export it in fp32"
+    elif dit != "onnxruntime":
+        fallback = "give it an engine (`engine_path`), serve it in onnxruntime on the GPU (`dit`), or export it in fp32"
         if metadata.random_weights:
             raise SaexportError(f"{onnx_path} is a {metadata.dtype} graph of random weights: without an engine its DiT "
                                 "runs in torch on the GPU from the checkpoint it was exported from, and random weights "
@@ -172,6 +183,7 @@ def plan_repository(onnx_path: Path, metadata: OnnxMetadata, engine_path: Path |
                                 f"(`weights`), or {fallback}")
         check_config_matches(preset, detect_layout(checkpoint).config, str(checkpoint))
         dit = "torch"
+    gpu = dit != "onnxruntime" or metadata.dtype != "fp32"  # ONNX Runtime's CUDA op runs fp16/bf16
     text_encoder = None
     if checkpoint is not None and has_text_encoder(checkpoint):
         text_encoder = "word" if is_word_encoder(checkpoint) else "umt5"
@@ -179,7 +191,7 @@ def plan_repository(onnx_path: Path, metadata: OnnxMetadata, engine_path: Path |
         vae = "pixels"
     else:
         vae = "wan-vae" if checkpoint is not None and (checkpoint / "vae" / "config.json").is_file() else None
-    return RepositoryPlan(dit, text_encoder, vae, checkpoint)
+    return RepositoryPlan(dit, text_encoder, vae, checkpoint, gpu)
 
 
 def write_triton_repository(
@@ -189,18 +201,20 @@ def write_triton_repository(
     engine_path: str | Path | None = None,
     gpus: list[int] | None = None,
     weights: str | Path | None = None,
+    dit: str | None = None,
 ) -> Path:
     """Write the repository atomically (a staging folder swapped into place). `weights`: the checkpoint folder the
     graph was exported from (text encoder, VAE, and the torch DiT load it from there); without it, the package's
-    own checkpoint where the model ships one. The sampler's step count and flow shift come from the graph's
-    metadata: the budgets frozen into it were made for that many steps. A file of the old repository edited since
-    it was written (a hand-tuned `config.pbtxt`) refuses the replacement, unless `out.overwrite`."""
+    own checkpoint where the model ships one. `dit`: the DiT's back end (`plan_repository`). The sampler's step
+    count and flow shift come from the graph's metadata: the budgets frozen into it were made for that many steps.
+    A file of the old repository edited since it was written (a hand-tuned `config.pbtxt`) refuses the
+    replacement, unless `out.overwrite`."""
     onnx_path, out_dir, overwrite = Path(onnx_path), Path(out.path), out.overwrite
     engine_path = Path(engine_path) if engine_path is not None else None
     sources = [onnx_path, *([engine_path] if engine_path is not None else [])]
     check_replaceable_folder(out_dir, "triton", sources, overwrite=overwrite)  # before anything is read or written
     metadata = OnnxMetadata.read(onnx_path)
-    plan = plan_repository(onnx_path, metadata, engine_path, weights)
+    plan = plan_repository(onnx_path, metadata, engine_path, weights, dit)
     if plan.checkpoint is not None:
         sources.append(plan.checkpoint)
         check_output_folder(out_dir, "triton", sources)  # the swap must never take the checkpoint with it
@@ -273,7 +287,8 @@ class _Writer:
 
     def dit(self, onnx_path: Path, engine_path: Path | None, inputs: list[Spec], outputs: list[Spec],
             artifacts: tuple[Path, Path] | None) -> ModelConfig:
-        """`<name>_dit`: the engine, or the torch DiT (bf16/fp16 graph), or the graph in ONNX Runtime (fp32)."""
+        """`<name>_dit`: the engine, or the torch DiT (bf16/fp16 graph), or the graph in ONNX Runtime (fp32 on the
+        CPU, fp16/bf16 on the GPU)."""
         plan, metadata, name = self.plan, self.metadata, self.names["dit"]
         folder = self.version("dit")
         if plan.dit == "tensorrt":
@@ -293,6 +308,7 @@ class _Writer:
                             compile=True)  # on a GPU: 1.3-1.5x faster than eager at 30% (docs/BENCHMARKS.md)
             parameters = {CPU_ONLY_INPUTS: "no"}
         else:
+            settings["device"] = "cuda" if plan.gpu else "cpu"
             for file in onnx_path.parent.glob(onnx_path.name + "*"):  # model.onnx and model.onnx.data
                 shutil.copy2(file, folder / file.name)
         _write_json(folder / "dit.json", settings)
@@ -376,9 +392,11 @@ def _readme_models(names: dict[str, str], plan: RepositoryPlan, metadata: OnnxMe
                   "`SAEXPORT_KERNEL_LIBRARY` overrides it; without it the slow "
                   "reference runs, said in the server log). The topology and budgets are copied beside "
                   "`dit.json`; the checkpoint is not"),
-        "onnxruntime": ("the exported fp32 graph in ONNX Runtime on the CPU (the block-sparse node runs the "
-                        "project's C++ custom op, `libsaexport_ort_ops.so`): a correctness back end; "
-                        "export bf16 for the GPU"),
+        "onnxruntime": ((f"the exported {metadata.dtype} graph in ONNX Runtime's CUDA execution provider "
+                         "(onnxruntime-gpu), " + where) if plan.gpu else
+                        "the exported fp32 graph in ONNX Runtime on the CPU (a correctness back end; export fp16 or "
+                        "bf16 for the GPU)") + "; the block-sparse node runs the project's custom-op library, "
+                       "`libsaexport_ort_ops.so` (`SAEXPORT_ORT_OPS_LIBRARY` names it, else the checkout's build/)",
     }[plan.dit]
     lines = [f"# Triton model repository: {names['pipeline'].removesuffix('_pipeline')}", ""]
     lines.append(f"Model `{metadata.model}`, {metadata.width}x{metadata.height}, {metadata.frames} frames, "

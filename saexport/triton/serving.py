@@ -207,7 +207,11 @@ class Dit:
         if config["backend"] == "onnxruntime":
             from saexport.runtime.denoisers import OnnxRuntimeDenoiser
 
-            return cls(OnnxRuntimeDenoiser(folder / "model.onnx", steps), inputs, output, steps)
+            if config.get("device", "cpu") == "cuda" and device.type != "cuda":
+                raise SaexportError(f"{folder}/dit.json runs the graph on the GPU, and this instance is on the CPU: "
+                                    "give the model a KIND_GPU instance group")
+            ort_device = device if config.get("device", "cpu") == "cuda" else torch.device("cpu")
+            return cls(OnnxRuntimeDenoiser(folder / "model.onnx", steps, ort_device), inputs, output, steps)
         if config["backend"] == "torch":
             denoiser = torch_denoiser(folder, config, device)
             return cls(denoiser, inputs, output, steps, kernel_status(config, denoiser.device))
