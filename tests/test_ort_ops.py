@@ -92,7 +92,8 @@ def attention_model(dtype: str, attributes: dict, shaped: bool = True, q_shape=N
         nodes.append(helper.make_node("Cast", ["out_bsa"], ["out"], to=TensorProto.FLOAT))
     graph = helper.make_graph(nodes, "bsa", inputs, [info("out", io, q_shape)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("ai.onnx.contrib", 1)])
+                                                    helper.make_opsetid("ai.onnx.contrib", 1)],
+                              ir_version=10)  # what torch.onnx writes; newer onnx defaults past ONNX Runtime's
     return model.SerializeToString()
 
 
