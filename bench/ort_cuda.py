@@ -31,7 +31,7 @@ def export(source: ModelSource, run, density: float, folder: Path) -> None:
     print(f"{run.dtype}: exported in {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def measure(source: ModelSource, folder: Path, dtype: str, reps: int, warmup: int) -> tuple:
+def measure(source: ModelSource, folder: Path, dtype: str, reps: int, warmup: int, profile: bool) -> tuple:
     """(density, ONNX Runtime ms, torch ms, relative L2 error, session creation s) of one forward at mid-loop."""
     artifacts = Artifacts.open(folder)
     preset, torch_dtype = artifacts.preset, parse_dtype(dtype)
@@ -44,11 +44,15 @@ def measure(source: ModelSource, folder: Path, dtype: str, reps: int, warmup: in
     graph = OnnxRuntimeDenoiser(artifacts.folder.onnx, artifacts.budgets.steps, "cuda")
     session_s = time.perf_counter() - start
     ort_ms, got = timed(graph, inputs, reps, warmup)
+    if profile:
+        print(f"{dtype}, ONNX Runtime:\n{kernel_table(graph, inputs)}", flush=True)
     graph = None  # its weights leave the GPU before the torch model's arrive
     torch.cuda.empty_cache()
     eager = open_denoiser(artifacts, "torch", source, BackendOptions(dtype))
     assert isinstance(eager, TorchDenoiser)
     torch_ms, want = timed(eager, inputs, reps, warmup)
+    if profile:
+        print(f"{dtype}, torch eager:\n{kernel_table(eager, inputs)}", flush=True)
     error = float((got - want).norm() / want.norm())
     return artifacts.budgets.mean_density, ort_ms, torch_ms, error, session_s
 
@@ -56,6 +60,20 @@ def measure(source: ModelSource, folder: Path, dtype: str, reps: int, warmup: in
 def timed(denoiser, inputs: tuple, reps: int, warmup: int) -> tuple[float, torch.Tensor]:
     """Median ms of `denoiser.predict(*inputs)`, and its output in fp32."""
     return time_ms(lambda: denoiser.predict(*inputs), reps, warmup), denoiser.predict(*inputs).float()
+
+
+def kernel_table(denoiser, inputs: tuple, rows: int = 14) -> str:
+    """The GPU kernels and copies of one forward by total device time (CUPTI sees every library's launches: ONNX
+    Runtime's as well as torch's)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        denoiser.predict(*inputs)
+        torch.cuda.synchronize()
+    events = [e for e in profile.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events)
+    lines = [f"  {total / 1e3:8.1f} ms on the GPU in all"]
+    lines += [f"  {e.device_time_total / 1e3:8.1f} ms {e.count:5d}x  {e.key[:110]}" for e in events[:rows]]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -69,6 +87,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/ort_cuda"))
     parser.add_argument("--export-only", action="store_true", help="Export the graphs and stop.")
+    parser.add_argument("--profile", action="store_true", help="Print each side's GPU kernels by time.")
     args = parser.parse_args()
 
     source = ModelSource(args.model, random_weights=True, weights_seed=0)
@@ -81,7 +100,8 @@ def main() -> None:
         return
     print(f"GPU: {torch.cuda.get_device_name()}; onnxruntime {ort.__version__} "
           f"({', '.join(ort.get_available_providers())}); torch {torch.__version__}")
-    rows = [(dtype, *measure(source, args.work / dtype, dtype, args.reps, args.warmup)) for dtype in dtypes]
+    rows = [(dtype, *measure(source, args.work / dtype, dtype, args.reps, args.warmup, args.profile))
+            for dtype in dtypes]
     print(f"\n{args.model} {args.resolution} x {args.frames}, one DiT forward (median of {args.reps}, device events)")
     print("| dtype | density | ONNX Runtime CUDA ms | torch eager ms | ORT / torch | rel. L2 vs torch | session s |")
     print("|---|---|---|---|---|---|---|")

@@ -490,6 +490,17 @@ def test_an_exported_graph_on_the_cuda_provider_equals_the_torch_back_end(tmp_pa
         assert got.dtype == parse_dtype(dtype) and got.device.type == "cuda"
         assert rel_err(got.float(), want.float()) < tolerance, (step, rel_err(got.float(), want.float()))
 
+    # Triton's DiT model over the same graph in the CUDA provider (`saexport triton --dit onnxruntime`), in process.
+    from saexport.folders import Output
+    from saexport.triton.repository import write_triton_repository
+    from saexport.triton.serving import Dit
+
+    repo = write_triton_repository(tmp_path / "model.onnx", Output(tmp_path / "repo"), "wan", dit="onnxruntime")
+    served = Dit.open(repo / "wan_dit" / "1", "cuda:0")
+    request = {"hidden_states": latents.to("cuda", parse_dtype(dtype)), "timestep": args[1].cuda(),
+               "encoder_hidden_states": text.to("cuda", parse_dtype(dtype)), "step_index": args[3]}
+    assert rel_err(served(request).float(), graph.predict(*args).float()) < 1e-6
+
     from click.testing import CliRunner
 
     from saexport.cli import main
