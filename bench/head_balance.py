@@ -1,5 +1,6 @@
 """Heads balanced across ranks (issue 23): max / mean rank attention work per (step, layer), the split by head index
-against the offline assignment of `saexport.parallel.balance`, on real budgets and on the Wan2.1 presets' stand-ins.
+against the offline assignment of `saexport.runtime.parallel.balance`, on real budgets and on the Wan2.1 presets'
+stand-ins.
 
 A head's work at a step is its kept block pairs; a rank's is its heads' sum. Prints one markdown row per source and
 rank count: worst and mean max/mean over every (step, layer), before (heads split by index) and after (balanced),
@@ -21,7 +22,7 @@ from saexport.artifacts import ArtifactFolder, BlockedGrid, Budgets, ModelIdenti
 from saexport.layout import parse_layout
 from saexport.models.presets import get_preset
 from saexport.models.video_shape import parse_video_shape
-from saexport.parallel.balance import balanced_head_order, contiguous_head_order, head_work, imbalance
+from saexport.runtime.parallel.balance import balanced_head_order, contiguous_head_order, head_work, imbalance
 from saexport.topology.standin import standin_budgets, standin_topology
 
 TARGET = 1.05  # the issue's max / mean at every (step, layer)

@@ -20,10 +20,10 @@ from saexport.layout import parse_layout
 from saexport.levels import DENSE_LEVEL
 from saexport.models.checkpoint import load_model
 from saexport.models.dit import SparseWanDiT
-from saexport.parallel.cfg import CfgParallelDenoiser, cfg_pair_group
-from saexport.parallel.ulysses import ulysses_dit
 from saexport.runtime.denoisers import TorchDenoiser
 from saexport.runtime.generation import GenerationRequest
+from saexport.runtime.parallel.cfg import CfgParallelDenoiser, cfg_pair_group
+from saexport.runtime.parallel.ulysses import ulysses_dit
 from saexport.runtime.sampler import SamplerSettings, sample
 
 GRID = (3, 3, 4)  # 9 frames of 64x48 pixels: Wan's VAE (4x in time, 8x in space), then 1x2x2 patches

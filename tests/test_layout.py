@@ -5,9 +5,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "saexport"
 # Lower rank = lower in the pipeline; a module may import its own package and anything of lower rank.
-# `parallel` wraps the DiT for several ranks, under the runtime whose torch back end runs it.
 RANK = {"errors": 0, "atomic": 1, "folders": 1, "layout": 1, "levels": 1, "kernels": 1, "artifacts": 2,
-        "models": 3, "parallel": 3.5, "runtime": 4, "demo": 4, "topology": 5, "exporter": 6, "engines": 7,
+        "models": 3, "runtime": 4, "demo": 4, "topology": 5, "exporter": 6, "engines": 7,
         "triton": 8, "pipeline": 9, "cli": 10, "__main__": 11}
 
 

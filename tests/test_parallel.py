@@ -18,8 +18,8 @@ from saexport.errors import SaexportError
 from saexport.layout import parse_layout
 from saexport.levels import kept_blocks
 from saexport.models.checkpoint import load_model
-from saexport.parallel import balance
-from saexport.parallel.balance import (
+from saexport.runtime.parallel import balance
+from saexport.runtime.parallel.balance import (
     balance_heads,
     balanced_head_order,
     check_ranks,
@@ -28,7 +28,7 @@ from saexport.parallel.balance import (
     imbalance,
     rank_work,
 )
-from saexport.parallel.ulysses import ulysses_dit
+from saexport.runtime.parallel.ulysses import ulysses_dit
 from saexport.topology.standin import standin_budgets, standin_topology
 from tests.parallel_worker import tiny_sparse_dit
 

@@ -30,10 +30,10 @@ from saexport.models.text_encoder import (
     synthetic_embeddings,
 )
 from saexport.models.video_shape import VideoShape, video_of_grid
-from saexport.parallel.cfg import CfgParallelDenoiser, cfg_pair_group
-from saexport.parallel.launch import check_rank_count, join_ranks
-from saexport.parallel.ulysses import ulysses_dit
 from saexport.runtime.denoisers import Denoiser, OnnxRuntimeDenoiser, TensorRTDenoiser, TorchDenoiser
+from saexport.runtime.parallel.cfg import CfgParallelDenoiser, cfg_pair_group
+from saexport.runtime.parallel.launch import check_rank_count, join_ranks
+from saexport.runtime.parallel.ulysses import ulysses_dit
 from saexport.runtime.sampler import DEFAULT_GUIDANCE, SamplerSettings, sample
 from saexport.runtime.schedule import flow_shift_for
 from saexport.runtime.video import (

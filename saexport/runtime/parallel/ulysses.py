@@ -27,7 +27,7 @@ from saexport.errors import SaexportError
 from saexport.levels import unpack_levels
 from saexport.models.dit import SparseWanDiT
 from saexport.models.processors import LayerMasks, StepContext, check_self_attention_call, project_output, project_qkv
-from saexport.parallel.balance import balanced_head_order, check_ranks, head_work
+from saexport.runtime.parallel.balance import balanced_head_order, check_ranks, head_work
 
 
 def import_yunchang() -> ModuleType:
