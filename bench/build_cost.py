@@ -39,7 +39,7 @@ from saexport.topology.calibration import CalibrationLoop, Calibrator
 from saexport.topology.goals import BudgetRule
 from saexport.topology.prompts import PromptSource
 from saexport.topology.quality import compute_quality
-from saexport.topology.quality_target import search_round
+from saexport.topology.quality_target import next_density
 from saexport.topology.sensitivity import final_latents_of_tables, uniform_levels
 from saexport.topology.west import compute_topology
 
@@ -67,10 +67,9 @@ def step_cost(run) -> tuple[float, float]:
 def search(needed: float) -> list[float]:
     """The densities `meet_psnr` asks when the least that meets is `needed`."""
     low, high, asked = 0.0, 1.0, []
-    while candidates := search_round(low, high):
-        asked += candidates
-        high = min([high, *(d for d in candidates if d >= needed)])
-        low = max([low, *(d for d in candidates if d < needed)])
+    while (density := next_density(low, high)) is not None:
+        asked.append(density)
+        high, low = (density, low) if density >= needed else (high, density)
     return asked
 
 

@@ -18,7 +18,6 @@ import torch
 from saexport import kernels
 from saexport.artifacts import ArtifactFolder, EngineMetadata
 from saexport.errors import SaexportError
-from saexport.models.dit import WanDiT
 from saexport.models.onnx_op import PLUGIN_VERSION
 
 
@@ -33,11 +32,13 @@ class Denoiser(Protocol):
 
 
 class TorchDenoiser:
-    """The DiT in PyTorch (sparse: on a GPU its attention runs the CUDA kernel library; or dense, or probed)."""
+    """The DiT in PyTorch (sparse: on a GPU its attention runs the CUDA kernel library; or dense, or probed), in
+    one process (a `WanDiT`) or on this rank's share of a Ulysses group (`parallel.ulysses.UlyssesWanDiT`): any
+    module with WanDiT's forward and its `transformer`."""
 
     name = "torch"
 
-    def __init__(self, model: WanDiT, steps: int, compiled: bool = False):
+    def __init__(self, model: torch.nn.Module, steps: int, compiled: bool = False):
         weight = model.transformer.patch_embedding.weight  # the latents' first product (norms may stay fp32)
         self.device, self.dtype = weight.device, weight.dtype
         self.model = torch.compile(model.eval()) if compiled else model.eval()

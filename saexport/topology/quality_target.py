@@ -59,10 +59,10 @@ def measure_psnr(checker: Calibrator, topology: Topology, budgets: list[Budgets]
     return rows, dense
 
 
-def search_round(low: float, high: float) -> list[float]:
-    """The density the next round measures inside the bracket [low, high]: its middle; none once the bracket is
+def next_density(low: float, high: float) -> float | None:
+    """The density the bisection measures next inside the bracket [low, high]: its middle; None once the bracket is
     `RESOLUTION` wide."""
-    return [] if high - low <= RESOLUTION + 1e-9 else [(low + high) / 2]
+    return None if high - low <= RESOLUTION + 1e-9 else (low + high) / 2
 
 
 def meet_psnr(checker: Calibrator, topology: Topology, goal: Goal,
@@ -76,21 +76,17 @@ def meet_psnr(checker: Calibrator, topology: Topology, goal: Goal,
         return (row["psnr"] if row["psnr_low95"] is None or row["prompts"] < 3 else row["psnr_low95"]) >= target
 
     low, high = 0.0, 1.0  # the densest asked that failed below the least asked that met (dense always meets)
-    while asked := search_round(low, high):
-        candidates = []
-        for density in asked:
-            try:
-                candidates.append((density, budgets_at(density)))
-            except SaexportError:
-                low = max(low, density)  # below the topology's structural minimum: no such budgets
-        if candidates:
-            rows, dense = measure_psnr(checker, topology, [b for _, b in candidates], dense)
-            for (density, budgets), row in zip(candidates, rows, strict=True):
-                measured.append((density, budgets, row))
-                log.info("quality check: density %.3f -> %.2f dB (target %g)", row["density"], row["psnr"], target)
-        met = [density for density, _, row in measured if meets(row)]
-        high = min(met, default=1.0)
-        low = max([low, *(density for density, _, row in measured if density < high and not meets(row))])
+    while (density := next_density(low, high)) is not None:
+        try:
+            budgets = budgets_at(density)
+        except SaexportError:
+            low = density  # below the topology's structural minimum: no such budgets
+            continue
+        (row,), dense = measure_psnr(checker, topology, [budgets], dense)
+        measured.append((density, budgets, row))
+        log.info("quality check: density %.3f -> %.2f dB (target %g)", row["density"], row["psnr"], target)
+        high = min((asked for asked, _, result in measured if meets(result)), default=1.0)
+        low = max([low, *(asked for asked, _, result in measured if asked < high and not meets(result))])
     ok = [(b, row) for _, b, row in measured if meets(row)]
     curve = sorted(tuple(row.values()) for _, _, row in measured)
     if not ok:
