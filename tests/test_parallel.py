@@ -197,6 +197,34 @@ def test_load_runs_a_video_on_ulysses_and_cfg_ranks_as_on_one(tmp_path):
         torch.testing.assert_close(result["output"], reference, rtol=0, atol=1e-5)
 
 
+def test_generate_under_torchrun_writes_one_video_equal_to_the_single_process_one(tmp_path):
+    """`torchrun --nproc-per-node 4 -m saexport generate --ulysses 2 --cfg-parallel`: every rank samples, rank 0
+    alone writes and says so; the latents equal `saexport generate` in one process."""
+    from safetensors.torch import load_file
+
+    folder = demo_artifacts(tmp_path / "artifacts")
+    common = ["-m", "saexport", "generate", "--artifacts", str(folder), "--seed", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads as each rank: the same summation order
+    single = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one.safetensors")], env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert single.returncode == 0, single.stderr[-3000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", *common,
+               "--ulysses", "2", "--cfg-parallel", "--out", str(tmp_path / "four.safetensors")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.stdout.count("wrote ") == 1
+    one, four = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "four.safetensors")
+    assert one.keys() == four.keys()
+    for name in one:
+        assert one[name].abs().mean() > 0.1
+        torch.testing.assert_close(four[name], one[name], rtol=0, atol=1e-5)
+    launched = subprocess.run([*command[:4], "--nproc-per-node=2", *command[5:-1], str(tmp_path / "x.safetensors")],
+                              env=env, capture_output=True, text=True, timeout=180)
+    assert launched.returncode != 0 and "--ulysses 2 with --cfg-parallel (x 2) runs on 4 ranks, 2 were launched" in (
+        launched.stdout + launched.stderr)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_load_refuses_parallel_options_outside_torchrun(tmp_path, monkeypatch):
     folder = demo_artifacts(tmp_path)
     monkeypatch.delenv("RANK", raising=False)

@@ -19,7 +19,7 @@ from saexport.errors import SaexportError
 
 
 def _backend(backend: str, plugin_library: Path | None, dtype_name: str | None, compile_model: bool,
-             device: str | None):
+             device: str | None, ulysses: int, cfg_parallel: bool):
     from saexport.runtime.generation import BackendOptions
 
     if plugin_library is not None and backend != "tensorrt":
@@ -28,8 +28,8 @@ def _backend(backend: str, plugin_library: Path | None, dtype_name: str | None, 
         raise SaexportError("--dtype and --compile are for --backend torch")
     if device is not None and backend == "tensorrt":
         raise SaexportError("--device is for --backend torch and onnxruntime (TensorRT runs on the GPU)")
-    return backend, BackendOptions(dtype_name, plugin_library, compile_model,
-                                   device=None if device is None else check_device(device))
+    return backend, BackendOptions(dtype_name, plugin_library, compile_model, ulysses, cfg_parallel,
+                                   None if device is None else check_device(device))
 
 
 backend_group = OptionGroup("backend", (
@@ -43,6 +43,10 @@ backend_group = OptionGroup("backend", (
     click.option("--device", help="cpu, cuda or cuda:N (torch and onnxruntime back ends). Default: torch on the GPU "
                                   "where there is one; onnxruntime on the CPU for an fp32 graph, on the GPU (its CUDA "
                                   "execution provider, onnxruntime-gpu) for fp16 and bf16 ones."),
+    click.option("--ulysses", default=1, show_default=True, type=click.IntRange(min=1),
+                 help="Ranks of sequence parallelism (torch back end, under `torchrun --nproc-per-node N`)."),
+    click.option("--cfg-parallel", is_flag=True,
+                 help="The guided step's two passes on two rank groups (x 2 ranks; torch back end, torchrun)."),
 ), _backend)
 
 
@@ -84,6 +88,7 @@ def generate(source, artifacts, backend, request, steps, vae_path, upscale, out)
 
     from saexport.artifacts import ArtifactFolder, Topology
     from saexport.runtime.generation import SparsePipeline, check_generation_target, generate
+    from saexport.runtime.parallel.launch import writes_outputs
 
     model = Topology.load(ArtifactFolder(artifacts).topology).model
     if was_given("model") and source.model != model:
@@ -97,4 +102,5 @@ def generate(source, artifacts, backend, request, steps, vae_path, upscale, out)
         raise SaexportError(f"the budgets are for {pipeline.steps} steps; sample with --steps {pipeline.steps} or "
                             "rerun `saexport budgets` for this step count")
     generate(pipeline, request, out, upscale)
-    click.echo(f"wrote {out.path}")
+    if writes_outputs():  # rank 0 of a torchrun launch, or the only process
+        click.echo(f"wrote {out.path}")

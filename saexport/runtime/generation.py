@@ -32,7 +32,7 @@ from saexport.models.text_encoder import (
 from saexport.models.video_shape import VideoShape, video_of_grid
 from saexport.runtime.denoisers import Denoiser, OnnxRuntimeDenoiser, TensorRTDenoiser, TorchDenoiser
 from saexport.runtime.parallel.cfg import CfgParallelDenoiser, cfg_pair_group
-from saexport.runtime.parallel.launch import check_rank_count, join_ranks
+from saexport.runtime.parallel.launch import check_rank_count, join_ranks, writes_outputs
 from saexport.runtime.parallel.ulysses import ulysses_dit
 from saexport.runtime.sampler import DEFAULT_GUIDANCE, SamplerSettings, sample
 from saexport.runtime.schedule import flow_shift_for
@@ -317,8 +317,11 @@ def check_generation_target(out: Output, root: Path, inputs: list[Path], vae: Pa
 
 def generate(pipeline: SparsePipeline, request: GenerationRequest, out: Output, upscale: int = 1) -> Path:
     """Run the sampler on the pipeline and write `out` (.safetensors latents, or .gif / .mp4 enlarged `upscale`
-    times); `check_generation_target(out, ...)` first, before the pipeline is opened."""
+    times); `check_generation_target(out, ...)` first, before the pipeline is opened. Under torchrun every rank
+    samples and rank 0 alone decodes and writes."""
     latents = pipeline.latents(request)
+    if not writes_outputs():
+        return out.path
     if out.path.suffix.lower() in VIDEO_SUFFIXES:
         write_video(pipeline.frames(latents), out.path, scale=upscale)
     else:

@@ -34,3 +34,9 @@ def check_rank_count(ulysses: int, cfg_parallel: bool) -> None:
     if launched != needed:
         what = f"`ulysses` {ulysses}" + (" with `cfg_parallel` (x 2)" if cfg_parallel else "")
         raise SaexportError(f"{what} runs on {needed} ranks, {launched} were launched")
+
+
+def writes_outputs() -> bool:
+    """Whether this process writes what a run produces: the only one, or rank 0 of a launch (the others computed
+    the same video)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
