@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import saexport
-from saexport.artifacts import ArtifactFolder, BlockedGrid
+from saexport.artifacts import ArtifactFolder, BlockedGrid, Topology
 from saexport.errors import SaexportError
 from saexport.layout import parse_layout
 from saexport.levels import kept_blocks
@@ -223,6 +223,62 @@ def test_generate_under_torchrun_writes_one_video_equal_to_the_single_process_on
     assert launched.returncode != 0 and "--ulysses 2 with --cfg-parallel (x 2) runs on 4 ranks, 2 were launched" in (
         launched.stdout + launched.stderr)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def worker_of_rank(launcher: int, rank: int) -> int | None:
+    """The pid of `rank` among the processes torchrun (`launcher`) started, from /proc (Linux)."""
+    for children in Path(f"/proc/{launcher}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return int(pid)
+    return None
+
+
+def test_a_rank_killed_mid_run_stops_the_launch_naming_it_and_writes_nothing(tmp_path):
+    """SIGKILL rank 1 of a 2-rank `generate --ulysses 2` once the sampler has taken steps: the launch ends within
+    seconds (not the process group's 10-minute timeout) with torchrun's report naming the rank and its signal, and
+    the output is not written."""
+    import signal
+    import threading
+    import time
+
+    folder = demo_artifacts(tmp_path / "artifacts")
+    topology = Topology.load(ArtifactFolder(folder).topology)
+    standin_budgets(topology, steps=400, target_density=0.3).save(ArtifactFolder(folder).budgets)  # a long run
+    out = tmp_path / "video.safetensors"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "saexport",
+               "generate", "--artifacts", str(folder), "--ulysses", "2", "--out", str(out)]
+    launch = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    output = bytearray()
+
+    def read() -> None:
+        for chunk in iter(lambda: launch.stdout.read1(4096), b""):
+            output.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while b"/400 [" not in output and launch.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # tqdm's "k/400 [": the sampler is stepping
+        assert launch.poll() is None, output.decode(errors="replace")[-3000:]
+        victim = worker_of_rank(launch.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        code = launch.wait(timeout=120)
+    finally:
+        launch.kill()
+    reader.join(timeout=10)
+    text = output.decode(errors="replace")
+    assert code != 0 and time.monotonic() - killed < 60
+    assert "rank      : 1" in text and "Signal 9 (SIGKILL)" in text, text[-3000:]
+    assert not out.exists()
 
 
 def test_load_refuses_parallel_options_outside_torchrun(tmp_path, monkeypatch):
