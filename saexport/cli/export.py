@@ -49,10 +49,9 @@ def export(source, run, batch, topology_path, budgets_path, density, verify, out
     )
 
     if verify:
-        from saexport.exporter.verify import verification_device
-        from saexport.runtime.ort_session import providers
+        from saexport.runtime.ort_session import graph_device, providers
 
-        providers(verification_device(run.dtype, None))  # refused now, not after the export, where it cannot run
+        providers(graph_device(run.dtype))  # refused now, not after the export, where it cannot run
     if (topology_path is None) != (budgets_path is None):
         raise SaexportError("give --topology and --budgets together")
     if topology_path is not None:
@@ -110,12 +109,12 @@ def verify(source, artifacts, device, atol, rtol, rel_l2, save_dir) -> None:
 
     from saexport.artifacts import OnnxMetadata
     from saexport.cli.options import check_device, was_given
-    from saexport.exporter.verify import Tolerance, verification_device, verify_graph
+    from saexport.exporter.verify import Tolerance, verify_graph
     from saexport.folders import claim_output_folder
     from saexport.models.checkpoint import parse_dtype
     from saexport.pipeline import Models
     from saexport.runtime.generation import Artifacts
-    from saexport.runtime.ort_session import providers
+    from saexport.runtime.ort_session import graph_device, providers
 
     opened = Artifacts.open(artifacts)
     if was_given("model") and source.model != opened.preset.name:
@@ -123,7 +122,7 @@ def verify(source, artifacts, device, atol, rtol, rel_l2, save_dir) -> None:
     if not opened.folder.onnx.is_file():
         raise SaexportError(f"{artifacts} holds no model.onnx: export it with `saexport export`")
     graph_dtype = OnnxMetadata.read(opened.folder.onnx).dtype
-    device = verification_device(graph_dtype, None if device is None else check_device(device))
+    device = graph_device(graph_dtype, None if device is None else check_device(device))
     providers(device)  # refused before the model loads
     loaded = Models(replace(source, model=opened.preset.name)).get(parse_dtype(graph_dtype))
     if save_dir is not None:

@@ -31,7 +31,7 @@ from saexport.models.checkpoint import LoadedModel, dtype_name
 from saexport.models.video_shape import VideoShape
 from saexport.runtime.denoisers import Denoiser, OnnxRuntimeDenoiser, TorchDenoiser
 from saexport.runtime.generation import Artifacts
-from saexport.runtime.ort_session import ort_session
+from saexport.runtime.ort_session import graph_device, ort_session
 
 ATOL, RTOL = 1e-4, 1e-3  # fp32 on both sides lands near 1e-6 relative
 # fp16 and bf16: two implementations round differently at every op, so an element-wise bound says little; the
@@ -94,23 +94,14 @@ class Tolerance:
     rel_l2: float | None = None
 
 
-def verification_device(graph_dtype: str, device: str | None) -> str:
-    """Where a graph of `graph_dtype` is verified: the CPU for fp32 (the CUDA op runs fp16 and bf16), the GPU for
-    fp16 and bf16 unless `device` says otherwise (fp16 runs on the CPU provider too; bf16 does not)."""
-    device = device or ("cpu" if graph_dtype == "fp32" else "cuda")
-    if graph_dtype == "fp32" and torch.device(device).type == "cuda":
-        raise SaexportError("an fp32 graph is verified on the cpu: ONNX Runtime's CUDA op runs fp16 and bf16 graphs")
-    return device
-
-
 def verify_graph(loaded: LoadedModel, artifacts: Artifacts, tolerance: Tolerance = Tolerance(),
                  save_dir: Path | None = None, device: str | None = None) -> Verification:
-    """Compare the runners on the folder's graph, topology and budgets, on `device` (see `verification_device`),
+    """Compare the runners on the folder's graph, topology and budgets, on `device` (see `graph_device`),
     `loaded` in the graph's precision; an error past the tolerance (or NaN) is a failed verification (not
     raised)."""
     topology, budgets, video, onnx_path = artifacts.topology, artifacts.budgets, artifacts.video, artifacts.folder.onnx
     metadata = OnnxMetadata.read(onnx_path)
-    device = verification_device(metadata.dtype, device)
+    device = graph_device(metadata.dtype, device)
     if dtype_name(loaded.dtype) != metadata.dtype:
         raise SaexportError(f"{onnx_path} is a {metadata.dtype} graph: verify it against the model loaded in "
                             f"{metadata.dtype}, not {dtype_name(loaded.dtype)}")

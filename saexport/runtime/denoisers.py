@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from saexport import kernels
-from saexport.artifacts import ArtifactFolder, EngineMetadata
+from saexport.artifacts import ArtifactFolder, EngineMetadata, OnnxMetadata
 from saexport.errors import SaexportError
 from saexport.models.onnx_op import PLUGIN_VERSION
 
@@ -59,22 +59,20 @@ class OnnxRuntimeDenoiser:
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: str | Path, steps: int, device: str | torch.device = "cpu"):
-        from saexport.runtime.ort_session import element_type, ort_session
+    def __init__(self, onnx_path: str | Path, steps: int, device: str | torch.device | None = None):
+        """`device`: None for the graph's default (`ort_session.graph_device`)."""
+        from saexport.runtime.ort_session import element_type, graph_device, ort_session
 
         path = Path(onnx_path)
         if not path.is_file():
             raise SaexportError(f"no ONNX model at {path}")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
+        self.device = graph_device(OnnxMetadata.read(path).dtype, device)
+        self.session = ort_session(path, device=self.device)  # refuses a GPU this machine lacks
+        if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.session = ort_session(path, device=self.device)
         self.steps = steps
         first, output = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.dtype = element_type(first)[0]
-        if self.device.type == "cuda" and self.dtype == torch.float32:
-            raise SaexportError(f"{path} is an fp32 graph: the CUDA op runs fp16 and bf16 (export it in bf16 "
-                                "for the GPU, or run this one on the cpu)")
         self.output_shape, self.batch = tuple(output.shape), first.shape[0]  # static: exported for that batch
         self.stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 

@@ -153,9 +153,7 @@ def open_denoiser(artifacts: Artifacts, backend: str, source: ModelSource,
         denoiser = TorchDenoiser(model, steps, compiled=options.compile_model)
         return CfgParallelDenoiser(denoiser, cfg_pair_group()) if options.cfg_parallel else denoiser
     if backend == "onnxruntime":
-        graph_dtype = OnnxMetadata.read(artifacts.folder.onnx).dtype if artifacts.folder.onnx.is_file() else "fp32"
-        device = options.device or ("cpu" if graph_dtype == "fp32" else "cuda")
-        return OnnxRuntimeDenoiser(artifacts.folder.onnx, steps, device)
+        return OnnxRuntimeDenoiser(artifacts.folder.onnx, steps, options.device)
     if options.device is not None and torch.device(options.device).type != "cuda":
         raise SaexportError(f"the {backend} back end runs on the GPU, not on {options.device}")
     if backend == "tensorrt":

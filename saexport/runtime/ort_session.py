@@ -49,6 +49,17 @@ def library_path() -> Path:
                         "SAEXPORT_ORT_OPS_LIBRARY")
 
 
+def graph_device(graph_dtype: str, device: str | torch.device | None = None) -> torch.device:
+    """Where ONNX Runtime runs a graph of `graph_dtype` ("fp32", "fp16" or "bf16"): `device`, by default the CPU for
+    fp32 and the GPU for fp16 and bf16 (the CPU provider lacks most ops' bf16 kernels). fp32 on the GPU is refused:
+    the CUDA op runs fp16 and bf16."""
+    chosen = torch.device(device if device is not None else "cpu" if graph_dtype == "fp32" else "cuda")
+    if graph_dtype == "fp32" and chosen.type == "cuda":
+        raise SaexportError("an fp32 graph runs on the cpu: ONNX Runtime's CUDA op runs fp16 and bf16 graphs (export "
+                            "it in bf16 for the GPU)")
+    return chosen
+
+
 def providers(device: str | torch.device) -> list:
     """ONNX Runtime's execution providers for `device`: "cpu", or "cuda"/"cuda:N": the CUDA execution provider on
     GPU N (the current one by default) computing on torch's current stream there, so that it is ordered with the

@@ -183,7 +183,9 @@ def plan_repository(onnx_path: Path, metadata: OnnxMetadata, engine_path: Path |
                                 f"(`weights`), or {fallback}")
         check_config_matches(preset, detect_layout(checkpoint).config, str(checkpoint))
         dit = "torch"
-    gpu = dit != "onnxruntime" or metadata.dtype != "fp32"  # ONNX Runtime's CUDA op runs fp16/bf16
+    from saexport.runtime.ort_session import graph_device  # onnxruntime loads only where a repository is planned
+
+    gpu = dit != "onnxruntime" or graph_device(metadata.dtype).type == "cuda"
     text_encoder = None
     if checkpoint is not None and has_text_encoder(checkpoint):
         text_encoder = "word" if is_word_encoder(checkpoint) else "umt5"
