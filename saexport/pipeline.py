@@ -8,6 +8,11 @@ inputs (the keys of the stages before them included). `OUT/build.json` records t
 finished stage; a stage whose key and outputs are unchanged is not run again, an interrupted build resumes at its
 first unfinished stage, and a changed input reruns only the stages that depend on it. Because both paths run the
 same functions on the same settings, a build and the single-stage commands write byte-identical artifacts.
+
+Under torchrun every rank runs the calibration stages (topology, budgets), their prompt x seed work spread over the
+ranks and merged in one process's order (`topology.calibration`), so the artifacts are byte-identical to a
+single-process build; rank 0 alone claims and locks the folder, decides which stages are current, writes every
+file and runs the stages after them.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from saexport.models.checkpoint import LoadedModel, ModelSource, load_model, par
 from saexport.models.presets import ModelPreset, RunDefaults, get_preset
 from saexport.models.video_shape import VideoShape, parse_video_shape, video_of_grid
 from saexport.runtime.generation import generation_dtype
+from saexport.runtime.parallel.launch import writes_outputs
+from saexport.runtime.parallel.spread import from_rank_zero, launched_ranks
 from saexport.runtime.sampler import DEFAULT_GUIDANCE, PASSES
 from saexport.runtime.schedule import flow_shift_for
 from saexport.topology.goals import BudgetRule, Goal
@@ -111,7 +118,9 @@ class Calibration:
         loop = CalibrationLoop(tuple(self.seeds), self.steps_for(preset), flow_shift_for(video.height),
                                self.guidance, tuple(self.passes))
         checks = prompt_set(models, self.prompt_source(models.source, "check"), out_path) if held_out else None
-        return Calibrator(loaded, prompt_set(models, self.prompt_source(models.source), out_path), loop, self.device,
+        prompts = prompt_set(models, self.prompt_source(models.source), out_path)
+        check_rank_count(prompts.embeddings.shape[0] * len(loop.seeds))
+        return Calibrator(loaded, prompts, loop, self.device,
                           samples_per_pass(preset, video, self.device, loaded), progress_file=partial_path(out_path),
                           held_out=checks)
 
@@ -188,18 +197,27 @@ def partial_path(out_path: Path) -> Path:
 
 
 def prompt_set(models: Models, prompts, out_path: Path):
-    """A `PromptSource`'s prompts, encoded (cached beside `out_path`), and said where they come from."""
+    """A `PromptSource`'s prompts, encoded (cached beside `out_path`), and said where they come from. Under torchrun
+    rank 0 encodes them (and keeps the cache) and hands them to the other ranks."""
     prompts.check()
     cache = ArtifactFolder(out_path.parent).calibration_embeddings
     if prompts.role != "calibration":
         cache = cache.with_name(f"{cache.stem}.{prompts.role}{cache.suffix}")
-    encoded = prompts.load(cache=out_path.with_name(cache.name))
+    encoded = from_rank_zero(prompts.load(cache=out_path.with_name(cache.name)) if writes_outputs() else None)
     if prompts.kind == "synthetic":
         log.warning("note: %d SYNTHETIC %s prompt embeddings (seeded normal): give calibration embeddings, or a "
                     "checkpoint with text_encoder/, for real prompts", prompts.count, prompts.role)
     else:
         log.info("%s prompts: %s", prompts.role, encoded.source)
     return encoded
+
+
+def check_rank_count(trajectories: int) -> None:
+    """A launch spreads the calibration's prompt x seed trajectories over its ranks: no more ranks than them."""
+    _, ranks = launched_ranks()
+    if ranks > trajectories:
+        raise SaexportError(f"{ranks} ranks were launched for {trajectories} calibration trajectories (`prompts` x "
+                            f"`seeds`): launch at most {trajectories} ranks, or calibrate on more prompts or seeds")
 
 
 def samples_per_pass(preset: ModelPreset, video: VideoShape, device: str, loaded: LoadedModel) -> int:
@@ -233,7 +251,8 @@ def make_topology(models: Models, run: RunDefaults, calibration: Calibration, ou
     blocks = BlockedGrid(video.token_grid(source.preset.patch_size), run.block_size, parse_layout(run.layout))
     topology = compute_topology(calibration.calibrator(models, video, out.path), blocks, calibration.rows_per_block,
                                 Aggregation(calibration.aggregation))
-    topology.save(out.path)
+    if writes_outputs():
+        topology.save(out.path)
     return topology
 
 
@@ -261,17 +280,21 @@ def make_budgets(models: Models, topology_path: Path, calibration: Calibration, 
     else:
         budgets = fit_budgets_v1(topology, compute_hellinger_quality(calibrator, topology, calibration.rows_per_block),
                                  goal)
-    budgets.save(out.path)
+    if writes_outputs():
+        budgets.save(out.path)
     make_report(calibration.reporter(models, video, out.path), topology, budgets, out.path)
     return budgets
 
 
 def make_report(reporter, topology: Topology, budgets: Budgets, budgets_path: Path) -> FidelityReport:
-    """The budgets' fidelity report (`topology.report`), written beside them with its picture, and logged."""
+    """The budgets' fidelity report (`topology.report`), written beside them with its picture (by rank 0 under
+    torchrun, every rank measuring), and logged."""
     from saexport.topology.pictures import quality_png
     from saexport.topology.report import fidelity_report
 
     report = fidelity_report(reporter, topology, budgets, reporter.loaded.preset.codec.name == "pixels")
+    if not writes_outputs():
+        return report
     json_path, picture = report_paths(budgets_path)
     report.write(json_path)
     quality_png(report, picture)
@@ -463,7 +486,10 @@ def run_build(settings: BuildSettings, out_dir: str | Path, echo: Callable[[str]
     """Run the stages that are not current. Returns each stage's fate: "ran", "current" or "skipped: why".
 
     The folder is claimed for `build` before any compute and locked while the stages run: a second build on it
-    refuses, naming the first."""
+    refuses, naming the first. The other ranks of a torchrun launch compute the calibration stages with rank 0
+    and touch nothing (the module's docstring)."""
+    if not writes_outputs():
+        return _run_stages(settings, ArtifactFolder(Path(out_dir)), lambda _: None)
     folder = ArtifactFolder(open_output_folder(Path(out_dir), "build"))
     with FolderLock(folder.root):
         return _run_stages(settings, folder, echo)
@@ -474,7 +500,8 @@ def _run_stages(settings: BuildSettings, folder: ArtifactFolder, echo: Callable[
             and engine_unavailable(settings.plugin, settings.run.dtype)):
         raise SaexportError(f"a {settings.run.dtype} build without an engine serves its DiT from the checkpoint, and "
                             "random weights have none: give --plugin with TensorRT, or build with --dtype fp32")
-    manifest = Manifest.load(folder.manifest)
+    writes = writes_outputs()
+    manifest = Manifest.load(folder.manifest) if writes else None
     check_goal(settings.goal, settings.budget_rule)
     check_replaceable_folder(folder.triton, "triton", overwrite=settings.overwrite)  # before hours of calibration
     source, run, calibration = settings.source, settings.run, settings.calibration
@@ -485,26 +512,34 @@ def _run_stages(settings: BuildSettings, folder: ArtifactFolder, echo: Callable[
     models = Models(source)
     fates: dict[str, str] = {}
 
-    def stage(name: str, key: str, outputs: list[Path], make: Callable[[], object]) -> None:
-        if manifest.is_current(name, key):
+    def stage(name: str, key: str, outputs: list[Path], make: Callable[[], object], every_rank: bool = False) -> None:
+        """`every_rank`: a calibration stage, which every rank of a launch runs when rank 0 finds it not current;
+        the others run on rank 0 alone."""
+        if not (writes or every_rank):
+            return
+        current = manifest.is_current(name, key) if writes else None
+        if every_rank:
+            current = from_rank_zero(current)
+        if current:
             fates[name] = "current"
             echo(f"[build] {name}: up to date")
             return
         echo(f"[build] {name}: running")
         make()
-        manifest.record(name, key, outputs)
+        if writes:
+            manifest.record(name, key, outputs)
         fates[name] = "ran"
 
     topology_key = stage_key("topology", preset.name, preset.config_hash(), source.fingerprint(), grid,
                              run.block_size, run.layout, steps, calibration.fingerprint(source))
     stage("topology", topology_key, [folder.topology],
-          lambda: make_topology(models, run, calibration, Output(folder.topology)))
+          lambda: make_topology(models, run, calibration, Output(folder.topology)), every_rank=True)
 
     budgets_key = stage_key("budgets", topology_key, settings.goal.name, settings.budget_rule.key(),
                             *([calibration.check_prompts] if settings.goal.psnr is not None else []))
     stage("budgets", budgets_key, [folder.budgets, folder.fidelity_report, folder.fidelity_picture],
           lambda: make_budgets(models, folder.topology, calibration, settings.goal, settings.budget_rule,
-                               Output(folder.budgets)))
+                               Output(folder.budgets)), every_rank=True)
 
     export_key = stage_key("export", budgets_key, run.dtype)
     stage("export", export_key, [folder.onnx], lambda: make_export(
@@ -530,7 +565,7 @@ def _run_stages(settings: BuildSettings, folder: ArtifactFolder, echo: Callable[
                            str(source.checkpoint))  # the repository references the checkpoint by its path
     stage("triton", triton_key, [folder.triton], lambda: make_triton(
         folder.onnx, Output(folder.triton, settings.overwrite), serving, engine_path, source.checkpoint))
-    if folder.fidelity_report.is_file():
+    if writes and folder.fidelity_report.is_file():
         echo(f"[build] fidelity: {FidelityReport.read(folder.fidelity_report).summary()}")
     return fates
 

@@ -62,9 +62,10 @@ def test_every_aggregation_against_its_definition():
     def aggregate(aggregation, **settings):
         threshold = ThresholdMap(1, 2, 5, Aggregation(aggregation, **settings))
         for trajectory in runs:
+            measured = threshold.empty()
             for scores in trajectory:
-                threshold.add_run(0, scores[0])
-            threshold.end_trajectory()
+                measured.add_run(0, scores[0])
+            threshold.merge(measured.state())
         return threshold.result()
 
     every_run = levels.flatten(0, 1)  # [12, 1, 2, 5, 5]
@@ -254,13 +255,14 @@ def test_the_rank_update_on_the_gpu_is_the_cpus(aggregation):
     for device in ("cpu", "cuda"):
         gen = torch.Generator().manual_seed(5)
         threshold = ThresholdMap(2, heads, n, Aggregation(aggregation, stride=1), device=device)
-        for run in range(6):
-            for layer in range(2):
-                masses = torch.softmax(torch.randn(heads, len(rows.rows), n, generator=gen) * 3, -1)
-                masses[..., 0] = 0.0  # exact ties: a column of zeros
-                threshold.add_run(layer, block_scores(masses.to(device), rows, seq_len, block))
-            if run % 3 == 2:
-                threshold.end_trajectory()
+        for _ in range(2):  # trajectories of 3 runs
+            measured = threshold.empty()
+            for _ in range(3):
+                for layer in range(2):
+                    masses = torch.softmax(torch.randn(heads, len(rows.rows), n, generator=gen) * 3, -1)
+                    masses[..., 0] = 0.0  # exact ties: a column of zeros
+                    measured.add_run(layer, block_scores(masses.to(device), rows, seq_len, block))
+            threshold.merge(measured.state())
         maps[device] = threshold.result()
     assert maps["cuda"].device.type == "cpu"
     assert torch.equal(maps["cpu"], maps["cuda"])

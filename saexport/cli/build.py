@@ -12,6 +12,7 @@ from saexport.cli.options import (
     clear_errors,
     goal_group,
     int_list,
+    join_launch,
     model_group,
     output_group,
     rule_group,
@@ -43,15 +44,19 @@ deployment_group = OptionGroup("deployment", (
 @output_group("Build folder.")
 @clear_errors
 def build(source, goal, run, calibration, rule, deployment, out) -> None:
-    """topology -> budgets -> export -> engine -> Triton repository; reruns only what changed (OUT/build.json)."""
+    """topology -> budgets -> export -> engine -> Triton repository; reruns only what changed (OUT/build.json).
+    Under `torchrun --nproc-per-node N` the calibration is spread over the N ranks; the files are one process's."""
     from dataclasses import replace
 
     from saexport.pipeline import BuildSettings, run_build
+    from saexport.runtime.parallel.launch import writes_outputs
 
+    join_launch()
     plugin, serving = deployment
     settings = BuildSettings(source=source, run=replace(run, steps=calibration.steps_for(source.preset)),
                              calibration=calibration, goal=goal, budget_rule=rule, plugin=plugin, serving=serving,
                              overwrite=out.overwrite)
     fates = run_build(settings, out.path, echo=lambda line: click.echo(line, err=True))
-    for name, fate in fates.items():
-        click.echo(f"{name:9s} {fate}")
+    if writes_outputs():
+        for name, fate in fates.items():
+            click.echo(f"{name:9s} {fate}")

@@ -10,6 +10,7 @@ from saexport.cli.options import (
     calibration_group,
     clear_errors,
     goal_group,
+    join_launch,
     model_group,
     output_group,
     rule_group,
@@ -28,10 +29,13 @@ from saexport.errors import SaexportError
 def topology(source, run, calibration, out) -> None:
     """WEST: calibrate the dense model along the sampler's loop and write the per-head threshold map."""
     from saexport.pipeline import Models, make_topology
+    from saexport.runtime.parallel.launch import writes_outputs
 
+    join_launch()
     with stage("WEST calibration"):
         result = make_topology(Models(source), run, calibration, out)
-    click.echo(f"wrote {out.path} (grid {result.grid}, {result.levels.shape[-1]} blocks per side)")
+    if writes_outputs():
+        click.echo(f"wrote {out.path} (grid {result.grid}, {result.levels.shape[-1]} blocks per side)")
 
 
 @click.command()
@@ -69,10 +73,13 @@ def transfer(topology_path, resolution, frames, rule, out) -> None:
 def budgets(source, topology_path, goal, calibration, rule, out) -> None:
     """FAST: measure along the sampler's loop what each level costs and allocate the preset's budgets."""
     from saexport.pipeline import Models, make_budgets
+    from saexport.runtime.parallel.launch import writes_outputs
 
+    join_launch()
     with stage(f"FAST {rule.rule}"):
         result = make_budgets(Models(source), topology_path, calibration, goal, rule, out)
-    click.echo(f"wrote {out.path}: {goal.name}, rule {rule.rule}, mean density {result.mean_density:.3f}")
+    if writes_outputs():
+        click.echo(f"wrote {out.path}: {goal.name}, rule {rule.rule}, mean density {result.mean_density:.3f}")
 
 
 @click.command()

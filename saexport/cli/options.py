@@ -82,6 +82,20 @@ def clear_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def join_launch() -> None:
+    """Under torchrun (`RANK` set): join the launch's ranks, over which the calibration's prompt x seed work is
+    spread; ranks other than 0 log errors only (rank 0 shows progress and writes)."""
+    import os
+
+    if "RANK" not in os.environ:
+        return
+    from saexport.runtime.parallel.launch import join_ranks, writes_outputs
+
+    join_ranks()
+    if not writes_outputs():
+        log.setLevel(logging.ERROR)
+
+
 class stage:  # noqa: N801  (a context manager used like a statement)
     """Logs `name ...` then `name: done in N s`: every long step says what it is doing."""
 

@@ -8,6 +8,13 @@ of each row a budget keeps) are computed from block masses, so neither ever hold
 output proxies sample a few rows per head instead (`HeadRows`) and also take each row's per-key-block partial
 outputs (`models.processors.RowProbe`). Which passes are measured is a setting; the default measures both, as
 generation runs both.
+
+Each prompt x seed trajectory is measured into an accumulator of its own, and the trajectories' accumulators are
+merged into the stage's in (prompt, seed) order (`Accumulator`). Under torchrun the trajectories are spread over
+the ranks (`runtime.parallel.spread`) and every rank merges all of them in that same order: a trajectory's
+measurement does not depend on which rank walked it nor on the others (one trajectory a sampler loop), so the
+merged state, and the artifacts made from it, are byte-identical to one process's. Rank 0 alone keeps the progress
+file and shows progress.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,6 +40,8 @@ from saexport.models.checkpoint import LoadedModel
 from saexport.models.dit import WanDiT
 from saexport.models.processors import BlockInputs, ProbedRowsSelfAttnProcessor
 from saexport.runtime.denoisers import TorchDenoiser
+from saexport.runtime.parallel.launch import writes_outputs
+from saexport.runtime.parallel.spread import launched_ranks, spread
 from saexport.runtime.sampler import DEFAULT_GUIDANCE, PASSES, SamplerSettings, sampling_loop
 from saexport.topology.prompts import CalibrationSet
 
@@ -136,11 +146,27 @@ class Run:
     pass_name: str
 
 
+class Accumulator(Protocol):
+    """What a calibration stage accumulates from the probes: a fresh one measures each trajectory (`empty`), and
+    the trajectories' `state()`s are merged into the stage's in (prompt, seed) order."""
+
+    def empty(self) -> Accumulator: ...
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The live tensors (what a checkpoint saves and restores in place)."""
+        ...
+
+    def merge(self, trajectory: dict[str, torch.Tensor]) -> None:
+        """Fold one finished trajectory's state in (its tensors may be on the CPU)."""
+        ...
+
+
 class CalibrationCheckpoint:
     """Resumes an interrupted calibration: the accumulated state and the finished trajectories, saved
     atomically after each trajectory to `path` (a safetensors file), valid only for the same settings `key`.
 
-    `state` tensors are the consumer's live accumulators; a matching checkpoint is copied into them.
+    `state` tensors are the consumer's live accumulators; a matching checkpoint is copied into them. Every rank of a
+    launch reads it; rank 0 alone writes and removes it.
     """
 
     def __init__(self, path: Path | None, key: str, state: dict[str, torch.Tensor]):
@@ -161,13 +187,13 @@ class CalibrationCheckpoint:
 
     def finish(self, trajectory: tuple[int, int]) -> None:
         self.done.add(trajectory)
-        if self.path is not None:
+        if self.path is not None and writes_outputs():
             with atomic_path(self.path) as tmp:
                 save_file({k: v.contiguous().cpu() for k, v in self.state.items()}, str(tmp),
                           metadata={"key": self.key, "done": json.dumps(sorted(self.done))})
 
     def remove(self) -> None:
-        if self.path is not None:
+        if self.path is not None and writes_outputs():
             self.path.unlink(missing_ok=True)
 
 
@@ -223,13 +249,20 @@ class Calibrator:
         """The same calibrator on a sampler loop of `steps` steps."""
         return replace(self, loop=replace(self.loop, steps=steps))
 
-    def measure(self, blocks: BlockedGrid, rows: SampledRows | HeadRows, on_data: Callable, desc: str,
+    def bar(self, items, **kwargs):
+        """`self.progress` over `items` on rank 0 (or the only process); the other ranks of a launch show nothing."""
+        return self.progress(items, **kwargs) if writes_outputs() else items
+
+    def measure(self, blocks: BlockedGrid, rows: SampledRows | HeadRows, accumulator: Accumulator,
+                on_data: Callable[[Accumulator, Run, int, Any], None], desc: str,
                 checkpoint: CalibrationCheckpoint | None = None) -> None:
         """Walk the dense sampler loop of every prompt x seed, probed, with a progress bar over the runs (passes).
 
-        The probes of the measured passes call `on_data(run, layer, masses)` for `SampledRows` and
-        `on_data(run, layer, RowProbe)` for `HeadRows`, `run` naming the prompt, seed, step and pass they saw. With a
-        checkpoint, finished trajectories are skipped and each one that finishes is recorded."""
+        The probes of the measured passes call `on_data(trajectory's accumulator, run, layer, masses)` for
+        `SampledRows` and `on_data(trajectory's accumulator, run, layer, RowProbe)` for `HeadRows`, `run` naming the
+        prompt, seed, step and pass they saw; each trajectory's accumulator is then merged into `accumulator` in
+        (prompt, seed) order, whichever rank walked it (the module's docstring). With a checkpoint (of
+        `accumulator.state()`), finished trajectories are skipped and each one merged is recorded."""
         prompts, loop = self.prompts, self.loop
         if prompts.embeddings.shape[0] == 0 or not loop.seeds:
             raise SaexportError("the calibration set is empty: give at least one prompt and one seed")
@@ -239,10 +272,11 @@ class Calibrator:
         if done:
             log.info("resuming: %d of %d calibration runs done", len(done), len(done) + len(pending))
         current: Run | None = None
+        measuring: Accumulator | None = None
 
         def measured(layer: int, data) -> None:
             if current is not None and current.pass_name in loop.passes:
-                on_data(current, layer, data)
+                on_data(measuring, current, layer, data)
 
         model = WanDiT(self.loaded.transformer, blocks.grid, blocks.layout)
         remove_probe = rows.install(model, blocks.block_size, measured)
@@ -250,17 +284,27 @@ class Calibrator:
         denoiser = TorchDenoiser(model, loop.steps)
         sampler = loop.sampler(model.latent_shape())
         passes_per_step = len(PASSES) if loop.guidance != 1.0 else 1
-        bar = self.progress(range(len(pending) * loop.steps * passes_per_step), desc=desc, unit="pass")
+        rank, ranks = launched_ranks()
+        bar = self.bar(range(len(pending[rank::ranks]) * loop.steps * passes_per_step), desc=desc, unit="pass")
         passes = iter(bar)
+
+        def walk(trajectory: tuple[int, int]) -> dict[str, torch.Tensor]:
+            nonlocal current, measuring
+            prompt, seed = trajectory
+            measuring = accumulator.empty()
+            events = sampling_loop(denoiser, sampler, prompts.embeddings[prompt:prompt + 1], prompts.negative,
+                                   seed, progress=lambda it, **_: it)
+            for step, pass_name in events:  # each event comes before its forward pass, which runs on the next
+                next(passes, None)
+                current = Run(prompt, seed, step, pass_name)
+            current = None  # the loop has ended: its last forward pass has run
+            return {name: tensor.cpu() for name, tensor in measuring.state().items()}
+
         try:
-            for prompt, seed in pending:
-                events = sampling_loop(denoiser, sampler, prompts.embeddings[prompt:prompt + 1], prompts.negative,
-                                       seed, progress=lambda it, **_: it)
-                for step, pass_name in events:  # each event comes before its forward pass, which runs on the next
-                    next(passes, None)
-                    current = Run(prompt, seed, step, pass_name)
-                if checkpoint:  # the loop has ended: its last forward pass has run
-                    checkpoint.finish((prompt, seed))
+            for trajectory, state in spread(pending, walk):
+                accumulator.merge(state)
+                if checkpoint:
+                    checkpoint.finish(trajectory)
             next(passes, None)  # closes the bar
         finally:  # the transformer is shared: leave no hook on it
             remove_probe()

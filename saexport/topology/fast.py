@@ -59,15 +59,26 @@ def hellinger_curves(masses: torch.Tensor, row_levels: torch.Tensor) -> torch.Te
 
 
 class QualityTable:
-    """Mean quality per (step, layer, head, level), accumulated over calibration runs."""
+    """Mean quality per (step, layer, head, level), accumulated over calibration runs: each trajectory's table
+    (`empty()`, `add`) merged in trajectory order (`calibration.Accumulator`)."""
 
     def __init__(self, steps: int, layers: int, heads: int):
         self.sum = torch.zeros(steps, layers, heads, LEVELS, dtype=torch.float64)
         self.count = torch.zeros(steps, layers, 1, 1, dtype=torch.float64)
 
+    def empty(self) -> QualityTable:
+        return QualityTable(*self.sum.shape[:3])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"sum": self.sum, "count": self.count}
+
     def add(self, step: int, layer: int, curves: torch.Tensor) -> None:
         self.sum[step, layer] += curves
         self.count[step, layer] += 1
+
+    def merge(self, trajectory: dict[str, torch.Tensor]) -> None:
+        self.sum += trajectory["sum"]
+        self.count += trajectory["count"]
 
     def mean(self) -> torch.Tensor:
         if (self.count == 0).any():
@@ -156,12 +167,12 @@ def compute_hellinger_quality(calibrator: Calibrator, topology: Topology, rows_p
     row_levels = topology.levels[:, :, rows.block]  # [layers, heads, R, n]
     table = QualityTable(loop.steps, topology.levels.shape[0], topology.levels.shape[1])
 
-    def on_masses(run: Run, layer: int, masses: torch.Tensor) -> None:
-        table.add(run.step, layer, hellinger_curves(masses, row_levels[layer]))
+    def on_masses(trajectory: QualityTable, run: Run, layer: int, masses: torch.Tensor) -> None:
+        trajectory.add(run.step, layer, hellinger_curves(masses, row_levels[layer]))
 
     key = calibration_key("FAST", topology.hash(), calibrator.loaded.weights_id, calibrator.prompts.embeddings,
                           calibrator.prompts.negative, loop.settings(), rows_per_block)
-    checkpoint = CalibrationCheckpoint(calibrator.progress_path(), key, {"sum": table.sum, "count": table.count})
-    calibrator.measure(blocks, rows, on_masses, "FAST fidelity", checkpoint)
+    checkpoint = CalibrationCheckpoint(calibrator.progress_path(), key, table.state())
+    calibrator.measure(blocks, rows, table, on_masses, "FAST fidelity", checkpoint)
     checkpoint.remove()
     return table.mean()

@@ -15,6 +15,7 @@ import time
 import torch
 
 from saexport.artifacts import Budgets, Topology
+from saexport.runtime.parallel.launch import writes_outputs
 from saexport.topology.allocation import fit_budgets_v2
 from saexport.topology.calibration import CalibrationCheckpoint, Calibrator, calibration_key
 from saexport.topology.fast import LEVELS
@@ -67,7 +68,7 @@ def compute_budgets_v2(calibrator: Calibrator, topology: Topology, goal: Goal, r
         budgets = meet_psnr(calibrator.checker(), topology, goal, budgets_at)
     log.info("FAST v2: allocation in %.1f s", time.perf_counter() - start)
     quality_file = calibrator.progress_path(".quality")
-    if quality_file is not None:
+    if quality_file is not None and writes_outputs():
         quality_file.unlink(missing_ok=True)
     return budgets
 

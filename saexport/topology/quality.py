@@ -90,6 +90,24 @@ def quality_curves(proxies: tuple[str, ...], probe: RowProbe, row_levels: torch.
     return curves
 
 
+class ProxyTables:
+    """A `QualityTable` per proxy, accumulated and merged together (`calibration.Accumulator`)."""
+
+    def __init__(self, tables: dict[str, QualityTable]):
+        self.tables = tables
+
+    def empty(self) -> ProxyTables:
+        return ProxyTables({proxy: table.empty() for proxy, table in self.tables.items()})
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"{proxy}.{name}": tensor for proxy, table in self.tables.items()
+                for name, tensor in table.state().items()}
+
+    def merge(self, trajectory: dict[str, torch.Tensor]) -> None:
+        for proxy, table in self.tables.items():
+            table.merge({name: trajectory[f"{proxy}.{name}"] for name in table.state()})
+
+
 def compute_quality(calibrator: Calibrator, topology: Topology, proxies: tuple[str, ...] = PROXIES,
                     rows_per_head: int = ROWS_PER_HEAD, seed: int = 2) -> dict[str, torch.Tensor]:
     """Each proxy's Q `[steps, layers, heads, 256]` for every level of `topology`, along the dense sampler loop:
@@ -103,16 +121,15 @@ def compute_quality(calibrator: Calibrator, topology: Topology, proxies: tuple[s
                          residual="residual" in proxies)
     # levels of each sampled row's query block: [layers, heads, R, n]
     row_levels = topology.levels[:, torch.arange(heads).view(-1, 1), rows.block]
-    tables = {proxy: QualityTable(loop.steps, layers, heads) for proxy in proxies}
+    tables = ProxyTables({proxy: QualityTable(loop.steps, layers, heads) for proxy in proxies})
 
-    def on_rows(run: Run, layer: int, probe: RowProbe) -> None:
+    def on_rows(trajectory: ProxyTables, run: Run, layer: int, probe: RowProbe) -> None:
         for proxy, curves in quality_curves(tuple(proxies), probe, row_levels[layer]).items():
-            tables[proxy].add(run.step, layer, curves)
+            trajectory.tables[proxy].add(run.step, layer, curves)
 
     key = calibration_key("FAST quality", topology.hash(), calibrator.loaded.weights_id, calibrator.prompts.embeddings,
                           calibrator.prompts.negative, loop.settings(), list(proxies), rows_per_head, seed)
-    state = {f"{proxy}.{name}": getattr(table, name) for proxy, table in tables.items() for name in ("sum", "count")}
-    checkpoint = CalibrationCheckpoint(calibrator.progress_path(), key, state)
-    calibrator.measure(blocks, rows, on_rows, "FAST quality", checkpoint)
+    checkpoint = CalibrationCheckpoint(calibrator.progress_path(), key, tables.state())
+    calibrator.measure(blocks, rows, tables, on_rows, "FAST quality", checkpoint)
     checkpoint.remove()
-    return {proxy: table.mean() for proxy, table in tables.items()}
+    return {proxy: table.mean() for proxy, table in tables.tables.items()}

@@ -38,6 +38,7 @@ from saexport.errors import SaexportError
 from saexport.levels import DENSE_LEVEL
 from saexport.models.dit import SparseWanDiT, latent_shape
 from saexport.runtime.denoisers import TorchDenoiser
+from saexport.runtime.parallel.spread import spread
 from saexport.runtime.sampler import sample
 from saexport.topology.allocation import level_densities
 from saexport.topology.calibration import CalibrationCheckpoint, Calibrator, calibration_key
@@ -63,7 +64,8 @@ def final_latents_of_tables(calibrator: Calibrator, topology: Topology,
     """`final_latents` of every budget table in `tables` (None: dense), as generation would make them one by one,
     made together: each (table, prompt, seed) is one sample of a batched sampler loop whose samples carry their own
     budgets, `calibrator.batch_size` samples a forward pass (the noise is drawn per seed, so batching changes no
-    sample)."""
+    sample). Under torchrun the batches are spread over the ranks, each the same batch as in one process (a GPU's
+    sums may depend on what shares a batch), and every rank gets every latent (on the CPU) in order."""
     prompts, loop = calibrator.prompts, calibrator.loop
     layers, heads = topology.levels.shape[:2]
     dense = torch.full((loop.steps, layers, heads), DENSE_LEVEL, dtype=torch.uint8)
@@ -71,17 +73,18 @@ def final_latents_of_tables(calibrator: Calibrator, topology: Topology,
     if not pairs:
         raise SaexportError("the calibration set is empty: give at least one prompt and one seed")
     samples = [(table, prompt, seed) for table in range(len(tables)) for prompt, seed in pairs]
-    out = []
-    for start in range(0, len(samples), calibrator.batch_size):
-        chunk = samples[start:start + calibrator.batch_size]
-        budgets = torch.stack([dense if tables[t] is None else tables[t] for t, _, _ in chunk], dim=2)
+    batches = [samples[start:start + calibrator.batch_size] for start in range(0, len(samples), calibrator.batch_size)]
+
+    def generate(batch: list[tuple[int, int, int]]) -> torch.Tensor:
+        budgets = torch.stack([dense if tables[t] is None else tables[t] for t, _, _ in batch], dim=2)
         model = SparseWanDiT(calibrator.loaded.transformer, topology.grid, topology.layout, topology.levels,
                              budgets, topology.block_size).to(calibrator.device)
         denoiser = TorchDenoiser(model, loop.steps)
-        text = prompts.embeddings[[prompt for _, prompt, _ in chunk]]
-        out.append(sample(denoiser, loop.sampler(model.latent_shape()), text, prompts.negative,
-                          [seed for _, _, seed in chunk], progress=lambda it, **_: it))
-    latents = torch.cat(out)
+        text = prompts.embeddings[[prompt for _, prompt, _ in batch]]
+        return sample(denoiser, loop.sampler(model.latent_shape()), text, prompts.negative,
+                      [seed for _, _, seed in batch], progress=lambda it, **_: it).cpu()
+
+    latents = torch.cat([latents for _, latents in spread(batches, generate)])
     return list(latents.split(len(pairs)))
 
 
@@ -167,7 +170,7 @@ def _sparse_one_part_errors(calibrator: Calibrator, topology: Topology, density:
     todo = [(index, part) for index, part in enumerate([None, *parts], start=-1) if (index, 0) not in checkpoint.done]
     per_batch = max(1, calibrator.batch_size // samples)
     groups = [todo[:1], *[todo[i:i + per_batch] for i in range(1, len(todo), per_batch)]] if todo else []
-    for group in calibrator.progress([g for g in groups if g], desc="FAST sensitivity", unit="batch"):
+    for group in calibrator.bar([g for g in groups if g], desc="FAST sensitivity", unit="batch"):
         for (index, _), latents in zip(group, final_latents_of_tables(calibrator, topology,
                                                                       [table(part) for _, part in group]),
                                        strict=True):

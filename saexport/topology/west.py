@@ -76,14 +76,16 @@ class Aggregation:
 class ThresholdMap:
     """The runs' block scores combined by an aggregation (the module's docstring) into uint8 `[layers, heads, n, n]`.
 
-    `add_run(layer, scores)` for each run and layer; `end_trajectory()` between prompt x seed trajectories (and
-    after the last; a no-op when nothing is pending); `state()` the live tensors a checkpoint saves. The state
-    lives on `device`, where the probes' scores are: a calibration on a GPU never copies a run's scores to the
-    host (the ranking of every run is a sort of heads x n^2 scores per layer)."""
+    Each prompt x seed trajectory is measured into a map of its own (`empty()`, then `add_run(layer, scores)` for
+    each of its runs and layers), merged into the whole one (`merge(trajectory.state())`) in trajectory order;
+    `state()` is the live tensors a checkpoint saves. The state lives on `device`, where the probes' scores are: a
+    calibration on a GPU never copies a run's scores to the host (the ranking of every run is a sort of heads x n^2
+    scores per layer)."""
 
     def __init__(self, layers: int, heads: int, n: int, aggregation: Aggregation = Aggregation(),
                  device: str | torch.device = "cpu"):
         self.aggregation = aggregation.rule
+        self._settings, self._device = (layers, heads, n, aggregation), device
         self.quantile, self.stride = aggregation.quantile, aggregation.stride
         shape = (layers, heads, n, n)
         # the running minimum ("min", "prompt-min-of-step-mean")
@@ -97,6 +99,9 @@ class ThresholdMap:
             self._state["histogram"] = torch.zeros(*shape, bins, dtype=torch.int16, device=device)
             self._state["runs"] = torch.zeros(layers, dtype=torch.int64, device=device)
 
+    def empty(self) -> ThresholdMap:
+        return ThresholdMap(*self._settings, device=self._device)
+
     def state(self) -> dict[str, torch.Tensor]:
         return self._state
 
@@ -104,31 +109,35 @@ class ThresholdMap:
         if self.aggregation == "min":
             self.levels[layer] = torch.minimum(self.levels[layer], levels_from_scores(scores))
         elif self.aggregation == "quantile":
-            runs = self._state["runs"]
-            if int(runs[layer]) >= torch.iinfo(torch.int16).max:
-                raise SaexportError("the quantile aggregation counts at most 32767 runs per pair")
             bins = levels_from_scores(scores).long() // self.stride
             self._state["histogram"][layer].scatter_add_(-1, bins.unsqueeze(-1),
                                                           torch.ones(bins.unsqueeze(-1).shape, dtype=torch.int16,
                                                                      device=bins.device))
-            runs[layer] += 1
+            self._state["runs"][layer] += 1
         else:
             self._state["sum"][layer] += scores.double()
             self._state["count"][layer] += 1
 
-    def end_trajectory(self) -> None:
-        if self.aggregation != "prompt-min-of-step-mean":
-            return
-        total, count = self._state["sum"], self._state["count"]
-        for layer in range(total.shape[0]):
-            if count[layer] > 0:
-                mean = total[layer] / count[layer]
-                self.levels[layer] = torch.minimum(self.levels[layer], levels_from_scores(mean))
-        total.zero_()
-        count.zero_()
+    def merge(self, trajectory: dict[str, torch.Tensor]) -> None:
+        """Fold a trajectory's map in: minima by minimum; "prompt-min-of-step-mean" its steps' mean scores ranked;
+        sums and counts added."""
+        other = {name: tensor.to(self.levels.device) for name, tensor in trajectory.items()}
+        torch.minimum(self.levels, other["levels"], out=self.levels)
+        if self.aggregation == "prompt-min-of-step-mean":
+            for layer in range(self.levels.shape[0]):
+                if other["count"][layer] > 0:
+                    mean = other["sum"][layer] / other["count"][layer]
+                    self.levels[layer] = torch.minimum(self.levels[layer], levels_from_scores(mean))
+        elif self.aggregation == "quantile":
+            if int((self._state["runs"] + other["runs"]).max()) > torch.iinfo(torch.int16).max:
+                raise SaexportError("the quantile aggregation counts at most 32767 runs per pair")
+            self._state["histogram"] += other["histogram"]
+            self._state["runs"] += other["runs"]
+        elif self.aggregation == "mean-score":
+            self._state["sum"] += other["sum"]
+            self._state["count"] += other["count"]
 
     def result(self) -> torch.Tensor:
-        self.end_trajectory()
         if self.aggregation == "mean-score":
             total, count = self._state["sum"], self._state["count"]
             levels = levels_from_scores(total / count.clamp(min=1).view(-1, 1, 1, 1))
@@ -157,23 +166,16 @@ def compute_topology(calibrator: Calibrator, blocks: BlockedGrid, rows_per_block
     seq_len = blocks.seq_len
     rows = SampledRows.draw(seq_len, blocks.block_size, rows_per_block, seed=0)
     threshold = ThresholdMap(preset.num_layers, preset.num_heads, blocks.num_blocks, aggregation, calibrator.device)
-    trajectory = None
 
-    def on_masses(run: Run, layer: int, masses: torch.Tensor) -> None:
-        # a new trajectory's first measured pass closes the one before (also one restored from a checkpoint,
-        # saved after its last pass)
-        nonlocal trajectory
-        if (run.prompt, run.seed) != trajectory:
-            threshold.end_trajectory()
-            trajectory = (run.prompt, run.seed)
+    def on_masses(trajectory: ThresholdMap, run: Run, layer: int, masses: torch.Tensor) -> None:
         for sample in masses:  # each batch element is a run of its own
-            threshold.add_run(layer, block_scores(sample, rows, seq_len, blocks.block_size))
+            trajectory.add_run(layer, block_scores(sample, rows, seq_len, blocks.block_size))
 
     key = calibration_key("WEST", preset.config_hash(), loaded.weights_id, blocks.grid, blocks.block_size,
                           blocks.layout.to_metadata(), prompts.embeddings, prompts.negative, loop.settings(),
                           rows_per_block, aggregation.settings())
     checkpoint = CalibrationCheckpoint(calibrator.progress_path(), key, threshold.state())
-    calibrator.measure(blocks, rows, on_masses, "WEST calibration", checkpoint)
+    calibrator.measure(blocks, rows, threshold, on_masses, "WEST calibration", checkpoint)
     levels = threshold.result()
     checkpoint.remove()
     calibration = {"method": "WEST", "prompts": int(prompts.embeddings.shape[0]), "embeddings": prompts.source,
