@@ -29,7 +29,7 @@ from saexport.models.checkpoint import load_model, parse_dtype
 from saexport.models.text_encoder import encode_prompts, negative_embeddings
 from saexport.models.video_shape import parse_video_shape
 from saexport.runtime.schedule import flow_shift_for
-from saexport.topology.calibration import CalibrationLoop, Calibrator, Run, SampledRows
+from saexport.topology.calibration import CalibrationLoop, Calibrator, Run, SampledRows, Sums
 from saexport.topology.prompts import CALIBRATION_SEED, CalibrationSet
 from saexport.topology.west import compute_topology
 
@@ -51,16 +51,16 @@ def mass_kept(calibrator: Calibrator, blocks: BlockedGrid, keep: torch.Tensor, r
     rows = SampledRows.draw(blocks.seq_len, blocks.block_size, rows_per_block, seed=ROWS_SEED)
     device = calibrator.device
     row_keep = keep[:, :, :, rows.block].to(device)  # [D, L, H, R, n]
-    kept = torch.zeros(keep.shape[:3], dtype=torch.float64, device=device)
-    total = torch.zeros(keep.shape[1:3], dtype=torch.float64, device=device)
+    sums = Sums(kept=torch.zeros(keep.shape[:3], dtype=torch.float64, device=device),
+                total=torch.zeros(keep.shape[1:3], dtype=torch.float64, device=device))
 
-    def on_masses(run: Run, layer: int, masses: torch.Tensor) -> None:  # [batch, heads, R, n]
+    def on_masses(into: Sums, run: Run, layer: int, masses: torch.Tensor) -> None:  # [batch, heads, R, n]
         masses = masses.double().sum(0)
-        kept[:, layer] += (masses * row_keep[:, layer]).sum((-2, -1))
-        total[layer] += masses.sum((-2, -1))
+        into["kept"][:, layer] += (masses * row_keep[:, layer]).sum((-2, -1))
+        into["total"][layer] += masses.sum((-2, -1))
 
-    calibrator.measure(blocks, rows, on_masses, "")  # the probes record during each forward pass
-    return (kept / total).cpu()
+    calibrator.measure(blocks, rows, sums, on_masses, "")  # the probes record during each forward pass
+    return (sums["kept"] / sums["total"]).cpu()
 
 
 def summary(values: torch.Tensor) -> dict[str, float]:

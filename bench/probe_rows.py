@@ -46,7 +46,7 @@ from saexport.models.text_encoder import encode_prompts, negative_embeddings
 from saexport.models.video_shape import parse_video_shape
 from saexport.runtime.sampler import PASSES
 from saexport.runtime.schedule import flow_shift_for
-from saexport.topology.calibration import CalibrationLoop, Calibrator, Run, SampledRows
+from saexport.topology.calibration import CalibrationLoop, Calibrator, Run, SampledRows, Sums
 from saexport.topology.prompts import CalibrationSet, PromptSource, builtin_prompts
 from saexport.topology.west import compute_topology
 
@@ -112,13 +112,13 @@ def heldout_masses(calibrator: Calibrator, blocks: BlockedGrid, rows_per_block: 
     preset, device, n = calibrator.loaded.preset, calibrator.device, blocks.num_blocks
     rows = SampledRows.draw(blocks.seq_len, blocks.block_size, rows_per_block, seed=HELDOUT_ROWS_SEED)
     block = rows.block.to(device)
-    total = torch.zeros(preset.num_layers, preset.num_heads, n, n, dtype=torch.float64, device=device)
+    sums = Sums(total=torch.zeros(preset.num_layers, preset.num_heads, n, n, dtype=torch.float64, device=device))
 
-    def on_masses(run: Run, layer: int, masses: torch.Tensor) -> None:  # [batch, heads, R, n]
-        total[layer].index_add_(1, block, masses.double().sum(0))
+    def on_masses(into: Sums, run: Run, layer: int, masses: torch.Tensor) -> None:  # [batch, heads, R, n]
+        into["total"][layer].index_add_(1, block, masses.double().sum(0))
 
-    calibrator.measure(blocks, rows, on_masses, "")  # the probes record during each forward pass
-    return total.cpu()
+    calibrator.measure(blocks, rows, sums, on_masses, "")  # the probes record during each forward pass
+    return sums["total"].cpu()
 
 
 def share_kept(masses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from saexport.models.checkpoint import load_model
 from saexport.models.text_encoder import synthetic_embeddings
 from saexport.models.video_shape import parse_video_shape
 from saexport.runtime.schedule import flow_shift_for
-from saexport.topology.calibration import CalibrationLoop, Calibrator, Run, SampledRows
+from saexport.topology.calibration import CalibrationLoop, Calibrator, Run, SampledRows, Sums
 from saexport.topology.fast import compute_hellinger_quality, fit_budgets_v1
 from saexport.topology.goals import DENSITY_GOALS, Goal
 from saexport.topology.prompts import CalibrationSet
@@ -65,15 +65,15 @@ def calibration_set(embeddings: torch.Tensor, negative: torch.Tensor) -> Calibra
 
 def mass_recall(calibrator: Calibrator, blocks: BlockedGrid, keep: torch.Tensor) -> float:
     rows = SampledRows.draw(blocks.seq_len, blocks.block_size, 8, seed=7)
-    kept, total = [0.0], [0.0]
+    sums = Sums(kept=torch.zeros((), dtype=torch.float64), total=torch.zeros((), dtype=torch.float64))
 
-    def on_masses(run: Run, layer: int, masses: torch.Tensor) -> None:
+    def on_masses(into: Sums, run: Run, layer: int, masses: torch.Tensor) -> None:
         row_keep = keep[layer][:, rows.block].to(masses.device)  # [heads, R, n]
-        kept[0] += float((masses * row_keep).sum())
-        total[0] += float(masses.sum())
+        into["kept"].add_(float((masses * row_keep).sum()))
+        into["total"].add_(float(masses.sum()))
 
-    calibrator.measure(blocks, rows, on_masses, "")
-    return kept[0] / total[0]
+    calibrator.measure(blocks, rows, sums, on_masses, "")
+    return float(sums["kept"] / sums["total"])
 
 
 def main() -> None:

@@ -161,6 +161,27 @@ class Accumulator(Protocol):
         ...
 
 
+class Sums:
+    """Named tensors summed over trajectories: the accumulator of a measurement that only adds (a bench's share
+    of attention mass, say). `sums["name"]` is the live tensor a probe callback adds into."""
+
+    def __init__(self, **tensors: torch.Tensor):
+        self.tensors = tensors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def empty(self) -> Sums:
+        return Sums(**{name: torch.zeros_like(t) for name, t in self.tensors.items()})
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.tensors
+
+    def merge(self, trajectory: dict[str, torch.Tensor]) -> None:
+        for name, t in self.tensors.items():
+            t += trajectory[name].to(t.device)
+
+
 class CalibrationCheckpoint:
     """Resumes an interrupted calibration: the accumulated state and the finished trajectories, saved
     atomically after each trajectory to `path` (a safetensors file), valid only for the same settings `key`.
