@@ -79,7 +79,7 @@ import fidelity_metrics as fm  # noqa: E402
 
 from saexport import kernels  # noqa: E402
 from saexport.artifacts import BlockedGrid, Topology  # noqa: E402
-from saexport.demo import video_module  # noqa: E402
+from saexport.demo import VIDEO_MODULES, video_module  # noqa: E402
 from saexport.layout import TokenLayout, parse_layout  # noqa: E402
 from saexport.levels import DENSE_LEVEL, density, levels_from_scores, num_blocks  # noqa: E402
 from saexport.models.checkpoint import load_model  # noqa: E402
@@ -978,7 +978,7 @@ def side_by_side(bench: Bench, out: Path, limit_bytes: int = 1_000_000) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="wan2.1-eval", choices=("wan2.1-eval", "wan2.1-demo"))
+    parser.add_argument("--model", default="wan2.1-eval", choices=sorted(VIDEO_MODULES))
     parser.add_argument("--weights", type=Path, help="Checkpoint folder (default: the model's shipped weights).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="The main column's precision.")

@@ -159,6 +159,19 @@ PRESETS: dict[str, ModelPreset] = {
                                  dtype="bf16"),
             bundled_weights=Path(__file__).resolve().parent.parent / "demo" / "eval_weights",
         ),
+        # A deeper candidate successor (issue 26), trained on the same videos at the same size: 12 x 6 = 72
+        # heads against 40, 21.5M parameters (43 MB in fp16; the working tree a GPU call carries is 64 MiB).
+        # Its first run was less local than wan2.1-eval (docs/BENCHMARKS.md): no weights ship; give --weights.
+        ModelPreset(
+            "wan2.1-eval2",
+            "12 layers, 6 heads x 64: a deeper evaluation model under study, no weights shipped (pixels, 64x64x16)",
+            _wan_config(num_attention_heads=6, attention_head_dim=64, in_channels=3, out_channels=3, text_dim=64,
+                        ffn_dim=640, num_layers=12),
+            text_len=32,
+            codec=PIXELS,
+            defaults=RunDefaults(resolution="64x64", frames=16, block_size=64, layout="tile3d:4x4x4", steps=20,
+                                 dtype="bf16"),
+        ),
         ModelPreset(
             "wan2.1-small",
             "4 layers, 8 heads x 64: a small Wan2.1 for CPU experiments",
