@@ -1,12 +1,17 @@
-"""Is a trained model's attention local, as a real video DiT's is? Per head, the attention mass WEST's map keeps.
+"""Is a trained model's attention local, as a real video DiT's is? Per head, the attention mass a static mask keeps.
 
 WEST is calibrated on a few training captions (one seed, the sampler's whole trajectory); then, on held-out
 captions and other seeds (never calibrated on), every head's sampled query rows are probed along the dense
-trajectory and the share of their softmax mass that falls in the blocks WEST's map keeps at 10/20/30/50% of the
-blocks is summed. Diffuse attention keeps about the density itself; local attention keeps much more. The
-issue's target for an evaluation model: the median head keeps >= 0.9 at 30%. Writes `locality.json` (every
-head), `locality.md` (the table) and `locality_maps.png` (the threshold maps and 30% masks of six heads, from
-the least to the most local at 30%) to --out.
+trajectory, their softmax mass summed per (query block, key block), and the share of it inside three static masks
+at 10/20/30/50% of the blocks is reported: WEST's map (learned per head), and two geometric masks the same for
+every head, the local window (block pairs ranked by the space-time distance of their centres, as Sliding Tile
+Attention's windows) and radial (Radial Attention's energy decay: the spatial window halves each time the frame
+distance doubles), the definitions of bench/fidelity.py's rows of those names. Diffuse attention keeps about the
+density itself; local attention keeps much more; the geometric masks say how much of it lies near the query, which
+is what the published analyses of Wan2.1 and HunyuanVideo measure. The issue's target for an evaluation model: the
+median head keeps >= 0.9 at 30% (WEST). Writes `locality.json` (every head), `locality.md` (the tables) and
+`locality_maps.png` (the threshold maps and 30% masks of six heads, from the least to the most local at 30%) to
+--out.
 
     python bench/locality.py --model wan2.1-eval --device cuda --out out/locality
 """
@@ -20,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fidelity import block_centres, local_window_scores, radial_scores, static_levels
 from PIL import Image, ImageDraw
+from probe_rows import heldout_masses, share_kept
 
 from saexport.artifacts import BlockedGrid
 from saexport.demo import VIDEO_MODULES, captions
@@ -29,13 +36,12 @@ from saexport.models.checkpoint import load_model, parse_dtype
 from saexport.models.text_encoder import encode_prompts, negative_embeddings
 from saexport.models.video_shape import parse_video_shape
 from saexport.runtime.schedule import flow_shift_for
-from saexport.topology.calibration import CalibrationLoop, Calibrator, Run, SampledRows, Sums
+from saexport.topology.calibration import CalibrationLoop, Calibrator
 from saexport.topology.prompts import CALIBRATION_SEED, CalibrationSet
 from saexport.topology.west import compute_topology
 
 DENSITIES = (0.1, 0.2, 0.3, 0.5)
 TEST_SEED = 11  # held-out captions to test on; calibration uses the captions `saexport topology` draws
-ROWS_SEED = 7  # the probed rows differ from WEST's (seed 0): the measure is on rows it never saw
 
 
 def masks_at_density(levels: torch.Tensor, density: float) -> torch.Tensor:
@@ -44,23 +50,6 @@ def masks_at_density(levels: torch.Tensor, density: float) -> torch.Tensor:
     count = max(1, round(density * flat.shape[-1]))
     budget = flat.sort(-1).values[..., count - 1]  # [layers, heads]
     return levels.to(torch.int32) <= budget[..., None, None]
-
-
-def mass_kept(calibrator: Calibrator, blocks: BlockedGrid, keep: torch.Tensor, rows_per_block: int) -> torch.Tensor:
-    """Share of the probed rows' attention mass inside each mask: `[densities, layers, heads]`, over all runs."""
-    rows = SampledRows.draw(blocks.seq_len, blocks.block_size, rows_per_block, seed=ROWS_SEED)
-    device = calibrator.device
-    row_keep = keep[:, :, :, rows.block].to(device)  # [D, L, H, R, n]
-    sums = Sums(kept=torch.zeros(keep.shape[:3], dtype=torch.float64, device=device),
-                total=torch.zeros(keep.shape[1:3], dtype=torch.float64, device=device))
-
-    def on_masses(into: Sums, run: Run, layer: int, masses: torch.Tensor) -> None:  # [batch, heads, R, n]
-        masses = masses.double().sum(0)
-        into["kept"][:, layer] += (masses * row_keep[:, layer]).sum((-2, -1))
-        into["total"][layer] += masses.sum((-2, -1))
-
-    calibrator.measure(blocks, rows, sums, on_masses, "")  # the probes record during each forward pass
-    return (sums["kept"] / sums["total"]).cpu()
 
 
 def summary(values: torch.Tensor) -> dict[str, float]:
@@ -137,34 +126,46 @@ def main() -> None:
 
     # The sampler's loop as generation runs it (guidance: both passes measured).
     topology = compute_topology(calibrator(encode(calibration), [0]), blocks, rows_per_block=args.rows_per_block)
-    keep = torch.stack([masks_at_density(topology.levels, d) for d in DENSITIES])  # [D, L, H, n, n]
     seeds = [1000 + i for i in range(args.seeds)]
-    fractions = mass_kept(calibrator(encode(test), seeds), blocks, keep, args.rows_per_block)  # [D, L, H]
+    # Summed per block pair over rows WEST never ranked with (probe_rows' held-out seed), every pass and step.
+    masses = heldout_masses(calibrator(encode(test), seeds), blocks, args.rows_per_block)  # [L, H, n, n]
+    layers, heads = masses.shape[:2]
+    centres = block_centres(grid, layout, block_size)
+    families = {"WEST": topology.levels, "local window": static_levels(local_window_scores(centres), layers, heads),
+                "radial": static_levels(radial_scores(centres), layers, heads)}
+    keep = {name: torch.stack([masks_at_density(levels, d) for d in DENSITIES]) for name, levels in families.items()}
+    fractions = {name: torch.stack([share_kept(masses, mask) for mask in masks]) for name, masks in keep.items()}
 
-    table = {f"{d:.0%}": {"blocks_kept": round(float(keep[i].float().mean()), 4), **summary(fractions[i]),
-                          "median_per_layer": [round(float(v), 4) for v in fractions[i].median(-1).values]}
-             for i, d in enumerate(DENSITIES)}
+    tables = {name: {f"{d:.0%}": {"blocks_kept": round(float(keep[name][i].float().mean()), 4),
+                                  **summary(fractions[name][i]),
+                                  "median_per_layer": [round(float(v), 4)
+                                                       for v in fractions[name][i].median(-1).values]}
+                     for i, d in enumerate(DENSITIES)} for name in families}
     record = {"model": args.model, "weights": loaded.source, "weights_id": loaded.weights_id, "grid": list(grid),
-              "block_size": block_size, "blocks_per_row": keep.shape[-1], "layout": run.layout, "steps": steps,
+              "block_size": block_size, "blocks_per_row": masses.shape[-1], "layout": run.layout, "steps": steps,
               "flow_shift": shift, "dtype": args.dtype, "calibration_captions": calibration,
               "test_captions": test, "test_seeds": seeds, "rows_per_block": args.rows_per_block,
               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "seconds": round(time.perf_counter() - started, 1), "mass_kept": table,
-              "per_head": {f"{d:.0%}": fractions[i].tolist() for i, d in enumerate(DENSITIES)}}
+              "seconds": round(time.perf_counter() - started, 1), "mass_kept": tables,
+              "per_head": {name: {f"{d:.0%}": fractions[name][i].tolist() for i, d in enumerate(DENSITIES)}
+                           for name in families}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "locality.json").write_text(json.dumps(record, indent=1))
-    lines = [f"{args.model}: attention mass kept by WEST's map on {len(test)} held-out captions x {len(seeds)} "
-             f"seeds ({len(calibration)} calibration captions, 1 seed), {steps} steps, grid {tuple(grid)}, "
-             f"{keep.shape[-1]} blocks of {block_size} per row, {run.layout}, {args.dtype}; over "
-             f"{fractions[0].numel()} heads ({fractions.shape[1]} layers x {fractions.shape[2]} heads)", "",
-             "| blocks kept | min | q25 | median | q75 | max | median per layer |", "|---|---|---|---|---|---|---|"]
-    for name, row in table.items():
-        per_layer = " ".join(f"{v:.3f}" for v in row["median_per_layer"])
-        lines.append(f"| {name} ({row['blocks_kept']:.3f}) | {row['min']:.3f} | {row['q25']:.3f} | "
-                     f"{row['median']:.3f} | {row['q75']:.3f} | {row['max']:.3f} | {per_layer} |")
+    lines = [f"{args.model}: attention mass kept by static masks on {len(test)} held-out captions x {len(seeds)} "
+             f"seeds (WEST on {len(calibration)} calibration captions, 1 seed), {steps} steps, grid {tuple(grid)}, "
+             f"{masses.shape[-1]} blocks of {block_size} per row, {run.layout}, {args.dtype}; over "
+             f"{layers * heads} heads ({layers} layers x {heads} heads)", "",
+             "| mask | blocks kept | min | q25 | median | q75 | max | median per layer |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, table in tables.items():
+        for density_name, row in table.items():
+            per_layer = " ".join(f"{v:.3f}" for v in row["median_per_layer"])
+            lines.append(f"| {name} | {density_name} ({row['blocks_kept']:.3f}) | {row['min']:.3f} | "
+                         f"{row['q25']:.3f} | {row['median']:.3f} | {row['q75']:.3f} | {row['max']:.3f} | "
+                         f"{per_layer} |")
     (args.out / "locality.md").write_text("\n".join(lines) + "\n")
-    maps_png(topology.levels, keep[DENSITIES.index(0.3)], fractions[DENSITIES.index(0.3)],
-             args.out / "locality_maps.png")
+    at30 = DENSITIES.index(0.3)
+    maps_png(topology.levels, keep["WEST"][at30], fractions["WEST"][at30], args.out / "locality_maps.png")
     print("\n".join(lines))
     print(f"{record['seconds']} s on {record['device']}")
 
