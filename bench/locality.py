@@ -3,7 +3,7 @@
 WEST is calibrated on a few training captions (one seed, the sampler's whole trajectory); then, on held-out
 captions and other seeds (never calibrated on), every head's sampled query rows are probed along the dense
 trajectory, their softmax mass summed per (query block, key block), and the share of it inside three static masks
-at 10/20/30/50% of the blocks is reported: WEST's map (learned per head), and two geometric masks the same for
+at 10/15/20/30/50% of the blocks is reported: WEST's map (learned per head), and two geometric masks the same for
 every head, the local window (block pairs ranked by the space-time distance of their centres, as Sliding Tile
 Attention's windows) and radial (Radial Attention's energy decay: the spatial window halves each time the frame
 distance doubles), the definitions of bench/fidelity.py's rows of those names. Diffuse attention keeps about the
@@ -40,7 +40,7 @@ from saexport.topology.calibration import CalibrationLoop, Calibrator
 from saexport.topology.prompts import CALIBRATION_SEED, CalibrationSet
 from saexport.topology.west import compute_topology
 
-DENSITIES = (0.1, 0.2, 0.3, 0.5)
+DENSITIES = (0.1, 0.15, 0.2, 0.3, 0.5)  # 15%: Sliding Tile Attention's measured window (15.52% of tokens)
 TEST_SEED = 11  # held-out captions to test on; calibration uses the captions `saexport topology` draws
 
 

@@ -20,8 +20,8 @@ def test_locality_bench_measures_held_out_mass_that_grows_with_the_mask(tmp_path
     record = json.loads((tmp_path / "locality.json").read_text())
     assert set(record["per_head"]) == {"WEST", "local window", "radial"}
     for family, per_density in record["per_head"].items():
-        shares = torch.tensor([per_density[d] for d in ("10%", "20%", "30%", "50%")])  # [D, layers, heads]
-        assert shares.shape == (4, 6, 4) and bool(((shares > 0) & (shares <= 1 + 1e-9)).all()), family
+        shares = torch.tensor([per_density[d] for d in ("10%", "15%", "20%", "30%", "50%")])  # [D, layers, heads]
+        assert shares.shape == (5, 6, 4) and bool(((shares > 0) & (shares <= 1 + 1e-9)).all()), family
         assert bool((shares.diff(dim=0) >= -1e-9).all()), family  # nested masks: a larger one never keeps less
         for name, row in record["mass_kept"][family].items():
             assert abs(row["blocks_kept"] - int(name[:-1]) / 100) < 0.03, (family, name)  # at its density
