@@ -115,6 +115,9 @@ def _normalise(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+# How the evaluation models (wan2.1-eval and its candidate successor) run: their training grid, bf16 as measured.
+EVAL_RUN = RunDefaults(resolution="64x64", frames=16, block_size=64, layout="tile3d:4x4x4", steps=20, dtype="bf16")
+
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in [
@@ -155,8 +158,7 @@ PRESETS: dict[str, ModelPreset] = {
                         ffn_dim=1024, num_layers=5),
             text_len=32,
             codec=PIXELS,
-            defaults=RunDefaults(resolution="64x64", frames=16, block_size=64, layout="tile3d:4x4x4", steps=20,
-                                 dtype="bf16"),
+            defaults=EVAL_RUN,
             bundled_weights=Path(__file__).resolve().parent.parent / "demo" / "eval_weights",
         ),
         # A deeper candidate successor (issue 26), trained on the same videos at the same size: 12 x 6 = 72
@@ -169,8 +171,7 @@ PRESETS: dict[str, ModelPreset] = {
                         ffn_dim=640, num_layers=12),
             text_len=32,
             codec=PIXELS,
-            defaults=RunDefaults(resolution="64x64", frames=16, block_size=64, layout="tile3d:4x4x4", steps=20,
-                                 dtype="bf16"),
+            defaults=EVAL_RUN,
         ),
         ModelPreset(
             "wan2.1-small",
