@@ -6,11 +6,13 @@ noise and a shading gradient that move with it), move over a non-periodic backgr
 band-limited noise at a low or a middle frequency) that the camera may pan across, and pass over each other in
 depth order. The caption says what is drawn, back to front:
 "a red circle moving left and a white square and an orange ring moving up on blue clouds camera panning down".
+What the caption leaves open (sizes, travel, how much texture detail, at which scales) is a `Look`: `PLAIN` is
+wan2.1-eval's, `DETAILED` (detail at several scales, smaller and slower objects) wan2.1-eval2's (detailed.py).
 
 Motions are relative to the background (what a viewer reads as the object's own motion); a camera pan moves the
 whole picture the other way, slower than any moving object (pans travel 0.08-0.16 of the frame over the clip,
-objects 0.3-0.5), so on screen a moving object still moves in its captioned direction. `Scene`'s fields are the
-truth a caption checker needs (colours, shapes, motion directions, depth order, background, pan).
+objects 0.3-0.5, or 0.2-0.35 in DETAILED), so on screen a moving object still moves in its captioned direction.
+`Scene`'s fields are the truth a caption checker needs (colours, shapes, motions, depth order, background, pan).
 
 Backgrounds and object textures are sums of plane waves of random direction, frequency (in a band) and phase:
 band-limited, non-periodic noise whose value is exact at any sub-pixel offset, so one scene renders alike at any
@@ -27,13 +29,38 @@ import torch
 # One palette, one set of shapes and one held-out rule with the demo's videos: the same words mean the same.
 from saexport.demo.videos import COLOURS, DIRECTIONS, PANS, SHAPES, _shape_sdf, draw_scenes, is_held_out
 
-__all__ = ["VOCABULARY", "MAX_WORDS", "ObjectSpec", "Scene", "is_held_out", "random_scene", "render", "scenes"]
+__all__ = ["DETAILED", "PLAIN", "VOCABULARY", "MAX_WORDS", "Look", "ObjectSpec", "Scene", "is_held_out",
+           "random_scene", "render", "scenes"]
 
 BACKGROUNDS = ("gradient", "clouds", "noise")
 # Cycles per frame width of each background's waves: smooth, low-frequency, middle-frequency.
 BACKGROUND_BANDS = {"gradient": (0.3, 1.0), "clouds": (1.5, 4.0), "noise": (4.0, 9.0)}
-OBJECT_BAND = (6.0, 11.0)  # texture waves on objects, below the Nyquist rate of 32 pixels (16 cycles)
 MIN_OBJECTS, MAX_OBJECTS = 2, 4
+
+
+@dataclass(frozen=True)
+class Look:
+    """How a scene is drawn, beyond what its caption says: sizes, travel, and texture detail.
+
+    A texture is a sum of octaves, each `(band, weight)`: waves of magnitudes in the band (cycles per frame
+    width, below the Nyquist rate of a 32-pixel frame, 16 cycles), the octave's field scaled by its weight."""
+
+    object_octaves: tuple[tuple[tuple[float, float], float], ...]
+    object_contrast: float  # an object's brightness is 1 - contrast + contrast * tanh(texture), times shading
+    background_detail: tuple[tuple[tuple[float, float], float], ...]  # octaves added to every background's field
+    size: tuple[float, float]  # object radius, frame widths
+    travel: tuple[float, float]  # a moving object's travel over the clip, frame widths
+
+
+# wan2.1-eval's videos: faintly textured objects on a background of one scale.
+PLAIN = Look(object_octaves=(((6.0, 11.0), 1.0),), object_contrast=0.2, background_detail=(),
+             size=(0.09, 0.16), travel=(0.3, 0.5))
+# Detail at several scales everywhere, smaller objects, slower motion (issue 26): in natural video a token's
+# nearest neighbours in space and time predict its detail and distant tokens do not; on PLAIN videos the rest of a
+# flat object or background predicts a token as well as its neighbours do, and the model learns to attend to all of
+# it.
+DETAILED = Look(object_octaves=(((3.0, 6.0), 1.0), ((6.0, 10.0), 0.8), ((10.0, 14.0), 0.6)), object_contrast=0.22,
+                background_detail=(((6.0, 10.0), 0.7), ((10.0, 14.0), 0.5)), size=(0.08, 0.14), travel=(0.2, 0.35))
 STILL_FRACTION = 0.2  # objects that do not move (the caption names no motion)
 
 VOCABULARY = (
@@ -94,12 +121,12 @@ def scenes(count: int, seed: int, held_out: bool = False) -> list[Scene]:
 
 
 def render(scene_list: list[Scene], frames: int, height: int, width: int, seed: int,
-           device: str | torch.device = "cpu") -> torch.Tensor:
+           device: str | torch.device = "cpu", look: Look = PLAIN) -> torch.Tensor:
     """Videos `[len(scene_list), 3, frames, height, width]` in [-1, 1]; `seed` draws positions, sizes, speeds,
     textures and the pan's speed (the caption fixes what is drawn, the seed where and how). Every random draw
     comes from one CPU generator, so a seed gives the same video on any device and at any resolution."""
     gen = torch.Generator().manual_seed(seed)
-    videos = [_render_scene(scene, frames, height, width, gen, torch.device(device)) for scene in scene_list]
+    videos = [_render_scene(scene, frames, height, width, gen, torch.device(device), look) for scene in scene_list]
     return torch.stack(videos) * 2 - 1
 
 
@@ -117,7 +144,7 @@ class _Draw:
 
 
 def _render_scene(scene: Scene, frames: int, height: int, width: int, gen: torch.Generator,
-                  device: torch.device) -> torch.Tensor:
+                  device: torch.device, look: Look) -> torch.Tensor:
     draw = _Draw(gen)
     t = torch.linspace(0, 1, frames, dtype=torch.float64)  # clip time, 0 -> 1
     # Screen coordinates in frame widths/heights (pixel centres); the world is what the camera looks at.
@@ -131,26 +158,28 @@ def _render_scene(scene: Scene, frames: int, height: int, width: int, gen: torch
     camera = torch.stack([pan_x * pan * (t - 0.5), pan_y * pan * (t - 0.5)], -1)  # [frames, 2]
 
     field = _background_field(scene.kind, draw, camera, x, y)  # [frames, H, W], about N(0, 1)
+    field = field + _octaves(draw, look.background_detail, camera, x, y)
     base = torch.tensor(COLOURS[scene.background], dtype=torch.float64, device=device).view(3, 1, 1, 1)
     light, dark = 0.3 + 0.6 * base, 0.05 + 0.3 * base
     video = dark + (light - dark) * torch.sigmoid(1.3 * field).unsqueeze(0)  # [3, frames, H, W]
 
     for spec in scene.objects:
-        size = float(draw.uniform(0.09, 0.16))
+        size = float(draw.uniform(*look.size))
         middle = draw.uniform(0.22, 0.78, (2,))
         dx, dy = DIRECTIONS[spec.motion] if spec.motion else (0.0, 0.0)
-        travel = float(draw.uniform(0.3, 0.5)) if spec.motion else 0.0
+        travel = float(draw.uniform(*look.travel)) if spec.motion else 0.0
         world = middle + torch.tensor([dx, dy], dtype=torch.float64) * travel * (t - 0.5).unsqueeze(-1)
         centre = world - camera  # [frames, 2] on screen
         theta = float(draw.uniform(0.0, math.pi))
         # The texture and the shading live in the object's own coordinates: they move with it.
-        texture = _wave_field(_waves(draw, 24, OBJECT_BAND), -centre, x, y)
+        texture = _octaves(draw, look.object_octaves, -centre, x, y)
         light_dir = float(draw.angle())
         cx, cy = (centre[:, i].to(device).view(frames, 1, 1) for i in (0, 1))
         px, py = x.view(1, 1, width) - cx, y.view(1, height, 1) - cy
         shading = 1 + 0.3 * ((px * math.cos(light_dir) + py * math.sin(light_dir)) / size).clamp(-1, 1)
         colour = torch.tensor(COLOURS[spec.colour], dtype=torch.float64, device=device).view(3, 1, 1, 1)
-        surface = (colour * (0.8 + 0.2 * torch.tanh(texture)) * shading).clamp(0, 1)
+        brightness = 1 - look.object_contrast + look.object_contrast * torch.tanh(texture)
+        surface = (colour * brightness * shading).clamp(0, 1)
         sdf = _shape_sdf(spec.shape, px, py, torch.tensor(theta, dtype=torch.float64, device=device), size)
         alpha = torch.sigmoid(-sdf / (0.6 * pixel)).unsqueeze(0)  # anti-aliased edge
         video = video * (1 - alpha) + surface * alpha
@@ -168,6 +197,12 @@ def _background_field(kind: str, draw: _Draw, camera: torch.Tensor, x: torch.Ten
         ramp = 2.5 * ((x.view(1, 1, -1) - 0.5) * u[0] + (y.view(1, -1, 1) - 0.5) * u[1] + offset)
         field = ramp + 0.5 * field
     return field
+
+
+def _octaves(draw: _Draw, octaves: tuple[tuple[tuple[float, float], float], ...], offset: torch.Tensor,
+             x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | float:
+    """The sum of `octaves` (24 waves each) at `offset` per frame, each scaled by its weight; 0 for none."""
+    return sum((weight * _wave_field(_waves(draw, 24, band), offset, x, y) for band, weight in octaves), 0.0)
 
 
 def _waves(draw: _Draw, count: int, band: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
