@@ -703,9 +703,11 @@ class Bench:
             record["density"] = float(density(self.maps[row.family], budgets).mean())
             record["budget_levels_mean"] = float(budgets.float().mean())
         if row.precision == "bf16":
-            tf = self.teacher_forced(model)
-            record["teacher_forced"] = fm.clustered_interval(tf, [self.clusters[i] for i in self.tf_index]).to_json()
-            record["teacher_forced_per_video"] = tf.tolist()
+            if len(self.tf_index):  # --tf-videos 0: no teacher-forced error (the kernel takes no empty batch)
+                tf = self.teacher_forced(model)
+                record["teacher_forced"] = fm.clustered_interval(
+                    tf, [self.clusters[i] for i in self.tf_index]).to_json()
+                record["teacher_forced_per_video"] = tf.tolist()
             if row.family in SIDE_BY_SIDE and row.goal == 0.30 and not row.warmup:
                 torch.save(self._uint8(videos[self.side_index]), self.work / "results" / f"{row.key}.side.pt")
         record["seconds"] = round(time.perf_counter() - t0, 1)
@@ -901,8 +903,9 @@ def report(bench: Bench, ground_truth: dict, out: Path, not_run: list[Row]) -> N
              f"{_fmt(ground_truth['rendered_shuffled_captions']['all'], 100)} %.", ""]
     lines += table("psnr", "PSNR against dense (dB), bf16")
     lines += table("ssim", "SSIM against dense, bf16", digits=3)
-    lines += table("teacher_forced", f"Teacher-forced one-step relative error of the guided prediction "
-                                     f"({len(bench.tf_index)} videos)", digits=3)
+    if len(bench.tf_index):
+        lines += table("teacher_forced", f"Teacher-forced one-step relative error of the guided prediction "
+                                         f"({len(bench.tf_index)} videos)", digits=3)
     lines += table("caption", "Caption check, all checks (%)", scale=100)
     lines += table("density", "Achieved mean density (steps x layers x heads, dense steps = 1)", digits=3)
     if any(r and r.get("available") for k, r in by_key.items() if k.endswith("fp32")):
