@@ -7,7 +7,8 @@ band-limited noise at a low or a middle frequency) that the camera may pan acros
 depth order. The caption says what is drawn, back to front:
 "a red circle moving left and a white square and an orange ring moving up on blue clouds camera panning down".
 What the caption leaves open (sizes, travel, how much texture detail, at which scales) is a `Look`: `PLAIN` is
-wan2.1-eval's, `DETAILED` (detail at several scales, smaller and slower objects) wan2.1-eval2's (detailed.py).
+wan2.1-eval's; `DETAILED` adds detail at several scales, smaller and slower objects; `CLUTTERED`, wan2.1-eval2's
+(cluttered.py), adds small still shapes in the background's tones.
 
 Motions are relative to the background (what a viewer reads as the object's own motion); a camera pan moves the
 whole picture the other way, slower than any moving object (pans travel 0.08-0.16 of the frame over the clip,
@@ -22,14 +23,14 @@ resolution and a pan is an exact shift. Videos are fp32 `[batch, 3, frames, heig
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 # One palette, one set of shapes and one held-out rule with the demo's videos: the same words mean the same.
 from saexport.demo.videos import COLOURS, DIRECTIONS, PANS, SHAPES, _shape_sdf, draw_scenes, is_held_out
 
-__all__ = ["DETAILED", "PLAIN", "VOCABULARY", "MAX_WORDS", "Look", "ObjectSpec", "Scene", "is_held_out",
+__all__ = ["CLUTTERED", "DETAILED", "PLAIN", "VOCABULARY", "MAX_WORDS", "Look", "ObjectSpec", "Scene", "is_held_out",
            "random_scene", "render", "scenes"]
 
 BACKGROUNDS = ("gradient", "clouds", "noise")
@@ -50,6 +51,8 @@ class Look:
     background_detail: tuple[tuple[tuple[float, float], float], ...]  # octaves added to every background's field
     size: tuple[float, float]  # object radius, frame widths
     travel: tuple[float, float]  # a moving object's travel over the clip, frame widths
+    clutter: tuple[int, int] = (0, 0)  # how many small still shapes the background carries, in its own tones
+    clutter_size: tuple[float, float] = (0.0, 0.0)  # their radius, frame widths
 
 
 # wan2.1-eval's videos: faintly textured objects on a background of one scale.
@@ -57,10 +60,16 @@ PLAIN = Look(object_octaves=(((6.0, 11.0), 1.0),), object_contrast=0.2, backgrou
              size=(0.09, 0.16), travel=(0.3, 0.5))
 # Detail at several scales everywhere, smaller objects, slower motion (issue 26): in natural video a token's
 # nearest neighbours in space and time predict its detail and distant tokens do not; on PLAIN videos the rest of a
-# flat object or background predicts a token as well as its neighbours do, and the model learns to attend to all of
-# it.
+# flat object or background predicts a token as well as its neighbours do. Measured: no more local than PLAIN
+# (docs/BENCHMARKS.md, "A successor evaluation model").
 DETAILED = Look(object_octaves=(((3.0, 6.0), 1.0), ((6.0, 10.0), 0.8), ((10.0, 14.0), 0.6)), object_contrast=0.22,
                 background_detail=(((6.0, 10.0), 0.7), ((10.0, 14.0), 0.5)), size=(0.08, 0.14), travel=(0.2, 0.35))
+# DETAILED on a cluttered background: many small still shapes in the background's own tones (the caption check
+# reads them as background). Natural scenes are not stationary: what lies in one place says little about what lies
+# a few objects away, while every one of PLAIN's and DETAILED's backgrounds is one texture over the whole frame, so
+# the best estimate of a noisy background token averages all of it. Clutter makes the nearest tokens, in space and
+# at the same place in other frames, the ones worth attending to. Measured: no more local either.
+CLUTTERED = replace(DETAILED, clutter=(24, 48), clutter_size=(0.03, 0.08))
 STILL_FRACTION = 0.2  # objects that do not move (the caption names no motion)
 
 VOCABULARY = (
@@ -161,7 +170,9 @@ def _render_scene(scene: Scene, frames: int, height: int, width: int, gen: torch
     field = field + _octaves(draw, look.background_detail, camera, x, y)
     base = torch.tensor(COLOURS[scene.background], dtype=torch.float64, device=device).view(3, 1, 1, 1)
     light, dark = 0.3 + 0.6 * base, 0.05 + 0.3 * base
-    video = dark + (light - dark) * torch.sigmoid(1.3 * field).unsqueeze(0)  # [3, frames, H, W]
+    tone = torch.sigmoid(1.3 * field)  # [frames, H, W] in (0, 1): where on the background's tone curve
+    tone = _clutter(tone, look, draw, camera, x, y)
+    video = dark + (light - dark) * tone.unsqueeze(0)  # [3, frames, H, W]
 
     for spec in scene.objects:
         size = float(draw.uniform(*look.size))
@@ -184,6 +195,27 @@ def _render_scene(scene: Scene, frames: int, height: int, width: int, gen: torch
         alpha = torch.sigmoid(-sdf / (0.6 * pixel)).unsqueeze(0)  # anti-aliased edge
         video = video * (1 - alpha) + surface * alpha
     return video.clamp(0, 1).float()
+
+
+def _clutter(tone: torch.Tensor, look: Look, draw: _Draw, camera: torch.Tensor, x: torch.Tensor,
+             y: torch.Tensor) -> torch.Tensor:
+    """`tone` with look.clutter's shapes drawn over it, each one flat tone, fixed in the world (a pan moves them)."""
+    if look.clutter[1] == 0:  # no draws: PLAIN's and DETAILED's videos stay as they were
+        return tone
+    lo, hi = look.clutter
+    device = x.device
+    for _ in range(lo + int(torch.randint(hi - lo + 1, (1,), generator=draw.gen))):
+        shape = SHAPES[int(torch.randint(len(SHAPES), (1,), generator=draw.gen))]
+        size = float(draw.uniform(*look.clutter_size))
+        world = draw.uniform(-0.1, 1.1, (2,))  # the pan shows up to 0.08 of the world beyond each edge
+        centre = (world - camera).to(device)  # [frames, 2]
+        px = x.view(1, 1, -1) - centre[:, 0].view(-1, 1, 1)
+        py = y.view(1, -1, 1) - centre[:, 1].view(-1, 1, 1)
+        theta = draw.uniform(0.0, math.pi).to(device)
+        level = float(draw.uniform(0.0, 1.0))
+        alpha = torch.sigmoid(-_shape_sdf(shape, px, py, theta, size) / (0.6 / max(len(x), len(y))))
+        tone = tone * (1 - alpha) + level * alpha
+    return tone
 
 
 def _background_field(kind: str, draw: _Draw, camera: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
