@@ -9,9 +9,10 @@ Attention's windows) and radial (Radial Attention's energy decay: the spatial wi
 distance doubles), the definitions of bench/fidelity.py's rows of those names. Diffuse attention keeps about the
 density itself; local attention keeps much more; the geometric masks say how much of it lies near the query, which
 is what the published analyses of Wan2.1 and HunyuanVideo measure. The issue's target for an evaluation model: the
-median head keeps >= 0.9 at 30% (WEST). Writes `locality.json` (every head), `locality.md` (the tables) and
-`locality_maps.png` (the threshold maps and 30% masks of six heads, from the least to the most local at 30%) to
---out.
+median head keeps >= 0.9 at 30% (WEST); a second table gives WEST at 30% step by step along the trajectory (where
+the diffuse heads are diffuse: at high noise, or throughout). Writes `locality.json` (every head), `locality.md`
+(the tables) and `locality_maps.png` (the threshold maps and 30% masks of six heads, from the least to the most
+local at 30%) to --out.
 
     python bench/locality.py --model wan2.1-eval --device cuda --out out/locality
 """
@@ -127,8 +128,9 @@ def main() -> None:
     # The sampler's loop as generation runs it (guidance: both passes measured).
     topology = compute_topology(calibrator(encode(calibration), [0]), blocks, rows_per_block=args.rows_per_block)
     seeds = [1000 + i for i in range(args.seeds)]
-    # Summed per block pair over rows WEST never ranked with (probe_rows' held-out seed), every pass and step.
-    masses = heldout_masses(calibrator(encode(test), seeds), blocks, args.rows_per_block)  # [L, H, n, n]
+    # Summed per block pair over rows WEST never ranked with (probe_rows' held-out seed), every pass, per step.
+    by_step = heldout_masses(calibrator(encode(test), seeds), blocks, args.rows_per_block, by_step=True)
+    masses = by_step.sum(0)  # [L, H, n, n]
     layers, heads = masses.shape[:2]
     centres = block_centres(grid, layout, block_size)
     families = {"WEST": topology.levels, "local window": static_levels(local_window_scores(centres), layers, heads),
@@ -136,6 +138,10 @@ def main() -> None:
     keep = {name: torch.stack([masks_at_density(levels, d) for d in DENSITIES]) for name, levels in families.items()}
     fractions = {name: torch.stack([share_kept(masses, mask) for mask in masks]) for name, masks in keep.items()}
 
+    # WEST at 30% step by step: where along the trajectory (high noise first) the diffuse heads are diffuse.
+    at30 = DENSITIES.index(0.3)
+    west30 = keep["WEST"][at30]
+    per_step = [summary(share_kept(step_masses, west30)) for step_masses in by_step]
     tables = {name: {f"{d:.0%}": {"blocks_kept": round(float(keep[name][i].float().mean()), 4),
                                   **summary(fractions[name][i]),
                                   "median_per_layer": [round(float(v), 4)
@@ -148,7 +154,8 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "seconds": round(time.perf_counter() - started, 1), "mass_kept": tables,
               "per_head": {name: {f"{d:.0%}": fractions[name][i].tolist() for i, d in enumerate(DENSITIES)}
-                           for name in families}}
+                           for name in families},
+              "west_30_per_step": per_step}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "locality.json").write_text(json.dumps(record, indent=1))
     lines = [f"{args.model}: attention mass kept by static masks on {len(test)} held-out captions x {len(seeds)} "
@@ -163,9 +170,12 @@ def main() -> None:
             lines.append(f"| {name} | {density_name} ({row['blocks_kept']:.3f}) | {row['min']:.3f} | "
                          f"{row['q25']:.3f} | {row['median']:.3f} | {row['q75']:.3f} | {row['max']:.3f} | "
                          f"{per_layer} |")
+    lines += ["", "WEST at 30%, per sampler step (step 0: pure noise):", "",
+              "| step | min | q25 | median | q75 | max |", "|---|---|---|---|---|---|"]
+    lines += [f"| {i} | {r['min']:.3f} | {r['q25']:.3f} | {r['median']:.3f} | {r['q75']:.3f} | {r['max']:.3f} |"
+              for i, r in enumerate(per_step)]
     (args.out / "locality.md").write_text("\n".join(lines) + "\n")
-    at30 = DENSITIES.index(0.3)
-    maps_png(topology.levels, keep["WEST"][at30], fractions["WEST"][at30], args.out / "locality_maps.png")
+    maps_png(topology.levels, west30, fractions["WEST"][at30], args.out / "locality_maps.png")
     print("\n".join(lines))
     print(f"{record['seconds']} s on {record['device']}")
 

@@ -106,19 +106,23 @@ def heldout_set(model: str, loaded, count: int, calibration: list[str]) -> Calib
     return CalibrationSet(embeddings, negative, "; ".join(chosen))
 
 
-def heldout_masses(calibrator: Calibrator, blocks: BlockedGrid, rows_per_block: int) -> torch.Tensor:
+def heldout_masses(calibrator: Calibrator, blocks: BlockedGrid, rows_per_block: int,
+                   by_step: bool = False) -> torch.Tensor:
     """Attention mass of the probed rows summed per (query block, key block): float64 `[L, H, n, n]`, over every
-    measured pass. A mask's share of the mass is then `(masses * mask).sum() / masses.sum()`."""
+    measured pass (with `by_step`, `[steps, L, H, n, n]`, per sampler step). A mask's share of the mass is then
+    `(masses * mask).sum() / masses.sum()`."""
     preset, device, n = calibrator.loaded.preset, calibrator.device, blocks.num_blocks
     rows = SampledRows.draw(blocks.seq_len, blocks.block_size, rows_per_block, seed=HELDOUT_ROWS_SEED)
     block = rows.block.to(device)
-    sums = Sums(total=torch.zeros(preset.num_layers, preset.num_heads, n, n, dtype=torch.float64, device=device))
+    steps = calibrator.loop.steps if by_step else 1
+    sums = Sums(total=torch.zeros(steps, preset.num_layers, preset.num_heads, n, n, dtype=torch.float64,
+                                  device=device))
 
     def on_masses(into: Sums, run: Run, layer: int, masses: torch.Tensor) -> None:  # [batch, heads, R, n]
-        into["total"][layer].index_add_(1, block, masses.double().sum(0))
+        into["total"][run.step if by_step else 0, layer].index_add_(1, block, masses.double().sum(0))
 
     calibrator.measure(blocks, rows, sums, on_masses, "")  # the probes record during each forward pass
-    return sums["total"].cpu()
+    return sums["total"].cpu() if by_step else sums["total"][0].cpu()
 
 
 def share_kept(masses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
