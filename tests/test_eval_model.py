@@ -7,8 +7,19 @@ import json
 
 import torch
 
-from saexport.demo.objects import MAX_WORDS, VOCABULARY, ObjectSpec, Scene, is_held_out, render, scenes
+from saexport.demo.objects import (
+    CLUTTERED,
+    DETAILED,
+    MAX_WORDS,
+    VOCABULARY,
+    ObjectSpec,
+    Scene,
+    is_held_out,
+    render,
+    scenes,
+)
 from saexport.demo.train import TrainingCall, TrainSettings, train
+from saexport.demo.videos import COLOURS
 from saexport.models.checkpoint import load_model
 from saexport.models.presets import get_preset
 from saexport.models.text_encoder import encode_prompts
@@ -69,6 +80,22 @@ def test_objects_move_as_captioned_under_a_pan():
         blue = (video[2] > 0.6) & (video[0] < 0.3)
         assert centre(red, -1)[0] > centre(red, 0)[0] + 5
         assert centre(blue, -1)[1] < centre(blue, 0)[1] - 5
+
+
+def test_clutter_is_still_and_drawn_in_the_background_tones():
+    """wan2.1-eval2's clutter: still shapes on the background, every pixel on the background's tone curve (where the
+    caption check reads background), covering part of the frame, and nothing else of the scene changed."""
+    scene = Scene((), "purple", "noise", pan=None)  # no objects: only the background and its clutter
+    plain, cluttered = (render([scene], 6, 64, 64, seed=seed, look=look)[0] for seed, look in
+                        ((5, DETAILED), (5, CLUTTERED)))
+    changed = (cluttered - plain).abs().amax(0) > 0.02  # [frames, H, W]
+    assert 0.05 < changed.float().mean() < 0.7
+    assert torch.equal(changed, changed[:1].expand_as(changed))  # a static camera: the clutter does not move
+    # The renderer's tone curve, dark + (light - dark) s, is a segment: a pixel on it has one s for all channels.
+    base = torch.tensor(COLOURS["purple"], dtype=torch.float64).view(3, 1, 1, 1)
+    dark, light = 0.05 + 0.3 * base, 0.3 + 0.6 * base
+    s = ((cluttered.double() + 1) / 2 - dark) / (light - dark)
+    assert (s.amax(0) - s.amin(0)).max() < 1e-4 and s.min() > -1e-4 and s.max() < 1 + 1e-4
 
 
 def test_noise_backgrounds_are_not_periodic():
