@@ -171,7 +171,7 @@ def _render_scene(scene: Scene, frames: int, height: int, width: int, gen: torch
     base = torch.tensor(COLOURS[scene.background], dtype=torch.float64, device=device).view(3, 1, 1, 1)
     light, dark = 0.3 + 0.6 * base, 0.05 + 0.3 * base
     tone = torch.sigmoid(1.3 * field)  # [frames, H, W] in (0, 1): where on the background's tone curve
-    tone = _clutter(tone, look, draw, camera, x, y)
+    tone = _clutter(tone, look, draw, camera, x, y, pixel)
     video = dark + (light - dark) * tone.unsqueeze(0)  # [3, frames, H, W]
 
     for spec in scene.objects:
@@ -185,35 +185,44 @@ def _render_scene(scene: Scene, frames: int, height: int, width: int, gen: torch
         # The texture and the shading live in the object's own coordinates: they move with it.
         texture = _octaves(draw, look.object_octaves, -centre, x, y)
         light_dir = float(draw.angle())
-        cx, cy = (centre[:, i].to(device).view(frames, 1, 1) for i in (0, 1))
-        px, py = x.view(1, 1, width) - cx, y.view(1, height, 1) - cy
+        px, py = _offsets(centre, x, y)
         shading = 1 + 0.3 * ((px * math.cos(light_dir) + py * math.sin(light_dir)) / size).clamp(-1, 1)
         colour = torch.tensor(COLOURS[spec.colour], dtype=torch.float64, device=device).view(3, 1, 1, 1)
         brightness = 1 - look.object_contrast + look.object_contrast * torch.tanh(texture)
         surface = (colour * brightness * shading).clamp(0, 1)
-        sdf = _shape_sdf(spec.shape, px, py, torch.tensor(theta, dtype=torch.float64, device=device), size)
-        alpha = torch.sigmoid(-sdf / (0.6 * pixel)).unsqueeze(0)  # anti-aliased edge
+        alpha = _coverage(spec.shape, px, py, theta, size, pixel).unsqueeze(0)
         video = video * (1 - alpha) + surface * alpha
     return video.clamp(0, 1).float()
 
 
-def _clutter(tone: torch.Tensor, look: Look, draw: _Draw, camera: torch.Tensor, x: torch.Tensor,
-             y: torch.Tensor) -> torch.Tensor:
+def _offsets(centre: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pixel's offset from a per-frame screen point `centre` `[frames, 2]`: x `[frames, 1, W]`, y `[frames, H,
+    1]`."""
+    centre = centre.to(x.device)
+    return x.view(1, 1, -1) - centre[:, 0].view(-1, 1, 1), y.view(1, -1, 1) - centre[:, 1].view(-1, 1, 1)
+
+
+def _coverage(shape: str, px: torch.Tensor, py: torch.Tensor, theta: float, size: float,
+              pixel: float) -> torch.Tensor:
+    """How much of each pixel a shape covers, its edge anti-aliased over about a pixel: `[frames, H, W]`."""
+    sdf = _shape_sdf(shape, px, py, torch.tensor(theta, dtype=torch.float64, device=px.device), size)
+    return torch.sigmoid(-sdf / (0.6 * pixel))
+
+
+def _clutter(tone: torch.Tensor, look: Look, draw: _Draw, camera: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+             pixel: float) -> torch.Tensor:
     """`tone` with look.clutter's shapes drawn over it, each one flat tone, fixed in the world (a pan moves them)."""
     if look.clutter[1] == 0:  # no draws: PLAIN's and DETAILED's videos stay as they were
         return tone
     lo, hi = look.clutter
-    device = x.device
     for _ in range(lo + int(torch.randint(hi - lo + 1, (1,), generator=draw.gen))):
         shape = SHAPES[int(torch.randint(len(SHAPES), (1,), generator=draw.gen))]
         size = float(draw.uniform(*look.clutter_size))
         world = draw.uniform(-0.1, 1.1, (2,))  # the pan shows up to 0.08 of the world beyond each edge
-        centre = (world - camera).to(device)  # [frames, 2]
-        px = x.view(1, 1, -1) - centre[:, 0].view(-1, 1, 1)
-        py = y.view(1, -1, 1) - centre[:, 1].view(-1, 1, 1)
-        theta = draw.uniform(0.0, math.pi).to(device)
+        px, py = _offsets(world - camera, x, y)
+        theta = float(draw.uniform(0.0, math.pi))
         level = float(draw.uniform(0.0, 1.0))
-        alpha = torch.sigmoid(-_shape_sdf(shape, px, py, theta, size) / (0.6 / max(len(x), len(y))))
+        alpha = _coverage(shape, px, py, theta, size, pixel)
         tone = tone * (1 - alpha) + level * alpha
     return tone
 
