@@ -49,6 +49,16 @@ def main(verbose: int, quiet: bool) -> None:
     log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO)
     if not any(isinstance(h, _StderrHandler) for h in log.handlers):
         log.addHandler(_StderrHandler())
+    click.get_current_context().call_on_close(_leave_ranks)
+
+
+def _leave_ranks() -> None:
+    """A command run under torchrun leaves its process group before the process exits: gloo's and NCCL's threads
+    torn down by the interpreter's exit instead can abort a rank that has finished its work (SIGABRT,
+    "terminate called without an active exception"). torch is not imported here unless the command did."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 class _StderrHandler(logging.StreamHandler):
