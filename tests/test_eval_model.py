@@ -10,10 +10,13 @@ import torch
 from saexport.demo.objects import (
     CLUTTERED,
     DETAILED,
+    INCOHERENT,
     MAX_WORDS,
     VOCABULARY,
     ObjectSpec,
     Scene,
+    _background_field,
+    _Draw,
     is_held_out,
     render,
     scenes,
@@ -96,6 +99,27 @@ def test_clutter_is_still_and_drawn_in_the_background_tones():
     dark, light = 0.05 + 0.3 * base, 0.3 + 0.6 * base
     s = ((cluttered.double() + 1) / 2 - dark) / (light - dark)
     assert (s.amax(0) - s.amin(0)).max() < 1e-4 and s.min() > -1e-4 and s.max() < 1 + 1e-4
+
+
+def test_incoherent_textures_spread_their_power_over_many_more_waves():
+    """wan2.1-eval2's textures: the same band and unit variance as DETAILED's, but about four times the waves. Seen
+    through a window eight frames wide (fine enough to tell the waves apart), half of the field's power takes over
+    three times as many spectral bins; a wrong count, band or normalisation moves one of these."""
+    size, span = 256, 8.0  # pixels and frame widths: 32 pixels a frame, above the Nyquist rate of 9 cycles
+    x = (torch.arange(size, dtype=torch.float64) + 0.5) / size * span
+    window = torch.hann_window(size, dtype=torch.float64)
+    bins = {}
+    for look in (DETAILED, INCOHERENT):
+        draw = _Draw(torch.Generator().manual_seed(3))
+        field = _background_field("noise", draw, look, torch.zeros(1, 2, dtype=torch.float64), x, x)[0]
+        power = torch.fft.rfft2(field * window[:, None] * window[None]).abs() ** 2
+        cycles = torch.hypot(*torch.meshgrid(torch.fft.fftfreq(size, span / size),
+                                              torch.fft.rfftfreq(size, span / size), indexing="ij"))
+        assert power[(cycles > 3) & (cycles < 10)].sum() > 0.9 * power.sum()  # the band: 4 to 9 cycles a frame
+        assert 0.8 < field.std() < 1.2
+        ranked = power.flatten().sort(descending=True).values
+        bins[look] = int((ranked.cumsum(0) < 0.5 * ranked.sum()).sum())
+    assert bins[INCOHERENT] > 3 * bins[DETAILED]
 
 
 def test_noise_backgrounds_are_not_periodic():

@@ -7,8 +7,9 @@ band-limited noise at a low or a middle frequency) that the camera may pan acros
 depth order. The caption says what is drawn, back to front:
 "a red circle moving left and a white square and an orange ring moving up on blue clouds camera panning down".
 What the caption leaves open (sizes, travel, how much texture detail, at which scales) is a `Look`: `PLAIN` is
-wan2.1-eval's; `DETAILED` adds detail at several scales, smaller and slower objects; `CLUTTERED`, wan2.1-eval2's
-(cluttered.py), adds small still shapes in the background's tones.
+wan2.1-eval's; `DETAILED` adds detail at several scales, smaller and slower objects; `CLUTTERED` adds small still
+shapes in the background's tones; `INCOHERENT`, wan2.1-eval2's (incoherent.py), is DETAILED with textures of many
+more waves.
 
 Motions are relative to the background (what a viewer reads as the object's own motion); a camera pan moves the
 whole picture the other way, slower than any moving object (pans travel 0.08-0.16 of the frame over the clip,
@@ -30,8 +31,8 @@ import torch
 # One palette, one set of shapes and one held-out rule with the demo's videos: the same words mean the same.
 from saexport.demo.videos import COLOURS, DIRECTIONS, PANS, SHAPES, _shape_sdf, draw_scenes, is_held_out
 
-__all__ = ["CLUTTERED", "DETAILED", "PLAIN", "VOCABULARY", "MAX_WORDS", "Look", "ObjectSpec", "Scene", "is_held_out",
-           "random_scene", "render", "scenes"]
+__all__ = ["CLUTTERED", "DETAILED", "INCOHERENT", "PLAIN", "VOCABULARY", "MAX_WORDS", "Look", "ObjectSpec", "Scene",
+           "is_held_out", "random_scene", "render", "scenes"]
 
 BACKGROUNDS = ("gradient", "clouds", "noise")
 # Cycles per frame width of each background's waves: smooth, low-frequency, middle-frequency.
@@ -53,6 +54,11 @@ class Look:
     travel: tuple[float, float]  # a moving object's travel over the clip, frame widths
     clutter: tuple[int, int] = (0, 0)  # how many small still shapes the background carries, in its own tones
     clutter_size: tuple[float, float] = (0.0, 0.0)  # their radius, frame widths
+    # Waves in each texture field. 0: a fixed few (24 an octave; 6, 24 or 48 a background), which leaves a field
+    # coherent across the frame: a few dozen sinusoids that every region shows. > 0: this many per real Fourier mode
+    # of the band on a frame-sized torus (pi (hi^2 - lo^2) / 2), a field with as many degrees of freedom as the band
+    # has, whose distant parts are as good as independent.
+    waves_per_mode: float = 0.0
 
 
 # wan2.1-eval's videos: faintly textured objects on a background of one scale.
@@ -70,6 +76,11 @@ DETAILED = Look(object_octaves=(((3.0, 6.0), 1.0), ((6.0, 10.0), 0.8), ((10.0, 1
 # the best estimate of a noisy background token averages all of it. Clutter makes the nearest tokens, in space and
 # at the same place in other frames, the ones worth attending to. Measured: no more local either.
 CLUTTERED = replace(DETAILED, clutter=(24, 48), clutter_size=(0.03, 0.08))
+# DETAILED with every texture a generic band-limited field (issue 26): in PLAIN, DETAILED and CLUTTERED a texture is
+# a few dozen sinusoids, so a head that pools the whole frame can estimate them far better than a neighbourhood can,
+# where a natural texture's far parts say nothing about a token. The same bands and weights, two waves per mode (a
+# sum near enough to Gaussian).
+INCOHERENT = replace(DETAILED, waves_per_mode=2.0)
 STILL_FRACTION = 0.2  # objects that do not move (the caption names no motion)
 
 VOCABULARY = (
@@ -166,8 +177,8 @@ def _render_scene(scene: Scene, frames: int, height: int, width: int, gen: torch
     pan = float(draw.uniform(0.08, 0.16))
     camera = torch.stack([pan_x * pan * (t - 0.5), pan_y * pan * (t - 0.5)], -1)  # [frames, 2]
 
-    field = _background_field(scene.kind, draw, camera, x, y)  # [frames, H, W], about N(0, 1)
-    field = field + _octaves(draw, look.background_detail, camera, x, y)
+    field = _background_field(scene.kind, draw, look, camera, x, y)  # [frames, H, W], about N(0, 1)
+    field = field + _octaves(draw, look, look.background_detail, camera, x, y)
     base = torch.tensor(COLOURS[scene.background], dtype=torch.float64, device=device).view(3, 1, 1, 1)
     light, dark = 0.3 + 0.6 * base, 0.05 + 0.3 * base
     tone = torch.sigmoid(1.3 * field)  # [frames, H, W] in (0, 1): where on the background's tone curve
@@ -183,7 +194,7 @@ def _render_scene(scene: Scene, frames: int, height: int, width: int, gen: torch
         centre = world - camera  # [frames, 2] on screen
         theta = float(draw.uniform(0.0, math.pi))
         # The texture and the shading live in the object's own coordinates: they move with it.
-        texture = _octaves(draw, look.object_octaves, -centre, x, y)
+        texture = _octaves(draw, look, look.object_octaves, -centre, x, y)
         light_dir = float(draw.angle())
         px, py = _offsets(centre, x, y)
         shading = 1 + 0.3 * ((px * math.cos(light_dir) + py * math.sin(light_dir)) / size).clamp(-1, 1)
@@ -227,8 +238,9 @@ def _clutter(tone: torch.Tensor, look: Look, draw: _Draw, camera: torch.Tensor, 
     return tone
 
 
-def _background_field(kind: str, draw: _Draw, camera: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
-    waves = _waves(draw, {"gradient": 6, "clouds": 24, "noise": 48}[kind], BACKGROUND_BANDS[kind])
+def _background_field(kind: str, draw: _Draw, look: Look, camera: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+    band = BACKGROUND_BANDS[kind]
+    waves = _waves(draw, _wave_count(look, band, {"gradient": 6, "clouds": 24, "noise": 48}[kind]), band)
     field = _wave_field(waves, camera, x, y)
     if kind == "gradient":
         # A linear ramp across the frame in a random direction, its low-frequency waves a gentle unevenness.
@@ -240,10 +252,19 @@ def _background_field(kind: str, draw: _Draw, camera: torch.Tensor, x: torch.Ten
     return field
 
 
-def _octaves(draw: _Draw, octaves: tuple[tuple[tuple[float, float], float], ...], offset: torch.Tensor,
-             x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | float:
-    """The sum of `octaves` (24 waves each) at `offset` per frame, each scaled by its weight; 0 for none."""
-    return sum((weight * _wave_field(_waves(draw, 24, band), offset, x, y) for band, weight in octaves), 0.0)
+def _octaves(draw: _Draw, look: Look, octaves: tuple[tuple[tuple[float, float], float], ...],
+             offset: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | float:
+    """The sum of `octaves` at `offset` per frame, each scaled by its weight; 0 for none."""
+    return sum((weight * _wave_field(_waves(draw, _wave_count(look, band, 24), band), offset, x, y)
+                for band, weight in octaves), 0.0)
+
+
+def _wave_count(look: Look, band: tuple[float, float], few: int) -> int:
+    """How many waves a field of `band` sums: `few`, or look.waves_per_mode per real Fourier mode of the band
+    when that is more."""
+    if look.waves_per_mode == 0:
+        return few
+    return max(few, math.ceil(look.waves_per_mode * math.pi * (band[1] ** 2 - band[0] ** 2) / 2))
 
 
 def _waves(draw: _Draw, count: int, band: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,8 @@
 """Train the project's own Wan2.1-architecture DiTs on procedural captioned videos in pixels: `wan2.1-demo`
 (videos.py, 32x32x16), `wan2.1-eval` (objects.py, 64x64x16, the fidelity benchmark's model) and its candidate
-successor `wan2.1-eval2` (the same scenes with detail at several scales on a cluttered background,
-cluttered.py). The DiT is
-diffusers' `WanTransformer3DModel` with the preset's config; the text encoder is a word-embedding table.
+successor `wan2.1-eval2` (the same scenes with detail at several scales, every texture a generic random field,
+incoherent.py). The DiT is diffusers' `WanTransformer3DModel` with the preset's config; the text encoder is a
+word-embedding table.
 
     python -m saexport.demo.train --model wan2.1-demo --out DIR --device cuda --minutes 7   # or --steps N
     python -m saexport.demo.train --model wan2.1-eval --out DIR --resume-dir out/eval_train --minutes 24 \\

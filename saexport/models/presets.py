@@ -162,12 +162,12 @@ PRESETS: dict[str, ModelPreset] = {
             bundled_weights=Path(__file__).resolve().parent.parent / "demo" / "eval_weights",
         ),
         # The candidate successor (issue 26): wan2.1-eval's architecture trained on the same scenes drawn with detail
-        # at several scales on a cluttered background (saexport/demo/cluttered.py), the data being what made
-        # wan2.1-eval's attention diffuse (a deeper variant, and detail alone, were no more local:
-        # docs/BENCHMARKS.md). No weights ship while it is under study: give --weights.
+        # at several scales, every texture a generic band-limited field (saexport/demo/incoherent.py), the data
+        # being what made wan2.1-eval's attention diffuse (a deeper variant, detail alone and a cluttered background
+        # were no more local: docs/BENCHMARKS.md). No weights ship while it is under study: give --weights.
         ModelPreset(
             "wan2.1-eval2",
-            "5 layers, 8 heads x 64, detailed videos on cluttered backgrounds: under study, no weights (64x64x16)",
+            "5 layers, 8 heads x 64, detailed videos of incoherent textures: under study, no weights (64x64x16)",
             _wan_config(num_attention_heads=8, attention_head_dim=64, in_channels=3, out_channels=3, text_dim=64,
                         ffn_dim=1024, num_layers=5),
             text_len=32,
