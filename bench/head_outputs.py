@@ -1,5 +1,5 @@
-"""What do a trained model's diffuse heads write? Per head, its share of the layer's attention output and how much
-of that output is the same for every token.
+"""What do a trained model's diffuse heads write? Per head, its share of the layer's attention output, how much of
+that output is the same for every token, and what keeping a third of its keys costs it.
 
 A head that attends to the whole video near-uniformly (bench/locality.py: it keeps about the density itself) may
 carry something video-wide, or it may be a bias: the mean of its values, written alike to every token. On
@@ -10,7 +10,11 @@ O_h W_o[:, h]^T to the layer's output (the projection's bias aside). Two numbers
 
 - share: the root-mean-square of its contribution over the sum of the layer's heads' (1/heads each if equal);
 - constancy: the RMS of its contribution's mean over tokens, over the RMS of the contribution (1: it writes the
-  same vector to every token, a bias; near 0: what it writes varies from token to token).
+  same vector to every token, a bias; near 0: what it writes varies from token to token);
+- at 30% of the keys, for --rows sampled query rows: the attention mass the row's own top 30% of keys hold (an
+  oracle, per row and per token, the most any mask of that size keeps) and the relative error of the head's
+  output when attention is renormalised over those keys alone (RMS of the error over RMS of the output): what
+  the mass a mask drops costs where it is spent.
 
 With --locality (a locality.json of bench/locality.py for the same model and weights), each head's WEST share of
 the mass at 30% is set beside them, and the diffuse heads (below 0.5 at 30%) are compared with the rest. Writes
@@ -31,10 +35,12 @@ from locality import TEST_SEED
 
 from saexport.demo import VIDEO_MODULES, video_module
 from saexport.models.checkpoint import load_model, parse_dtype
+from saexport.models.processors import dense_attention, project_output, project_qkv
 from saexport.models.text_encoder import encode_prompts
 from saexport.models.video_shape import parse_video_shape
 
 DIFFUSE = 0.5  # a head keeping less than this share of the mass at 30% of the blocks is called diffuse here
+KEPT = 0.3  # the share of keys the oracle keeps
 
 
 def head_contributions(attended: torch.Tensor, projection: torch.nn.Linear, heads: int) -> torch.Tensor:
@@ -52,6 +58,43 @@ def share_and_constancy(contributions: torch.Tensor) -> tuple[torch.Tensor, torc
     return rms / rms.sum(), constant / rms
 
 
+def top_keys_cost(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                  kept: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For query `rows` of q, k, v `[L, heads, head_dim]`, per head: the softmax mass of each row's top `kept`
+    share of keys (mean over rows) and the relative error of the output renormalised over them alone."""
+    q, k, v = (t.transpose(0, 1).double() for t in (q[rows], k, v))  # [heads, R or L, head_dim]
+    probs = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)  # [heads, R, L]
+    count = max(1, round(kept * probs.shape[-1]))
+    top = torch.zeros_like(probs).scatter_(-1, probs.topk(count, dim=-1).indices, 1.0)  # exactly count keys, ties too
+    chosen = probs * top
+    mass = chosen.sum(-1, keepdim=True)
+    dense, sparse = probs @ v, (chosen / mass) @ v  # [heads, R, head_dim]
+    error = (sparse - dense).pow(2).mean((1, 2)).sqrt() / dense.pow(2).mean((1, 2)).sqrt()
+    return mass.squeeze(-1).mean(-1), error
+
+
+class MeasuredSelfAttention:
+    """A Wan self-attention processor that runs the model's own and, beside it, recomputes q, k, v (saexport's
+    `project_qkv`, checked against the model's output) to keep the layer's per-head attention output and the
+    sampled rows' top-key cost."""
+
+    def __init__(self, original, rows: torch.Tensor, found: dict):
+        self.original, self.rows, self.found = original, rows, found
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 **kwargs):
+        out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
+        # diffusers' tables repeat each pair's angle; saexport's hold one per pair.
+        query, key, value = project_qkv(attn, hidden_states, tuple(t[..., 0::2] for t in rotary_emb))
+        attended = dense_attention(query, key, value)  # [1, L, heads, head_dim]
+        mine = project_output(attn, attended, query)
+        if not torch.allclose(mine.float(), out.float(), rtol=2e-2, atol=2e-3 * float(out.abs().max())):
+            raise RuntimeError("the recomputed attention differs from the model's: Wan's attention changed")
+        self.found["attended"] = attended[0].flatten(1)
+        self.found["mass"], self.found["error"] = top_keys_cost(query[0], key[0], value[0], self.rows, KEPT)
+        return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="wan2.1-eval", choices=sorted(VIDEO_MODULES))
@@ -61,6 +104,7 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=2, help="Held-out captions (bench/locality.py's first).")
     parser.add_argument("--seed", type=int, default=1000, help="Seed of the rendered videos and their noise.")
     parser.add_argument("--noise-levels", default="0.9,0.6,0.3", help="Flow-matching sigmas, comma-separated.")
+    parser.add_argument("--rows", type=int, default=128, help="Query rows a head's top-key cost is measured on.")
     parser.add_argument("--locality", type=Path, help="bench/locality.py's locality.json for the same weights.")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -89,13 +133,15 @@ def main() -> None:
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed))
     levels = [float(s) for s in args.noise_levels.split(",")]
 
-    attended: dict[int, torch.Tensor] = {}
-    hooks = [block.attn1.to_out[0].register_forward_pre_hook(
-        lambda _module, inputs, layer=layer: attended.__setitem__(layer, inputs[0].detach()))
-        for layer, block in enumerate(model.blocks)]
+    tokens = video.frames * video.height * video.width // (preset.patch_size[1] * preset.patch_size[2])
+    rows = torch.randperm(tokens, generator=torch.Generator().manual_seed(args.seed))[:args.rows]
+    found: list[dict] = [{} for _ in model.blocks]
+    originals = [block.attn1.processor for block in model.blocks]
+    for block, original, place in zip(model.blocks, originals, found, strict=True):
+        block.attn1.set_processor(MeasuredSelfAttention(original, rows.to(args.device), place))
     layers = len(model.blocks)
     share = torch.zeros(len(levels), len(captions), layers, heads, dtype=torch.float64)
-    constancy = torch.zeros_like(share)
+    constancy, top_mass, top_error = torch.zeros_like(share), torch.zeros_like(share), torch.zeros_like(share)
     dtype = next(model.parameters()).dtype
     for i, sigma in enumerate(levels):
         for c in range(len(captions)):
@@ -104,43 +150,50 @@ def main() -> None:
                 model(hidden_states=noisy, timestep=torch.tensor([1000 * sigma], device=args.device),
                       encoder_hidden_states=text[c:c + 1].to(args.device, dtype), return_dict=False)
             for layer, block in enumerate(model.blocks):
-                parts = head_contributions(attended[layer][0].float(), block.attn1.to_out[0].float(), heads)
+                parts = head_contributions(found[layer]["attended"].float(), block.attn1.to_out[0].float(), heads)
                 share[i, c, layer], constancy[i, c, layer] = share_and_constancy(parts)
+                top_mass[i, c, layer], top_error[i, c, layer] = found[layer]["mass"], found[layer]["error"]
             print(f"noise {sigma}: caption {c + 1}/{len(captions)} ({time.perf_counter() - started:.0f} s)",
                   flush=True)
-    for hook in hooks:
-        hook.remove()
+    for block, original in zip(model.blocks, originals, strict=True):
+        block.attn1.set_processor(original)
 
     record = {"model": args.model, "weights": str(loaded.path), "weights_id": loaded.weights_id,
               "grid": list(video.token_grid(preset.patch_size)), "dtype": args.dtype, "captions": captions,
               "seed": args.seed, "noise_levels": levels, "device": str(args.device),
-              "share": share.mean(1).tolist(), "constancy": constancy.mean(1).tolist()}
+              "rows": args.rows, "share": share.mean(1).tolist(), "constancy": constancy.mean(1).tolist(),
+              "top_30_mass": top_mass.mean(1).tolist(), "top_30_error": top_error.mean(1).tolist()}
     mean_share, mean_constancy = share.mean((0, 1)), constancy.mean((0, 1))
-    lines = [f"{args.model}: each head's share of its layer's attention output and its constancy over tokens, "
-             f"{len(captions)} held-out captions, noise levels {args.noise_levels}, {args.dtype}, "
-             f"grid {tuple(video.token_grid(preset.patch_size))}", ""]
+    mean_mass, mean_error = top_mass.mean((0, 1)), top_error.mean((0, 1))
+    lines = [f"{args.model}: each head's share of its layer's attention output, its constancy over tokens and the cost "
+             f"of its top 30% of keys ({args.rows} rows), {len(captions)} held-out captions, noise levels "
+             f"{args.noise_levels}, {args.dtype}, grid {tuple(video.token_grid(preset.patch_size))}", ""]
     if west is not None:
         record["west_30"] = west.tolist()
-    cell = "share x {heads} / constancy" + (" / WEST 30%" if west is not None else "")
+    cell = "share x {heads} / constancy / top-30% mass / top-30% error" + (" / WEST 30%" if west is not None else "")
     lines += [f"| layer | {' | '.join(f'head {h}' for h in range(heads))} |", "|---" * (heads + 1) + "|"]
     for layer in range(layers):
-        cells = [f"{heads * mean_share[layer, h]:.2f} / {mean_constancy[layer, h]:.2f}"
-                 + (f" / {west[layer, h]:.2f}" if west is not None else "") for h in range(heads)]
+        cells = [f"{heads * mean_share[layer, h]:.2f} / {mean_constancy[layer, h]:.2f} / {mean_mass[layer, h]:.2f} / "
+                 f"{mean_error[layer, h]:.3f}" + (f" / {west[layer, h]:.2f}" if west is not None else "")
+                 for h in range(heads)]
         lines.append(f"| {layer} | {' | '.join(cells)} |")
     lines += ["", f"Each cell: {cell.format(heads=heads)}."]
     if west is not None:
         diffuse = west < DIFFUSE
         groups = {"diffuse": diffuse, "the rest": ~diffuse}
         record["groups"] = {}
-        lines += ["", f"| heads (WEST at 30%) | count | share x {heads} | constancy |", "|---|---|---|---|"]
+        lines += ["", f"| heads (WEST at 30%) | count | share x {heads} | constancy | top-30% mass | top-30% error |",
+                  "|---|---|---|---|---|---|"]
         for name, chosen in groups.items():
             if chosen.any():
                 entry = {"count": int(chosen.sum()), "share": float(heads * mean_share[chosen].mean()),
-                         "constancy": float(mean_constancy[chosen].mean())}
+                         "constancy": float(mean_constancy[chosen].mean()),
+                         "top_30_mass": float(mean_mass[chosen].mean()),
+                         "top_30_error": float(mean_error[chosen].mean())}
                 record["groups"][name] = entry
                 label = f"< {DIFFUSE}" if name == "diffuse" else f">= {DIFFUSE}"
                 lines.append(f"| {name} ({label}) | {entry['count']} | {entry['share']:.2f} | "
-                             f"{entry['constancy']:.2f} |")
+                             f"{entry['constancy']:.2f} | {entry['top_30_mass']:.2f} | {entry['top_30_error']:.3f} |")
     seconds = time.perf_counter() - started
     record["seconds"] = round(seconds, 1)
     lines += ["", f"{seconds:.1f} s on {args.device}"]

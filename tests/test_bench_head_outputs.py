@@ -13,7 +13,7 @@ import torch
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
-from head_outputs import head_contributions, share_and_constancy  # noqa: E402
+from head_outputs import head_contributions, share_and_constancy, top_keys_cost  # noqa: E402
 
 from saexport.models.checkpoint import load_model  # noqa: E402
 
@@ -49,6 +49,30 @@ def test_a_head_writing_one_vector_everywhere_is_constant_and_a_varying_one_is_n
     torch.testing.assert_close(share, rms / rms.sum(), rtol=0.05, atol=0)
 
 
+def test_top_keys_cost_matches_a_row_by_row_count_and_its_limits():
+    gen = torch.Generator().manual_seed(6)
+    tokens, heads, head_dim, kept = 50, 3, 8, 0.3
+    q, k, v = (torch.randn(tokens, heads, head_dim, generator=gen, dtype=torch.float64) * 2 for _ in range(3))
+    rows = torch.tensor([0, 7, 49])
+    mass, error = top_keys_cost(q, k, v, rows, kept)
+    for h in range(heads):
+        masses, errors = [], []
+        for r in rows.tolist():
+            p = torch.softmax(q[r, h] @ k[:, h].T / head_dim**0.5, dim=0)
+            top = p.argsort(descending=True)[:15]  # 30% of 50 keys
+            masses.append(p[top].sum())
+            errors.append((p[top] / p[top].sum()) @ v[top, h] - p @ v[:, h])
+        dense = torch.stack([torch.softmax(q[r, h] @ k[:, h].T / head_dim**0.5, 0) @ v[:, h] for r in rows.tolist()])
+        torch.testing.assert_close(mass[h], torch.stack(masses).mean())
+        torch.testing.assert_close(error[h], torch.stack(errors).pow(2).mean().sqrt() / dense.pow(2).mean().sqrt())
+    # Uniform attention (all scores tie): the top 30% hold 30% of the mass; a key that takes it all: no error.
+    flat, _ = top_keys_cost(torch.zeros_like(q), k, v, rows, kept)
+    torch.testing.assert_close(flat, torch.full((heads,), 0.3, dtype=torch.float64))
+    peaked_q = k[:1].expand(tokens, -1, -1) * 50  # every row aligned with key 0, far above the rest
+    mass, error = top_keys_cost(peaked_q, k, v, rows, kept)
+    assert bool((mass > 0.999).all()) and bool((error < 1e-3).all())
+
+
 def test_the_bench_runs_on_the_demo_model_and_joins_a_locality_record(tmp_path):
     weights_id = load_model("wan2.1-demo").weights_id
     west = [[0.3, 0.9, 0.3, 0.9]] * 6  # [layers, heads]: half of the heads diffuse
@@ -61,8 +85,10 @@ def test_the_bench_runs_on_the_demo_model_and_joins_a_locality_record(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((tmp_path / "out" / "head_outputs.json").read_text())
     # [noise levels, layers, heads]
-    share, constancy = (torch.tensor(record[k], dtype=torch.float64) for k in ("share", "constancy"))
-    assert share.shape == constancy.shape == (2, 6, 4)
+    share, constancy, mass, error = (torch.tensor(record[k], dtype=torch.float64)
+                                     for k in ("share", "constancy", "top_30_mass", "top_30_error"))
+    assert share.shape == constancy.shape == mass.shape == error.shape == (2, 6, 4)
+    assert bool(((mass >= 0.3 - 1e-6) & (mass <= 1)).all()) and bool((error >= 0).all())
     torch.testing.assert_close(share.sum(-1), torch.ones(2, 6, dtype=torch.float64))
     assert bool(((constancy > 0) & (constancy <= 1)).all())
     assert record["groups"]["diffuse"]["count"] == record["groups"]["the rest"]["count"] == 12
