@@ -4,7 +4,9 @@ and its shipped weights."""
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
 import torch
 
 from saexport.demo.objects import (
@@ -21,7 +23,7 @@ from saexport.demo.objects import (
     render,
     scenes,
 )
-from saexport.demo.train import TrainingCall, TrainSettings, train
+from saexport.demo.train import TrainingCall, TrainSettings, extended, lr_factor, train
 from saexport.demo.videos import COLOURS
 from saexport.models.checkpoint import load_model
 from saexport.models.presets import get_preset
@@ -155,6 +157,32 @@ def test_training_resumes_exactly_and_writes_sharded_weights(tmp_path):
     a, b = load_model("wan2.1-eval", tmp_path / "whole"), load_model("wan2.1-eval", tmp_path / "split")
     assert all(torch.equal(x, y) for x, y in zip(a.transformer.state_dict().values(),
                                                  b.transformer.state_dict().values(), strict=True))
+
+
+def test_a_finished_run_extends_past_its_plan_at_its_final_learning_rate(tmp_path):
+    """--extend-to: a finished run trains on to a later step, from its saved state or from its weights alone,
+    with the schedule of its planned steps unchanged and its final learning rate held after them."""
+    planned = TrainSettings(frames=2, height=16, width=16, batch=2, low_height=8, low_width=8, low_batch=2,
+                            low_steps=2, steps=2, warmup=1, eval_videos=2, eval_every=1)
+    done = train(planned, TrainingCall(tmp_path / "run", model="wan2.1-eval", resume_dir=tmp_path / "state"))
+    assert (done["status"], done["steps_run"]) == ("finished", 4)
+    shutil.copytree(tmp_path / "run", tmp_path / "weights_only")
+    more = train(TrainSettings(), TrainingCall(tmp_path / "run", model="wan2.1-eval", resume_dir=tmp_path / "state",
+                                               extend_to=6))
+    assert (more["status"], more["steps_run"], more["settings"]["extra_steps"]) == ("finished", 6, 2)
+    assert [call["steps"] for call in more["calls"]] == [[0, 4], [4, 6]]
+    assert [e["step"] for e in more["held_out_loss"]][-2:] == [5, 6]
+    warm = train(TrainSettings(), TrainingCall(tmp_path / "warm", model="wan2.1-eval",
+                                               warm_start=tmp_path / "weights_only", extend_to=5))
+    assert (warm["status"], warm["steps_run"]) == ("finished", 5)
+    longer = extended(planned, 6)
+    assert [lr_factor(step, longer, 6) for step in (1, 2, 3, 4)] == [lr_factor(step, planned, 4) for step in
+                                                                       (1, 2, 3, 4)]
+    assert lr_factor(5, longer, 6) == lr_factor(6, longer, 6) == planned.final_lr_fraction
+    assert extended(planned, 3).extra_steps == 0  # never before the plan's own end
+    with pytest.raises(ValueError, match="continues a run"):
+        train(planned, TrainingCall(tmp_path / "new", model="wan2.1-eval", resume_dir=tmp_path / "empty",
+                                    extend_to=6))
 
 
 def test_shipped_weights_are_small_sharded_and_recorded():

@@ -7,6 +7,8 @@ word-embedding table.
     python -m saexport.demo.train --model wan2.1-demo --out DIR --device cuda --minutes 7   # or --steps N
     python -m saexport.demo.train --model wan2.1-eval --out DIR --resume-dir out/eval_train --minutes 24 \\
         --call-minutes 9 --compile                                                  # rerun to continue
+    python -m saexport.demo.train --model wan2.1-eval --out DIR --warm-start saexport/demo/eval_weights \\
+        --resume-dir out/eval_more --extend-to 18000 --call-minutes 9 --compile     # train the shipped model on
 
 Objective: the one Wan's sampler assumes (diffusers' flow-matching UniPC): x_t = (1 - s) x0 + s noise, timestep
 1000 s, target noise - x0; s is drawn through the sampler's flow shift, so training sees the noise levels
@@ -26,7 +28,9 @@ generator, curves, plan) is written there atomically every `checkpoint_every` st
 a rerun continues from it. --call-minutes ends a call (state saved, weights written) so that training spans
 several calls of a time-limited machine. Batch i is rendered from seed (seed, i): the data stream resumes
 exactly. --warm-start DIR continues from a checkpoint folder this script wrote (EMA weights, step and curves;
-a fresh optimizer) where the resume state is lost.
+a fresh optimizer) where the resume state is lost. --extend-to STEP trains a resumed or warm-started run past its
+plan, to global step STEP, at the plan's final learning rate (the held-out plateau still ends it): training longer
+without changing what the first steps did.
 
 Held-out loss: every `eval_every` steps, the EMA model's loss on fixed held-out captions (never trained on),
 fixed render seeds, fixed noise and fixed noise levels spread over the training distribution, at the full size
@@ -83,6 +87,7 @@ class TrainSettings:
     caption_dropout: float = 0.1
     flow_shift: float = 3.0  # the sampler's shift at these sizes (runtime.schedule.flow_shift_for)
     steps: int = 0  # steps at height x width; 0: fixed from --minutes after 50 timed steps
+    extra_steps: int = 0  # full-size steps past the schedule's end (--extend-to), at its final learning rate
     # Progressive resolution: low_steps steps at low_height x low_width (batch low_batch) first; 0: none.
     low_height: int = 0
     low_width: int = 0
@@ -122,7 +127,7 @@ class Stage:
 def stages_of(s: TrainSettings) -> list[Stage]:
     """The low-resolution stage (if any), then the full-size one, as global step ranges."""
     low = (s.low_steps or UNPLANNED) if s.low_height else 0
-    full = Stage(s.height, s.width, s.batch, low, low + (s.steps or UNPLANNED))
+    full = Stage(s.height, s.width, s.batch, low, low + (s.steps + s.extra_steps if s.steps else UNPLANNED))
     return [Stage(s.low_height, s.low_width, s.low_batch, 0, low), full] if s.low_height else [full]
 
 
@@ -364,12 +369,14 @@ def _synchronize(device: str) -> None:
 
 
 def lr_factor(step: int, settings: TrainSettings, planned: int) -> float:
-    """Linear warm-up, then cosine decay to `final_lr_fraction` at the planned last step."""
+    """Linear warm-up, then cosine decay to `final_lr_fraction` at the planned last step (before an extension's
+    `extra_steps`, which hold it there)."""
     if step < settings.warmup:
         return step / settings.warmup
     if planned >= UNPLANNED:
         return 1.0  # the step count is not fixed yet (still timing)
-    progress = min(1.0, (step - settings.warmup) / max(1, planned - settings.warmup))
+    end = planned - settings.extra_steps
+    progress = min(1.0, (step - settings.warmup) / max(1, end - settings.warmup))
     return settings.final_lr_fraction + (1 - settings.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -396,7 +403,8 @@ class TrainingCall:
     """Where and how one call of a (resumable) training run goes: the weights' folder `out`, the device, a time
     budget for the whole run (`minutes`: the plan is fixed from the measured step time) and for this call
     (`call_minutes`, `call_steps`: it pauses, saving its state to `resume_dir`), data-loader workers, the model,
-    `torch.compile` of the blocks, and a checkpoint to start from (`warm_start`)."""
+    `torch.compile` of the blocks, a checkpoint to start from (`warm_start`), and the global step a resumed or
+    warm-started run is extended to (`extend_to`)."""
 
     out: Path
     device: str = "cpu"
@@ -408,6 +416,16 @@ class TrainingCall:
     call_steps: int | None = None
     compile_blocks: bool = False
     warm_start: Path | None = None
+    extend_to: int | None = None
+
+
+def extended(settings: TrainSettings, extend_to: int) -> TrainSettings:
+    """`settings` of a planned run whose full-size stage now ends at global step `extend_to` (never before its
+    schedule's end): the steps past it run at the schedule's final learning rate."""
+    if not settings.steps:
+        raise ValueError("only a run whose plan is fixed can be extended")
+    return replace(settings, extra_steps=max(0, extend_to - (settings.low_steps if settings.low_height else 0)
+                                             - settings.steps))
 
 
 def train(settings: TrainSettings, call: TrainingCall) -> dict:
@@ -424,6 +442,10 @@ def train(settings: TrainSettings, call: TrainingCall) -> dict:
     earlier = json.loads((warm_start / "training.json").read_text()) if state is None and warm_start else None
     if state is not None or earlier is not None:
         settings = TrainSettings(**(state or earlier)["settings"])  # the continued run's settings and plan win
+        if call.extend_to is not None:
+            settings = extended(settings, call.extend_to)
+    elif call.extend_to is not None:
+        raise ValueError("--extend-to continues a run: give its --resume-dir state or --warm-start")
     trainer = Trainer(model, settings, device)
     if state is not None:
         trainer.load_state(state)
@@ -548,18 +570,23 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks.")
     parser.add_argument("--warm-start", type=Path, help="Without a resume state: continue from this checkpoint "
                         "folder's weights and record (fresh optimizer).")
+    parser.add_argument("--extend-to", type=int, help="Continue a resumed or warm-started run to this global step "
+                        "(the steps past its plan at its final learning rate; the held-out plateau still stops it).")
     args = parser.parse_args()
     defaults = RECIPES[args.model]
     has_low = bool(defaults.low_height)
-    if not args.steps and args.minutes is None and not args.resume_dir:
-        parser.error("give --steps (and --low-steps), --minutes, or a --resume-dir to continue")
+    if args.extend_to is not None and not args.warm_start and not (args.resume_dir and
+                                                                    (args.resume_dir / STATE_FILE).is_file()):
+        parser.error("--extend-to continues a run: give its --resume-dir (with a saved state) or --warm-start")
+    if not args.steps and args.minutes is None and not args.resume_dir and not args.warm_start:
+        parser.error("give --steps (and --low-steps), --minutes, or a --resume-dir or --warm-start to continue")
     if has_low and bool(args.steps) != bool(args.low_steps):
         parser.error(f"{args.model} trains in two stages: give both --low-steps and --steps, or --minutes")
     settings = replace(defaults, seed=args.seed, steps=args.steps, low_steps=args.low_steps,
                        batch=args.batch or defaults.batch)
     record = train(settings, TrainingCall(args.out, args.device, args.minutes, args.workers, args.model,
                                           args.resume_dir, args.call_minutes, args.call_steps, args.compile,
-                                          args.warm_start))
+                                          args.warm_start, args.extend_to))
     print(f"{record['status']}: {record['steps_run']} steps, {record['seconds']} s trained; wrote {args.out}")
 
 
