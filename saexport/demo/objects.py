@@ -77,9 +77,9 @@ DETAILED = Look(object_octaves=(((3.0, 6.0), 1.0), ((6.0, 10.0), 0.8), ((10.0, 1
 # at the same place in other frames, the ones worth attending to. Measured: no more local either.
 CLUTTERED = replace(DETAILED, clutter=(24, 48), clutter_size=(0.03, 0.08))
 # DETAILED with every texture a generic band-limited field (issue 26): in PLAIN, DETAILED and CLUTTERED a texture is
-# a few dozen sinusoids, so a head that pools the whole frame can estimate them far better than a neighbourhood can,
-# where a natural texture's far parts say nothing about a token. The same bands and weights, two waves per mode (a
-# sum near enough to Gaussian).
+# a few dozen sinusoids, which a head pooling the whole frame might estimate better than a neighbourhood can, where a
+# natural texture's far parts say nothing about a token. The same bands and weights, two waves per mode (a sum near
+# enough to Gaussian). Measured: no more local either (0.554 of the mass at 30%, the others' 0.55-0.58 at that length).
 INCOHERENT = replace(DETAILED, waves_per_mode=2.0)
 STILL_FRACTION = 0.2  # objects that do not move (the caption names no motion)
 
