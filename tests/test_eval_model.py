@@ -180,7 +180,7 @@ def test_a_finished_run_extends_past_its_plan_at_its_final_learning_rate(tmp_pat
                                                                        (1, 2, 3, 4)]
     assert lr_factor(5, longer, 6) == lr_factor(6, longer, 6) == planned.final_lr_fraction
     assert extended(planned, 3).extra_steps == 0  # never before the plan's own end
-    with pytest.raises(ValueError, match="continues a run"):
+    with pytest.raises(ValueError, match="extend_to continues a run"):
         train(planned, TrainingCall(tmp_path / "new", model="wan2.1-eval", resume_dir=tmp_path / "empty",
                                     extend_to=6))
 

@@ -445,7 +445,7 @@ def train(settings: TrainSettings, call: TrainingCall) -> dict:
         if call.extend_to is not None:
             settings = extended(settings, call.extend_to)
     elif call.extend_to is not None:
-        raise ValueError("--extend-to continues a run: give its --resume-dir state or --warm-start")
+        raise ValueError("extend_to continues a run: it needs a saved resume state or a warm-start checkpoint")
     trainer = Trainer(model, settings, device)
     if state is not None:
         trainer.load_state(state)
