@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from locality import TEST_SEED
 
 from saexport.demo import VIDEO_MODULES, video_module
 from saexport.models.checkpoint import load_model, parse_dtype
+from saexport.models.dit import rope_tables
 from saexport.models.processors import dense_attention, project_output, project_qkv
 from saexport.models.text_encoder import encode_prompts
 from saexport.models.video_shape import parse_video_shape
@@ -75,17 +77,16 @@ def top_keys_cost(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch
 
 class MeasuredSelfAttention:
     """A Wan self-attention processor that runs the model's own and, beside it, recomputes q, k, v (saexport's
-    `project_qkv`, checked against the model's output) to keep the layer's per-head attention output and the
-    sampled rows' top-key cost."""
+    `project_qkv` with its RoPE tables `rope`, checked against the model's output) to keep the layer's per-head
+    attention output and the sampled rows' top-key cost."""
 
-    def __init__(self, original, rows: torch.Tensor, found: dict):
-        self.original, self.rows, self.found = original, rows, found
+    def __init__(self, original, rope: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor, found: dict):
+        self.original, self.rope, self.rows, self.found = original, rope, rows, found
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
                  **kwargs):
         out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
-        # diffusers' tables repeat each pair's angle; saexport's hold one per pair.
-        query, key, value = project_qkv(attn, hidden_states, tuple(t[..., 0::2] for t in rotary_emb))
+        query, key, value = project_qkv(attn, hidden_states, self.rope)
         attended = dense_attention(query, key, value)  # [1, L, heads, head_dim]
         mine = project_output(attn, attended, query)
         if not torch.allclose(mine.float(), out.float(), rtol=2e-2, atol=2e-3 * float(out.abs().max())):
@@ -133,12 +134,13 @@ def main() -> None:
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed))
     levels = [float(s) for s in args.noise_levels.split(",")]
 
-    tokens = video.frames * video.height * video.width // (preset.patch_size[1] * preset.patch_size[2])
-    rows = torch.randperm(tokens, generator=torch.Generator().manual_seed(args.seed))[:args.rows]
+    grid = video.token_grid(preset.patch_size)
+    rows = torch.randperm(math.prod(grid), generator=torch.Generator().manual_seed(args.seed))[:args.rows]
+    rope = tuple(t.to(args.device) for t in rope_tables(model, grid))
     found: list[dict] = [{} for _ in model.blocks]
     originals = [block.attn1.processor for block in model.blocks]
     for block, original, place in zip(model.blocks, originals, found, strict=True):
-        block.attn1.set_processor(MeasuredSelfAttention(original, rows.to(args.device), place))
+        block.attn1.set_processor(MeasuredSelfAttention(original, rope, rows.to(args.device), place))
     layers = len(model.blocks)
     share = torch.zeros(len(levels), len(captions), layers, heads, dtype=torch.float64)
     constancy, top_mass, top_error = torch.zeros_like(share), torch.zeros_like(share), torch.zeros_like(share)
@@ -159,7 +161,7 @@ def main() -> None:
         block.attn1.set_processor(original)
 
     record = {"model": args.model, "weights": str(loaded.path), "weights_id": loaded.weights_id,
-              "grid": list(video.token_grid(preset.patch_size)), "dtype": args.dtype, "captions": captions,
+              "grid": list(grid), "dtype": args.dtype, "captions": captions,
               "seed": args.seed, "noise_levels": levels, "device": str(args.device),
               "rows": args.rows, "share": share.mean(1).tolist(), "constancy": constancy.mean(1).tolist(),
               "top_30_mass": top_mass.mean(1).tolist(), "top_30_error": top_error.mean(1).tolist()}
@@ -167,7 +169,7 @@ def main() -> None:
     mean_mass, mean_error = top_mass.mean((0, 1)), top_error.mean((0, 1))
     lines = [f"{args.model}: each head's share of its layer's attention output, its constancy over tokens and the cost "
              f"of its top 30% of keys ({args.rows} rows), {len(captions)} held-out captions, noise levels "
-             f"{args.noise_levels}, {args.dtype}, grid {tuple(video.token_grid(preset.patch_size))}", ""]
+             f"{args.noise_levels}, {args.dtype}, grid {tuple(grid)}", ""]
     if west is not None:
         record["west_30"] = west.tolist()
     cell = "share x {heads} / constancy / top-30% mass / top-30% error" + (" / WEST 30%" if west is not None else "")

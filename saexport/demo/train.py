@@ -424,8 +424,7 @@ def extended(settings: TrainSettings, extend_to: int) -> TrainSettings:
     schedule's end): the steps past it run at the schedule's final learning rate."""
     if not settings.steps:
         raise ValueError("only a run whose plan is fixed can be extended")
-    return replace(settings, extra_steps=max(0, extend_to - (settings.low_steps if settings.low_height else 0)
-                                             - settings.steps))
+    return replace(settings, extra_steps=max(0, extend_to - stages_of(settings)[-1].start - settings.steps))
 
 
 def train(settings: TrainSettings, call: TrainingCall) -> dict:
