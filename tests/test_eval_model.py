@@ -185,6 +185,18 @@ def test_a_finished_run_extends_past_its_plan_at_its_final_learning_rate(tmp_pat
                                     extend_to=6))
 
 
+def test_past_plateau_records_the_plateau_and_trains_on_to_the_plan_end(tmp_path):
+    """A tolerance no evaluation can beat makes the run plateau as soon as the rule can tell (step 2);
+    --past-plateau records the plateau and trains on to the planned last step."""
+    flat = TrainSettings(frames=2, height=16, width=16, batch=2, steps=4, warmup=1, eval_videos=2, eval_every=1,
+                         plateau_evals=1, plateau_tolerance=1.0)
+    stopped = train(flat, TrainingCall(tmp_path / "stopped", model="wan2.1-demo"))
+    assert (stopped["status"], stopped["steps_run"], stopped["plateaued"]) == ("plateau", 2, True)
+    onward = train(flat, TrainingCall(tmp_path / "onward", model="wan2.1-demo", past_plateau=True))
+    assert (onward["status"], onward["steps_run"], onward["plateaued"]) == ("finished", 4, True)
+    assert [e["step"] for e in onward["held_out_loss"]] == [0, 1, 2, 3, 4]
+
+
 def test_shipped_weights_are_small_sharded_and_recorded():
     files = [f for f in WEIGHTS.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) <= 36 * 2**20  # the working tree must stay under 64 MiB

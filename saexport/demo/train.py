@@ -29,8 +29,8 @@ a rerun continues from it. --call-minutes ends a call (state saved, weights writ
 several calls of a time-limited machine. Batch i is rendered from seed (seed, i): the data stream resumes
 exactly. --warm-start DIR continues from a checkpoint folder this script wrote (EMA weights, step and curves;
 a fresh optimizer) where the resume state is lost. --extend-to STEP trains a resumed or warm-started run past its
-plan, to global step STEP, at the plan's final learning rate (the held-out plateau still ends it): training longer
-without changing what the first steps did.
+plan, to global step STEP, at the plan's final learning rate (the held-out plateau still ends it, unless
+--past-plateau): training longer without changing what the first steps did.
 
 Held-out loss: every `eval_every` steps, the EMA model's loss on fixed held-out captions (never trained on),
 fixed render seeds, fixed noise and fixed noise levels spread over the training distribution, at the full size
@@ -403,8 +403,9 @@ class TrainingCall:
     """Where and how one call of a (resumable) training run goes: the weights' folder `out`, the device, a time
     budget for the whole run (`minutes`: the plan is fixed from the measured step time) and for this call
     (`call_minutes`, `call_steps`: it pauses, saving its state to `resume_dir`), data-loader workers, the model,
-    `torch.compile` of the blocks, a checkpoint to start from (`warm_start`), and the global step a resumed or
-    warm-started run is extended to (`extend_to`)."""
+    `torch.compile` of the blocks, a checkpoint to start from (`warm_start`), the global step a resumed or
+    warm-started run is extended to (`extend_to`), and whether a held-out plateau is recorded without ending the
+    run (`past_plateau`: to measure what training changes once the loss no longer does)."""
 
     out: Path
     device: str = "cpu"
@@ -417,6 +418,7 @@ class TrainingCall:
     compile_blocks: bool = False
     warm_start: Path | None = None
     extend_to: int | None = None
+    past_plateau: bool = False
 
 
 def extended(settings: TrainSettings, extend_to: int) -> TrainSettings:
@@ -429,8 +431,8 @@ def extended(settings: TrainSettings, extend_to: int) -> TrainSettings:
 
 def train(settings: TrainSettings, call: TrainingCall) -> dict:
     """Train (or continue training) `call.model` with `settings` (a resumed run's saved settings win) until its
-    plan ends, its held-out loss plateaus, or the call's budget is spent; write the EMA weights and
-    `training.json` to `call.out`. Returns the record."""
+    plan ends, its held-out loss plateaus (unless `call.past_plateau`), or the call's budget is spent; write the
+    EMA weights and `training.json` to `call.out`. Returns the record."""
     out, device, minutes, workers, model = call.out, call.device, call.minutes, call.workers, call.model
     resume_dir, call_minutes, call_steps, warm_start = call.resume_dir, call.call_minutes, call.call_steps, \
         call.warm_start
@@ -497,7 +499,7 @@ def train(settings: TrainSettings, call: TrainingCall) -> dict:
             end = stages_of(s)[index].end  # the plan may have just fixed it
             if step % s.eval_every == 0 or step == end:
                 trainer.evaluate()
-                if trainer.plateaued():
+                if trainer.plateaued() and not call.past_plateau:
                     status = "plateau"
             if resume_dir and step % s.checkpoint_every == 0:
                 trainer.save_state(resume_dir)
@@ -571,6 +573,8 @@ def main() -> None:
                         "folder's weights and record (fresh optimizer).")
     parser.add_argument("--extend-to", type=int, help="Continue a resumed or warm-started run to this global step "
                         "(the steps past its plan at its final learning rate; the held-out plateau still stops it).")
+    parser.add_argument("--past-plateau", action="store_true", help="Record a held-out plateau without stopping "
+                        "(train on to the plan's end, e.g. to see what attention does once the loss is flat).")
     args = parser.parse_args()
     defaults = RECIPES[args.model]
     has_low = bool(defaults.low_height)
@@ -585,7 +589,7 @@ def main() -> None:
                        batch=args.batch or defaults.batch)
     record = train(settings, TrainingCall(args.out, args.device, args.minutes, args.workers, args.model,
                                           args.resume_dir, args.call_minutes, args.call_steps, args.compile,
-                                          args.warm_start, args.extend_to))
+                                          args.warm_start, args.extend_to, args.past_plateau))
     print(f"{record['status']}: {record['steps_run']} steps, {record['seconds']} s trained; wrote {args.out}")
 
 
