@@ -28,6 +28,7 @@ from saexport.demo.videos import COLOURS
 from saexport.models.checkpoint import load_model
 from saexport.models.presets import get_preset
 from saexport.models.text_encoder import encode_prompts
+from saexport.models.video_shape import parse_video_shape
 from saexport.models.word_encoder import WordEncoder
 
 EVAL = get_preset("wan2.1-eval")
@@ -88,8 +89,9 @@ def test_objects_move_as_captioned_under_a_pan():
 
 
 def test_clutter_is_still_and_drawn_in_the_background_tones():
-    """wan2.1-eval2's clutter: still shapes on the background, every pixel on the background's tone curve (where the
-    caption check reads background), covering part of the frame, and nothing else of the scene changed."""
+    """CLUTTERED (a successor candidate): still shapes on the background, every pixel on the background's tone
+    curve (where the caption check reads background), covering part of the frame, and nothing else of the scene
+    changed."""
     scene = Scene((), "purple", "noise", pan=None)  # no objects: only the background and its clutter
     plain, cluttered = (render([scene], 6, 64, 64, seed=seed, look=look)[0] for seed, look in
                         ((5, DETAILED), (5, CLUTTERED)))
@@ -104,9 +106,9 @@ def test_clutter_is_still_and_drawn_in_the_background_tones():
 
 
 def test_incoherent_textures_spread_their_power_over_many_more_waves():
-    """wan2.1-eval2's textures: the same band and unit variance as DETAILED's, but about four times the waves. Seen
-    through a window eight frames wide (fine enough to tell the waves apart), half of the field's power takes over
-    three times as many spectral bins; a wrong count, band or normalisation moves one of these."""
+    """INCOHERENT (a successor candidate): the same band and unit variance as DETAILED's, but about four times the
+    waves. Seen through a window eight frames wide (fine enough to tell the waves apart), half of the field's power
+    takes over three times as many spectral bins; a wrong count, band or normalisation moves one of these."""
     size, span = 256, 8.0  # pixels and frame widths: 32 pixels a frame, above the Nyquist rate of 9 cycles
     x = (torch.arange(size, dtype=torch.float64) + 0.5) / size * span
     window = torch.hann_window(size, dtype=torch.float64)
@@ -195,6 +197,25 @@ def test_past_plateau_records_the_plateau_and_trains_on_to_the_plan_end(tmp_path
     onward = train(flat, TrainingCall(tmp_path / "onward", model="wan2.1-demo", past_plateau=True))
     assert (onward["status"], onward["steps_run"], onward["plateaued"]) == ("finished", 4, True)
     assert [e["step"] for e in onward["held_out_loss"]] == [0, 1, 2, 3, 4]
+
+
+def test_the_successor_candidate_sees_the_same_token_grid_in_4x4_pixel_tokens(tmp_path):
+    """wan2.1-eval2 cuts twice the pixels into the same 16x32x32 grid as wan2.1-eval; a run of it writes a checkpoint
+    that loads with 4x4-pixel patches and predicts a whole video from it."""
+    successor = get_preset("wan2.1-eval2")
+    grids = [parse_video_shape(p.defaults.resolution, p.defaults.frames, p.codec).token_grid(p.patch_size)
+             for p in (EVAL, successor)]
+    assert grids == [(16, 32, 32), (16, 32, 32)] and successor.patch_size == (1, 4, 4)
+    settings = TrainSettings(frames=2, height=16, width=16, batch=2, low_height=8, low_width=8, low_batch=2,
+                             low_steps=1, steps=1, warmup=1, eval_videos=2, eval_every=1)
+    record = train(settings, TrainingCall(tmp_path / "run", model="wan2.1-eval2"))
+    assert (record["status"], record["steps_run"]) == ("finished", 2)
+    model = load_model("wan2.1-eval2", tmp_path / "run")
+    assert tuple(model.transformer.config.patch_size) == (1, 4, 4)
+    video = render(scenes(1, seed=5, held_out=True), 2, 16, 16, seed=5)
+    prediction = model.transformer(video, timestep=torch.tensor([500.0]),
+                                   encoder_hidden_states=torch.randn(1, 32, 64), return_dict=False)[0]
+    assert prediction.shape == video.shape and torch.isfinite(prediction).all()
 
 
 def test_shipped_weights_are_small_sharded_and_recorded():

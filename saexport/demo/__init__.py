@@ -6,7 +6,7 @@ import importlib
 
 # The module that draws and renders each trained model's videos (`scenes(count, seed, held_out)`, `render`).
 VIDEO_MODULES = {"wan2.1-demo": "saexport.demo.videos", "wan2.1-eval": "saexport.demo.objects",
-                 "wan2.1-eval2": "saexport.demo.incoherent"}
+                 "wan2.1-eval2": "saexport.demo.objects"}
 
 
 def video_module(model: str):

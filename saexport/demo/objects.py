@@ -8,8 +8,8 @@ depth order. The caption says what is drawn, back to front:
 "a red circle moving left and a white square and an orange ring moving up on blue clouds camera panning down".
 What the caption leaves open (sizes, travel, how much texture detail, at which scales) is a `Look`: `PLAIN` is
 wan2.1-eval's; `DETAILED` adds detail at several scales, smaller and slower objects; `CLUTTERED` adds small still
-shapes in the background's tones; `INCOHERENT`, wan2.1-eval2's (incoherent.py), is DETAILED with textures of many
-more waves.
+shapes in the background's tones; `INCOHERENT` is DETAILED with textures of many more waves (the last three were
+candidates for wan2.1-eval's successor, issue 26; wan2.1-eval2 draws PLAIN videos at twice the resolution).
 
 Motions are relative to the background (what a viewer reads as the object's own motion); a camera pan moves the
 whole picture the other way, slower than any moving object (pans travel 0.08-0.16 of the frame over the clip,

@@ -1,8 +1,7 @@
 """Train the project's own Wan2.1-architecture DiTs on procedural captioned videos in pixels: `wan2.1-demo`
 (videos.py, 32x32x16), `wan2.1-eval` (objects.py, 64x64x16, the fidelity benchmark's model) and its candidate
-successor `wan2.1-eval2` (the same scenes with detail at several scales, every texture a generic random field,
-incoherent.py). The DiT is diffusers' `WanTransformer3DModel` with the preset's config; the text encoder is a
-word-embedding table.
+successor `wan2.1-eval2` (the same videos at 128x128x16 in tokens of 4x4 pixels: the same token grid). The DiT
+is diffusers' `WanTransformer3DModel` with the preset's config; the text encoder is a word-embedding table.
 
     python -m saexport.demo.train --model wan2.1-demo --out DIR --device cuda --minutes 7   # or --steps N
     python -m saexport.demo.train --model wan2.1-eval --out DIR --resume-dir out/eval_train --minutes 24 \\
@@ -111,8 +110,10 @@ RECIPES = {
                                  low_time_fraction=0.6, ema=0.998),
 }
 # wan2.1-eval's held-out loss at 64x64 fell from 0.067 to 0.036 in its full-size stage alone (the low stage had
-# left it flat): its successor spends most of its time on the grid it is measured on.
-RECIPES["wan2.1-eval2"] = replace(RECIPES["wan2.1-eval"], low_time_fraction=0.3)
+# left it flat): its successor spends most of its time on the grid it is measured on. Its 4x4-pixel tokens make
+# the same token grids of twice the pixels: the same attention cost a step.
+RECIPES["wan2.1-eval2"] = replace(RECIPES["wan2.1-eval"], height=128, width=128, low_height=64, low_width=64,
+                                  low_time_fraction=0.3)
 
 
 @dataclass(frozen=True)

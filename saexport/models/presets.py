@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,8 @@ def _normalise(value: Any) -> Any:
 
 # How the evaluation models (wan2.1-eval and its candidate successor) run: their training grid, bf16 as measured.
 EVAL_RUN = RunDefaults(resolution="64x64", frames=16, block_size=64, layout="tile3d:4x4x4", steps=20, dtype="bf16")
+# The same token grid (16x32x32) from four times the pixels: tokens of 4x4 pixels.
+EVAL2_RUN = replace(EVAL_RUN, resolution="128x128")
 
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
@@ -161,18 +163,18 @@ PRESETS: dict[str, ModelPreset] = {
             defaults=EVAL_RUN,
             bundled_weights=Path(__file__).resolve().parent.parent / "demo" / "eval_weights",
         ),
-        # The candidate successor (issue 26): wan2.1-eval's architecture trained on the same scenes drawn with detail
-        # at several scales, every texture a generic band-limited field (saexport/demo/incoherent.py), the data
-        # being what made wan2.1-eval's attention diffuse (a deeper variant, detail alone and a cluttered background
-        # were no more local: docs/BENCHMARKS.md). No weights ship while it is under study: give --weights.
+        # The candidate successor (issue 26): wan2.1-eval on the same videos at twice the resolution, each token a
+        # 4x4-pixel patch instead of 2x2, so that a token holds more of the picture and its neighbours repeat less
+        # of it, as a Wan2.1 token holds a VAE latent of 16x16 pixels (depth, detail, clutter and incoherent
+        # textures were no more local: docs/BENCHMARKS.md). No weights ship while it is under study: give --weights.
         ModelPreset(
             "wan2.1-eval2",
-            "5 layers, 8 heads x 64, detailed videos of incoherent textures: under study, no weights (64x64x16)",
-            _wan_config(num_attention_heads=8, attention_head_dim=64, in_channels=3, out_channels=3, text_dim=64,
-                        ffn_dim=1024, num_layers=5),
+            "5 layers, 8 heads x 64, 4x4-pixel tokens of wan2.1-eval's videos: under study, no weights (128x128x16)",
+            _wan_config(patch_size=[1, 4, 4], num_attention_heads=8, attention_head_dim=64, in_channels=3,
+                        out_channels=3, text_dim=64, ffn_dim=1024, num_layers=5),
             text_len=32,
             codec=PIXELS,
-            defaults=EVAL_RUN,
+            defaults=EVAL2_RUN,
         ),
         ModelPreset(
             "wan2.1-small",
