@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -33,6 +34,13 @@ from saexport.models.word_encoder import WordEncoder
 
 EVAL = get_preset("wan2.1-eval")
 WEIGHTS = EVAL.bundled_weights
+
+
+def tiny_run(**changes) -> TrainSettings:
+    """A two-stage run small enough for the CPU (8x8, then 16x16, two frames, held-out loss every step)."""
+    base = TrainSettings(frames=2, height=16, width=16, batch=2, low_height=8, low_width=8, low_batch=2, warmup=1,
+                         eval_videos=2, eval_every=1)
+    return replace(base, **changes)
 
 
 def test_videos_follow_their_captions_and_seeds():
@@ -142,8 +150,7 @@ def test_training_resumes_exactly_and_writes_sharded_weights(tmp_path):
     """Two calls of a resumable run give the weights one call gives; weights over SHARD_BYTES are sharded."""
 
     def settings() -> TrainSettings:
-        return TrainSettings(frames=2, height=16, width=16, batch=2, low_height=8, low_width=8, low_batch=2,
-                             low_steps=2, steps=1, warmup=1, eval_videos=2, eval_every=1)
+        return tiny_run(low_steps=2, steps=1)
 
     whole = train(settings(), TrainingCall(tmp_path / "whole", model="wan2.1-eval", resume_dir=tmp_path / "a"))
     first = train(settings(), TrainingCall(tmp_path / "split", model="wan2.1-eval", resume_dir=tmp_path / "b",
@@ -164,8 +171,7 @@ def test_training_resumes_exactly_and_writes_sharded_weights(tmp_path):
 def test_a_finished_run_extends_past_its_plan_at_its_final_learning_rate(tmp_path):
     """--extend-to: a finished run trains on to a later step, from its saved state or from its weights alone,
     with the schedule of its planned steps unchanged and its final learning rate held after them."""
-    planned = TrainSettings(frames=2, height=16, width=16, batch=2, low_height=8, low_width=8, low_batch=2,
-                            low_steps=2, steps=2, warmup=1, eval_videos=2, eval_every=1)
+    planned = tiny_run(low_steps=2, steps=2)
     done = train(planned, TrainingCall(tmp_path / "run", model="wan2.1-eval", resume_dir=tmp_path / "state"))
     assert (done["status"], done["steps_run"]) == ("finished", 4)
     shutil.copytree(tmp_path / "run", tmp_path / "weights_only")
@@ -190,8 +196,7 @@ def test_a_finished_run_extends_past_its_plan_at_its_final_learning_rate(tmp_pat
 def test_past_plateau_records_the_plateau_and_trains_on_to_the_plan_end(tmp_path):
     """A tolerance no evaluation can beat makes the run plateau as soon as the rule can tell (step 2);
     --past-plateau records the plateau and trains on to the planned last step."""
-    flat = TrainSettings(frames=2, height=16, width=16, batch=2, steps=4, warmup=1, eval_videos=2, eval_every=1,
-                         plateau_evals=1, plateau_tolerance=1.0)
+    flat = tiny_run(low_height=0, low_width=0, steps=4, plateau_evals=1, plateau_tolerance=1.0)
     stopped = train(flat, TrainingCall(tmp_path / "stopped", model="wan2.1-demo"))
     assert (stopped["status"], stopped["steps_run"], stopped["plateaued"]) == ("plateau", 2, True)
     onward = train(flat, TrainingCall(tmp_path / "onward", model="wan2.1-demo", past_plateau=True))
@@ -206,15 +211,15 @@ def test_the_successor_candidate_sees_the_same_token_grid_in_4x4_pixel_tokens(tm
     grids = [parse_video_shape(p.defaults.resolution, p.defaults.frames, p.codec).token_grid(p.patch_size)
              for p in (EVAL, successor)]
     assert grids == [(16, 32, 32), (16, 32, 32)] and successor.patch_size == (1, 4, 4)
-    settings = TrainSettings(frames=2, height=16, width=16, batch=2, low_height=8, low_width=8, low_batch=2,
-                             low_steps=1, steps=1, warmup=1, eval_videos=2, eval_every=1)
-    record = train(settings, TrainingCall(tmp_path / "run", model="wan2.1-eval2"))
+    record = train(tiny_run(low_steps=1, steps=1), TrainingCall(tmp_path / "run", model="wan2.1-eval2"))
     assert (record["status"], record["steps_run"]) == ("finished", 2)
     model = load_model("wan2.1-eval2", tmp_path / "run")
     assert tuple(model.transformer.config.patch_size) == (1, 4, 4)
     video = render(scenes(1, seed=5, held_out=True), 2, 16, 16, seed=5)
     prediction = model.transformer(video, timestep=torch.tensor([500.0]),
-                                   encoder_hidden_states=torch.randn(1, 32, 64), return_dict=False)[0]
+                                   encoder_hidden_states=torch.randn(1, successor.text_len,
+                                                                     successor.config["text_dim"]),
+                                   return_dict=False)[0]
     assert prediction.shape == video.shape and torch.isfinite(prediction).all()
 
 

@@ -573,7 +573,8 @@ def main() -> None:
     parser.add_argument("--warm-start", type=Path, help="Without a resume state: continue from this checkpoint "
                         "folder's weights and record (fresh optimizer).")
     parser.add_argument("--extend-to", type=int, help="Continue a resumed or warm-started run to this global step "
-                        "(the steps past its plan at its final learning rate; the held-out plateau still stops it).")
+                        "(the steps past its plan at its final learning rate; the held-out plateau still stops it, "
+                        "unless --past-plateau).")
     parser.add_argument("--past-plateau", action="store_true", help="Record a held-out plateau without stopping "
                         "(train on to the plan's end, e.g. to see what attention does once the loss is flat).")
     args = parser.parse_args()
