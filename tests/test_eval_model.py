@@ -11,21 +11,15 @@ import pytest
 import torch
 
 from saexport.demo.objects import (
-    CLUTTERED,
-    DETAILED,
-    INCOHERENT,
     MAX_WORDS,
     VOCABULARY,
     ObjectSpec,
     Scene,
-    _background_field,
-    _Draw,
     is_held_out,
     render,
     scenes,
 )
 from saexport.demo.train import TrainingCall, TrainSettings, extended, lr_factor, train
-from saexport.demo.videos import COLOURS
 from saexport.models.checkpoint import load_model
 from saexport.models.presets import get_preset
 from saexport.models.text_encoder import encode_prompts
@@ -94,44 +88,6 @@ def test_objects_move_as_captioned_under_a_pan():
         blue = (video[2] > 0.6) & (video[0] < 0.3)
         assert centre(red, -1)[0] > centre(red, 0)[0] + 5
         assert centre(blue, -1)[1] < centre(blue, 0)[1] - 5
-
-
-def test_clutter_is_still_and_drawn_in_the_background_tones():
-    """CLUTTERED (a successor candidate): still shapes on the background, every pixel on the background's tone
-    curve (where the caption check reads background), covering part of the frame, and nothing else of the scene
-    changed."""
-    scene = Scene((), "purple", "noise", pan=None)  # no objects: only the background and its clutter
-    plain, cluttered = (render([scene], 6, 64, 64, seed=seed, look=look)[0] for seed, look in
-                        ((5, DETAILED), (5, CLUTTERED)))
-    changed = (cluttered - plain).abs().amax(0) > 0.02  # [frames, H, W]
-    assert 0.05 < changed.float().mean() < 0.7
-    assert torch.equal(changed, changed[:1].expand_as(changed))  # a static camera: the clutter does not move
-    # The renderer's tone curve, dark + (light - dark) s, is a segment: a pixel on it has one s for all channels.
-    base = torch.tensor(COLOURS["purple"], dtype=torch.float64).view(3, 1, 1, 1)
-    dark, light = 0.05 + 0.3 * base, 0.3 + 0.6 * base
-    s = ((cluttered.double() + 1) / 2 - dark) / (light - dark)
-    assert (s.amax(0) - s.amin(0)).max() < 1e-4 and s.min() > -1e-4 and s.max() < 1 + 1e-4
-
-
-def test_incoherent_textures_spread_their_power_over_many_more_waves():
-    """INCOHERENT (a successor candidate): the same band and unit variance as DETAILED's, but about four times the
-    waves. Seen through a window eight frames wide (fine enough to tell the waves apart), half of the field's power
-    takes over three times as many spectral bins; a wrong count, band or normalisation moves one of these."""
-    size, span = 256, 8.0  # pixels and frame widths: 32 pixels a frame, above the Nyquist rate of 9 cycles
-    x = (torch.arange(size, dtype=torch.float64) + 0.5) / size * span
-    window = torch.hann_window(size, dtype=torch.float64)
-    bins = {}
-    for look in (DETAILED, INCOHERENT):
-        draw = _Draw(torch.Generator().manual_seed(3))
-        field = _background_field("noise", draw, look, torch.zeros(1, 2, dtype=torch.float64), x, x)[0]
-        power = torch.fft.rfft2(field * window[:, None] * window[None]).abs() ** 2
-        cycles = torch.hypot(*torch.meshgrid(torch.fft.fftfreq(size, span / size),
-                                              torch.fft.rfftfreq(size, span / size), indexing="ij"))
-        assert power[(cycles > 3) & (cycles < 10)].sum() > 0.9 * power.sum()  # the band: 4 to 9 cycles a frame
-        assert 0.8 < field.std() < 1.2
-        ranked = power.flatten().sort(descending=True).values
-        bins[look] = int((ranked.cumsum(0) < 0.5 * ranked.sum()).sum())
-    assert bins[INCOHERENT] > 3 * bins[DETAILED]
 
 
 def test_noise_backgrounds_are_not_periodic():

@@ -6,14 +6,14 @@ noise and a shading gradient that move with it), move over a non-periodic backgr
 band-limited noise at a low or a middle frequency) that the camera may pan across, and pass over each other in
 depth order. The caption says what is drawn, back to front:
 "a red circle moving left and a white square and an orange ring moving up on blue clouds camera panning down".
-What the caption leaves open (sizes, travel, how much texture detail, at which scales) is a `Look`: `PLAIN` is
-wan2.1-eval's; `DETAILED` adds detail at several scales, smaller and slower objects; `CLUTTERED` adds small still
-shapes in the background's tones; `INCOHERENT` is DETAILED with textures of many more waves (the last three were
-candidates for wan2.1-eval's successor, issue 26; wan2.1-eval2 draws PLAIN videos at twice the resolution).
+What the caption leaves open (sizes, travel, texture detail) is a `Look`: `PLAIN` is wan2.1-eval's (wan2.1-eval2
+draws the same videos at twice the resolution). Other looks were tried as the videos of a successor evaluation
+model (issue 26: detail at several scales, background clutter, incoherent textures) and made attention no more
+local; docs/BENCHMARKS.md names the commits that drew them.
 
 Motions are relative to the background (what a viewer reads as the object's own motion); a camera pan moves the
 whole picture the other way, slower than any moving object (pans travel 0.08-0.16 of the frame over the clip,
-objects 0.3-0.5, or 0.2-0.35 in DETAILED), so on screen a moving object still moves in its captioned direction.
+objects 0.3-0.5), so on screen a moving object still moves in its captioned direction.
 `Scene`'s fields are the truth a caption checker needs (colours, shapes, motions, depth order, background, pan).
 
 Backgrounds and object textures are sums of plane waves of random direction, frequency (in a band) and phase:
@@ -24,14 +24,14 @@ resolution and a pan is an exact shift. Videos are fp32 `[batch, 3, frames, heig
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 # One palette, one set of shapes and one held-out rule with the demo's videos: the same words mean the same.
 from saexport.demo.videos import COLOURS, DIRECTIONS, PANS, SHAPES, _shape_sdf, draw_scenes, is_held_out
 
-__all__ = ["CLUTTERED", "DETAILED", "INCOHERENT", "PLAIN", "VOCABULARY", "MAX_WORDS", "Look", "ObjectSpec", "Scene",
+__all__ = ["PLAIN", "VOCABULARY", "MAX_WORDS", "Look", "ObjectSpec", "Scene",
            "is_held_out", "random_scene", "render", "scenes"]
 
 BACKGROUNDS = ("gradient", "clouds", "noise")
@@ -42,45 +42,19 @@ MIN_OBJECTS, MAX_OBJECTS = 2, 4
 
 @dataclass(frozen=True)
 class Look:
-    """How a scene is drawn, beyond what its caption says: sizes, travel, and texture detail.
+    """How a scene is drawn, beyond what its caption says: sizes, travel, and the objects' texture.
 
-    A texture is a sum of octaves, each `(band, weight)`: waves of magnitudes in the band (cycles per frame
-    width, below the Nyquist rate of a 32-pixel frame, 16 cycles), the octave's field scaled by its weight."""
+    An object's texture is a sum of octaves, each `(band, weight)`: 24 waves of magnitudes in the band (cycles per
+    frame width, below the Nyquist rate of a 32-pixel frame, 16 cycles), the octave's field scaled by its weight."""
 
     object_octaves: tuple[tuple[tuple[float, float], float], ...]
     object_contrast: float  # an object's brightness is 1 - contrast + contrast * tanh(texture), times shading
-    background_detail: tuple[tuple[tuple[float, float], float], ...]  # octaves added to every background's field
     size: tuple[float, float]  # object radius, frame widths
     travel: tuple[float, float]  # a moving object's travel over the clip, frame widths
-    clutter: tuple[int, int] = (0, 0)  # how many small still shapes the background carries, in its own tones
-    clutter_size: tuple[float, float] = (0.0, 0.0)  # their radius, frame widths
-    # Waves in each texture field. 0: a fixed few (24 an octave; 6, 24 or 48 a background), which leaves a field
-    # coherent across the frame: a few dozen sinusoids that every region shows. > 0: this many per real Fourier mode
-    # of the band on a frame-sized torus (pi (hi^2 - lo^2) / 2), a field with as many degrees of freedom as the band
-    # has, whose distant parts are as good as independent.
-    waves_per_mode: float = 0.0
 
 
 # wan2.1-eval's videos: faintly textured objects on a background of one scale.
-PLAIN = Look(object_octaves=(((6.0, 11.0), 1.0),), object_contrast=0.2, background_detail=(),
-             size=(0.09, 0.16), travel=(0.3, 0.5))
-# Detail at several scales everywhere, smaller objects, slower motion (issue 26): in natural video a token's
-# nearest neighbours in space and time predict its detail and distant tokens do not; on PLAIN videos the rest of a
-# flat object or background predicts a token as well as its neighbours do. Measured: no more local than PLAIN
-# (docs/BENCHMARKS.md, "A successor evaluation model").
-DETAILED = Look(object_octaves=(((3.0, 6.0), 1.0), ((6.0, 10.0), 0.8), ((10.0, 14.0), 0.6)), object_contrast=0.22,
-                background_detail=(((6.0, 10.0), 0.7), ((10.0, 14.0), 0.5)), size=(0.08, 0.14), travel=(0.2, 0.35))
-# DETAILED on a cluttered background: many small still shapes in the background's own tones (the caption check
-# reads them as background). Natural scenes are not stationary: what lies in one place says little about what lies
-# a few objects away, while every one of PLAIN's and DETAILED's backgrounds is one texture over the whole frame, so
-# the best estimate of a noisy background token averages all of it. Clutter makes the nearest tokens, in space and
-# at the same place in other frames, the ones worth attending to. Measured: no more local either.
-CLUTTERED = replace(DETAILED, clutter=(24, 48), clutter_size=(0.03, 0.08))
-# DETAILED with every texture a generic band-limited field (issue 26): in PLAIN, DETAILED and CLUTTERED a texture is
-# a few dozen sinusoids, which a head pooling the whole frame might estimate better than a neighbourhood can, where a
-# natural texture's far parts say nothing about a token. The same bands and weights, two waves per mode (a sum near
-# enough to Gaussian). Measured: no more local either (0.554 of the mass at 30%, the others' 0.55-0.58 at that length).
-INCOHERENT = replace(DETAILED, waves_per_mode=2.0)
+PLAIN = Look(object_octaves=(((6.0, 11.0), 1.0),), object_contrast=0.2, size=(0.09, 0.16), travel=(0.3, 0.5))
 STILL_FRACTION = 0.2  # objects that do not move (the caption names no motion)
 
 VOCABULARY = (
@@ -177,12 +151,10 @@ def _render_scene(scene: Scene, frames: int, height: int, width: int, gen: torch
     pan = float(draw.uniform(0.08, 0.16))
     camera = torch.stack([pan_x * pan * (t - 0.5), pan_y * pan * (t - 0.5)], -1)  # [frames, 2]
 
-    field = _background_field(scene.kind, draw, look, camera, x, y)  # [frames, H, W], about N(0, 1)
-    field = field + _octaves(draw, look, look.background_detail, camera, x, y)
+    field = _background_field(scene.kind, draw, camera, x, y)  # [frames, H, W], about N(0, 1)
     base = torch.tensor(COLOURS[scene.background], dtype=torch.float64, device=device).view(3, 1, 1, 1)
     light, dark = 0.3 + 0.6 * base, 0.05 + 0.3 * base
     tone = torch.sigmoid(1.3 * field)  # [frames, H, W] in (0, 1): where on the background's tone curve
-    tone = _clutter(tone, look, draw, camera, x, y, pixel)
     video = dark + (light - dark) * tone.unsqueeze(0)  # [3, frames, H, W]
 
     for spec in scene.objects:
@@ -194,7 +166,7 @@ def _render_scene(scene: Scene, frames: int, height: int, width: int, gen: torch
         centre = world - camera  # [frames, 2] on screen
         theta = float(draw.uniform(0.0, math.pi))
         # The texture and the shading live in the object's own coordinates: they move with it.
-        texture = _octaves(draw, look, look.object_octaves, -centre, x, y)
+        texture = _octaves(draw, look.object_octaves, -centre, x, y)
         light_dir = float(draw.angle())
         px, py = _offsets(centre, x, y)
         shading = 1 + 0.3 * ((px * math.cos(light_dir) + py * math.sin(light_dir)) / size).clamp(-1, 1)
@@ -220,27 +192,9 @@ def _coverage(shape: str, px: torch.Tensor, py: torch.Tensor, theta: float, size
     return torch.sigmoid(-sdf / (0.6 * pixel))
 
 
-def _clutter(tone: torch.Tensor, look: Look, draw: _Draw, camera: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-             pixel: float) -> torch.Tensor:
-    """`tone` with look.clutter's shapes drawn over it, each one flat tone, fixed in the world (a pan moves them)."""
-    if look.clutter[1] == 0:  # no draws: PLAIN's and DETAILED's videos stay as they were
-        return tone
-    lo, hi = look.clutter
-    for _ in range(lo + int(torch.randint(hi - lo + 1, (1,), generator=draw.gen))):
-        shape = SHAPES[int(torch.randint(len(SHAPES), (1,), generator=draw.gen))]
-        size = float(draw.uniform(*look.clutter_size))
-        world = draw.uniform(-0.1, 1.1, (2,))  # the pan shows up to 0.08 of the world beyond each edge
-        px, py = _offsets(world - camera, x, y)
-        theta = float(draw.uniform(0.0, math.pi))
-        level = float(draw.uniform(0.0, 1.0))
-        alpha = _coverage(shape, px, py, theta, size, pixel)
-        tone = tone * (1 - alpha) + level * alpha
-    return tone
-
-
-def _background_field(kind: str, draw: _Draw, look: Look, camera: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+def _background_field(kind: str, draw: _Draw, camera: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
     band = BACKGROUND_BANDS[kind]
-    waves = _waves(draw, _wave_count(look, band, {"gradient": 6, "clouds": 24, "noise": 48}[kind]), band)
+    waves = _waves(draw, {"gradient": 6, "clouds": 24, "noise": 48}[kind], band)
     field = _wave_field(waves, camera, x, y)
     if kind == "gradient":
         # A linear ramp across the frame in a random direction, its low-frequency waves a gentle unevenness.
@@ -252,19 +206,10 @@ def _background_field(kind: str, draw: _Draw, look: Look, camera: torch.Tensor, 
     return field
 
 
-def _octaves(draw: _Draw, look: Look, octaves: tuple[tuple[tuple[float, float], float], ...],
-             offset: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | float:
-    """The sum of `octaves` at `offset` per frame, each scaled by its weight; 0 for none."""
-    return sum((weight * _wave_field(_waves(draw, _wave_count(look, band, 24), band), offset, x, y)
-                for band, weight in octaves), 0.0)
-
-
-def _wave_count(look: Look, band: tuple[float, float], few: int) -> int:
-    """How many waves a field of `band` sums: `few`, or look.waves_per_mode per real Fourier mode of the band
-    when that is more."""
-    if look.waves_per_mode == 0:
-        return few
-    return max(few, math.ceil(look.waves_per_mode * math.pi * (band[1] ** 2 - band[0] ** 2) / 2))
+def _octaves(draw: _Draw, octaves: tuple[tuple[tuple[float, float], float], ...], offset: torch.Tensor,
+             x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | float:
+    """The sum of `octaves` at `offset` per frame, each scaled by its weight."""
+    return sum((weight * _wave_field(_waves(draw, 24, band), offset, x, y) for band, weight in octaves), 0.0)
 
 
 def _waves(draw: _Draw, count: int, band: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
