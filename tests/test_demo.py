@@ -60,29 +60,6 @@ def test_word_encoder_contract(tmp_path):
         WordEncoder.load(tmp_path)
 
 
-def test_word_encoder_context_layers_bind_words_to_their_phrase(tmp_path):
-    """With context layers a word's vector depends on its phrase (UMT5's property the tables lack); fresh layers
-    are the identity, so layers added to trained tables encode as the tables did."""
-    torch.manual_seed(0)
-    tables = WordEncoder(list(VOCABULARY), 32, 8)
-    layered = WordEncoder(list(VOCABULARY), 32, 8, layers=2)
-    missing, unexpected = layered.load_state_dict(tables.state_dict(), strict=False)
-    assert not unexpected and missing and all(key.startswith("context.") for key in missing)
-    prompts = ["a red circle", "a red square", ""]
-    assert torch.allclose(layered.encode(prompts), tables.encode(prompts), atol=1e-6)
-    for name, parameter in layered.context.named_parameters():  # as training leaves them: no longer zero
-        if name.endswith(("out_proj.weight", "linear2.weight")):
-            torch.nn.init.normal_(parameter, std=0.2)
-    embedded = layered.encode(prompts)
-    assert torch.isfinite(embedded).all()
-    assert (embedded[0, 1] - embedded[1, 1]).abs().max() > 1e-2  # "red" knows which shape follows it
-    assert tables.encode(prompts)[0, 1].equal(tables.encode(prompts)[1, 1])  # the tables alone do not
-    assert embedded[0, 3:].abs().max() == 0 and embedded[2].abs().max() == 0  # zeros past the end, empty prompt
-    layered.save(tmp_path)
-    loaded = WordEncoder.load(tmp_path)
-    assert loaded.layers == 2 and torch.allclose(loaded.encode(prompts), embedded, atol=1e-5)
-
-
 def test_shipped_weights_are_small_and_recorded():
     size = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
     assert size <= 20 * 2**20

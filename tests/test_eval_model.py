@@ -19,7 +19,7 @@ from saexport.demo.objects import (
     render,
     scenes,
 )
-from saexport.demo.train import Trainer, TrainingCall, TrainSettings, extended, lr_factor, train
+from saexport.demo.train import TrainingCall, TrainSettings, extended, lr_factor, train
 from saexport.models.checkpoint import load_model
 from saexport.models.presets import get_preset
 from saexport.models.text_encoder import encode_prompts
@@ -147,32 +147,6 @@ def test_a_finished_run_extends_past_its_plan_at_its_final_learning_rate(tmp_pat
     with pytest.raises(ValueError, match="extend_to continues a run"):
         train(planned, TrainingCall(tmp_path / "new", model="wan2.1-eval", resume_dir=tmp_path / "empty",
                                     extend_to=6))
-
-
-def test_a_warm_start_fine_tunes_with_context_layers_added_to_its_text_encoder(tmp_path):
-    """--warm-start --text-layers --extend-lr: the checkpoint's tables kept, context layers added (the identity at
-    first: the first held-out loss is the checkpoint's), the learning rate warming up again to --extend-lr."""
-    planned = tiny_run(low_steps=1, steps=1)
-    train(planned, TrainingCall(tmp_path / "tables", model="wan2.1-eval"))
-    tuned = train(TrainSettings(), TrainingCall(tmp_path / "tuned", model="wan2.1-eval",
-                                                warm_start=tmp_path / "tables", extend_to=4, text_layers=1,
-                                                extend_lr=1e-3))
-    assert (tuned["status"], tuned["steps_run"]) == ("finished", 4)
-    settings = TrainSettings(**tuned["settings"])
-    assert (settings.text_layers, settings.restart_step, settings.extend_lr) == (1, 2, 1e-3)
-    assert WordEncoder.load(tmp_path / "tuned").layers == 1
-    record = json.loads((tmp_path / "tables" / "training.json").read_text())
-    fresh = Trainer("wan2.1-eval", replace(settings, restart_step=0), "cpu")
-    fresh.warm_start(tmp_path / "tables", record)
-    captions = [s.caption() for s in scenes(3, seed=1)]
-    assert torch.allclose(fresh.ema_encoder.encode(captions), WordEncoder.load(tmp_path / "tables").encode(captions),
-                          atol=1e-6)  # the added layer starts as the identity
-    # 10 planned steps, 10 more at extend_lr, warm-started at step 12 with a 2-step warm-up
-    fine_tune = TrainSettings(steps=10, warmup=2, extra_steps=10, extend_lr=1e-3, restart_step=12)
-    assert [lr_factor(step, fine_tune, 20) * fine_tune.lr for step in (13, 14, 20)] == pytest.approx([5e-4, 1e-3, 1e-3])
-    with pytest.raises(ValueError, match="may add layers, not remove them"):
-        train(TrainSettings(), TrainingCall(tmp_path / "fewer", model="wan2.1-eval", warm_start=tmp_path / "tuned",
-                                            extend_to=5, text_layers=0))
 
 
 def test_past_plateau_records_the_plateau_and_trains_on_to_the_plan_end(tmp_path):

@@ -29,12 +29,7 @@ several calls of a time-limited machine. Batch i is rendered from seed (seed, i)
 exactly. --warm-start DIR continues from a checkpoint folder this script wrote (EMA weights, step and curves;
 a fresh optimizer) where the resume state is lost. --extend-to STEP trains a resumed or warm-started run past its
 plan, to global step STEP, at the plan's final learning rate (the held-out plateau still ends it, unless
---past-plateau): training longer without changing what the first steps did. A warm start's fresh optimizer warms
-its learning rate up again. Fine-tuning: --text-layers N gives a warm start's text encoder N context layers (those
-the checkpoint lacks start as the identity) and --extend-lr the extension's learning rate:
-
-    python -m saexport.demo.train --model wan2.1-eval --out DIR --warm-start saexport/demo/eval_weights \
-        --resume-dir out/eval_ctx --text-layers 2 --extend-lr 1e-4 --extend-to 16000 --call-minutes 9 --compile
+--past-plateau): training longer without changing what the first steps did.
 
 Held-out loss: every `eval_every` steps, the EMA model's loss on fixed held-out captions (never trained on),
 fixed render seeds, fixed noise and fixed noise levels spread over the training distribution, at the full size
@@ -92,9 +87,6 @@ class TrainSettings:
     flow_shift: float = 3.0  # the sampler's shift at these sizes (runtime.schedule.flow_shift_for)
     steps: int = 0  # steps at height x width; 0: fixed from --minutes after 50 timed steps
     extra_steps: int = 0  # full-size steps past the schedule's end (--extend-to), at its final learning rate
-    extend_lr: float = 0.0  # the learning rate of those steps (--extend-lr); 0: lr * final_lr_fraction
-    restart_step: int = 0  # where a warm start's fresh optimizer began: the learning rate warms up again there
-    text_layers: int = 0  # the text encoder's context layers (word_encoder.py); 0: the embedding tables alone
     # Progressive resolution: low_steps steps at low_height x low_width (batch low_batch) first; 0: none.
     low_height: int = 0
     low_width: int = 0
@@ -196,8 +188,7 @@ class Trainer:
         self.config = {k: (tuple(v) if k == "patch_size" else v) for k, v in self.preset.config.items()}
         self.model = WanTransformer3DModel(**self.config).to(device).train()
         vocabulary = list(importlib.import_module(self.videos).VOCABULARY)
-        self.encoder = WordEncoder(vocabulary, self.preset.config["text_dim"], self.preset.text_len,
-                                   settings.text_layers).to(device).train()
+        self.encoder = WordEncoder(vocabulary, self.preset.config["text_dim"], self.preset.text_len).to(device).train()
         self.params = list(self.model.parameters()) + list(self.encoder.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, betas=(0.9, 0.99),
                                            weight_decay=settings.weight_decay, fused=device.startswith("cuda"))
@@ -342,23 +333,17 @@ class Trainer:
 
     def warm_start(self, checkpoint: Path, record: dict) -> None:
         """Model and EMA from a checkpoint folder this script wrote (its EMA weights) and its record
-        (training.json); the optimizer starts afresh (its learning rate warms up again), the noise generator from
-        a seed of its own. The run's text encoder may have more context layers than the checkpoint's: the new
-        ones start as the identity, so the warm-started model predicts what the checkpoint did."""
+        (training.json); the optimizer starts afresh, the noise generator from a seed of its own."""
         from saexport.models.checkpoint import load_model
 
         loaded = load_model(self.model_name, checkpoint)
         encoder = WordEncoder.load(checkpoint)
         for model, words in ((self.model, self.encoder), (self.ema_model, self.ema_encoder)):
             model.load_state_dict({k: v.float() for k, v in loaded.transformer.state_dict().items()})
-            missing, unexpected = words.load_state_dict(encoder.state_dict(), strict=False)
-            if unexpected or any(not key.startswith("context.") for key in missing):
-                raise ValueError(f"{checkpoint}: its text encoder has {encoder.layers} context layers, this run's "
-                                 f"{words.layers}: a warm start may add layers, not remove them")
+            words.load_state_dict(encoder.state_dict())
         self._load_record({**record, "step": record["steps_run"], "curve": record["loss_curve"],
                            "held_out": record["held_out_loss"]})
         self.gen.manual_seed(self.settings.seed + 1 + self.step)
-        self.settings.restart_step = self.step
         self.plan["warm_started_at"] = self.step
 
     def _load_record(self, state: dict) -> None:
@@ -385,20 +370,15 @@ def _synchronize(device: str) -> None:
 
 
 def lr_factor(step: int, settings: TrainSettings, planned: int) -> float:
-    """The learning rate over `settings.lr`: linear warm-up, then cosine decay to `final_lr_fraction` at the planned
-    last step; an extension's `extra_steps` at `extend_lr` (default: the final rate). After a warm start (a fresh
-    optimizer at `restart_step`), the same warm-up again, to the rate of the schedule there."""
-    s = settings
-    if step < s.warmup:
-        return step / s.warmup
-    ramp = min(1.0, (step - s.restart_step) / s.warmup) if s.restart_step else 1.0
+    """Linear warm-up, then cosine decay to `final_lr_fraction` at the planned last step (before an extension's
+    `extra_steps`, which hold it there)."""
+    if step < settings.warmup:
+        return step / settings.warmup
     if planned >= UNPLANNED:
-        return ramp  # the step count is not fixed yet (still timing)
-    end = planned - s.extra_steps
-    if step > end and s.extend_lr:
-        return ramp * s.extend_lr / s.lr
-    progress = min(1.0, (step - s.warmup) / max(1, end - s.warmup))
-    return ramp * (s.final_lr_fraction + (1 - s.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return 1.0  # the step count is not fixed yet (still timing)
+    end = planned - settings.extra_steps
+    progress = min(1.0, (step - settings.warmup) / max(1, end - settings.warmup))
+    return settings.final_lr_fraction + (1 - settings.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def fix_plan(trainer: Trainer, seconds_per_step: float, minutes: float) -> None:
@@ -426,8 +406,7 @@ class TrainingCall:
     (`call_minutes`, `call_steps`: it pauses, saving its state to `resume_dir`), data-loader workers, the model,
     `torch.compile` of the blocks, a checkpoint to start from (`warm_start`), the global step a resumed or
     warm-started run is extended to (`extend_to`), and whether a held-out plateau is recorded without ending the
-    run (`past_plateau`: to measure what training changes once the loss no longer does). A warm start may grow the
-    text encoder to `text_layers` context layers and run its extension at `extend_lr` (a fine-tune)."""
+    run (`past_plateau`: to measure what training changes once the loss no longer does)."""
 
     out: Path
     device: str = "cpu"
@@ -441,8 +420,6 @@ class TrainingCall:
     warm_start: Path | None = None
     extend_to: int | None = None
     past_plateau: bool = False
-    text_layers: int | None = None
-    extend_lr: float | None = None
 
 
 def extended(settings: TrainSettings, extend_to: int) -> TrainSettings:
@@ -469,13 +446,6 @@ def train(settings: TrainSettings, call: TrainingCall) -> dict:
         settings = TrainSettings(**(state or earlier)["settings"])  # the continued run's settings and plan win
         if call.extend_to is not None:
             settings = extended(settings, call.extend_to)
-        if call.extend_lr is not None:
-            settings.extend_lr = call.extend_lr
-        if call.text_layers is not None and call.text_layers != settings.text_layers:
-            if state is not None:
-                raise ValueError(f"the resumed run's text encoder has {settings.text_layers} context layers; "
-                                 "a resumed run keeps its architecture (warm-start from its weights to add layers)")
-            settings.text_layers = call.text_layers
     elif call.extend_to is not None:
         raise ValueError("extend_to continues a run: it needs a saved resume state or a warm-start checkpoint")
     trainer = Trainer(model, settings, device)
@@ -605,10 +575,6 @@ def main() -> None:
     parser.add_argument("--extend-to", type=int, help="Continue a resumed or warm-started run to this global step "
                         "(the steps past its plan at its final learning rate; the held-out plateau still stops it, "
                         "unless --past-plateau).")
-    parser.add_argument("--extend-lr", type=float, help="The learning rate of the steps past the plan (default: "
-                        "the plan's final rate).")
-    parser.add_argument("--text-layers", type=int, help="Context layers of the text encoder (default: the recipe's; "
-                        "with --warm-start, layers added to the checkpoint's start as the identity).")
     parser.add_argument("--past-plateau", action="store_true", help="Record a held-out plateau without stopping "
                         "(train on to the plan's end, e.g. to see what attention does once the loss is flat).")
     args = parser.parse_args()
@@ -622,12 +588,10 @@ def main() -> None:
     if has_low and bool(args.steps) != bool(args.low_steps):
         parser.error(f"{args.model} trains in two stages: give both --low-steps and --steps, or --minutes")
     settings = replace(defaults, seed=args.seed, steps=args.steps, low_steps=args.low_steps,
-                       batch=args.batch or defaults.batch,
-                       text_layers=defaults.text_layers if args.text_layers is None else args.text_layers)
+                       batch=args.batch or defaults.batch)
     record = train(settings, TrainingCall(args.out, args.device, args.minutes, args.workers, args.model,
                                           args.resume_dir, args.call_minutes, args.call_steps, args.compile,
-                                          args.warm_start, args.extend_to, args.past_plateau, args.text_layers,
-                                          args.extend_lr))
+                                          args.warm_start, args.extend_to, args.past_plateau))
     print(f"{record['status']}: {record['steps_run']} steps, {record['seconds']} s trained; wrote {args.out}")
 
 

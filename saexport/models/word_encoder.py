@@ -1,14 +1,8 @@
-"""The demo models' text encoder: a word tokenizer over a closed vocabulary, two embedding tables and, optionally,
-a few transformer layers over them.
+"""The demo model's text encoder: a word tokenizer over a closed vocabulary and two embedding tables.
 
 It stands where UMT5 stands for Wan2.1 and keeps UMT5's contract with the DiT: `[prompts, max_length,
 text_dim]` fp32, zeros past each prompt's end (so the empty prompt encodes to zeros). A word's embedding
 plus its position's embedding, so "a red circle on blue stripes" differs from "a blue circle on red stripes".
-The tables alone give each word one vector wherever it stands: which shape and motion belong to which colour is
-left to the DiT's cross-attention to work out from positions. `layers` > 0 adds a small transformer encoder
-(pre-norm, residual, padding masked) so that each word's vector carries its phrase, as UMT5's do ("red" in "a red
-circle moving left" knows the circle and the motion). Its layers start as the identity (zero output
-projections): an encoder with layers added to trained tables encodes as they did, and training takes it on.
 Stored in the diffusers layout's places: `tokenizer/vocab.json` and `text_encoder/{config.json,
 model.safetensors}` with `model_type` "saexport-word-embedding".
 """
@@ -50,36 +44,17 @@ class WordTokenizer:
         return tokens
 
 
-HEAD_DIM = 16  # the context layers' attention heads: text_dim / 16 of them
-
-
 class WordEncoder(torch.nn.Module):
-    def __init__(self, vocabulary: list[str], text_dim: int, max_length: int, layers: int = 0):
+    def __init__(self, vocabulary: list[str], text_dim: int, max_length: int):
         super().__init__()
         self.tokenizer = WordTokenizer(vocabulary, max_length)
         self.words = torch.nn.Embedding(len(vocabulary) + 1, text_dim, padding_idx=0)
         self.positions = torch.nn.Embedding(max_length, text_dim)
         torch.nn.init.normal_(self.positions.weight, std=0.1)
-        self.layers = layers
-        self.context = torch.nn.TransformerEncoder(
-            torch.nn.TransformerEncoderLayer(text_dim, max(1, text_dim // HEAD_DIM), 4 * text_dim, dropout=0.0,
-                                             activation="gelu", batch_first=True, norm_first=True),
-            layers, enable_nested_tensor=False) if layers else None
-        for layer in self.context.layers if self.context is not None else ():
-            for projection in (layer.self_attn.out_proj, layer.linear2):  # each layer starts as the identity
-                torch.nn.init.zeros_(projection.weight)
-                torch.nn.init.zeros_(projection.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         embedded = self.words(tokens) + self.positions(positions)
-        if self.context is not None:
-            padding = tokens == 0
-            padding[:, 0] = False  # the empty prompt's row keeps one key (its output is zeroed below)
-            # The layers work at unit scale (each token's vector over its RMS): trained tables are large (norms
-            # ~7 in wan2.1-eval's), and a residual branch that starts at zero must be able to reach their size.
-            scale = embedded.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
-            embedded = scale * self.context(embedded / scale, src_key_padding_mask=padding)
         return embedded * (tokens != 0).unsqueeze(-1)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -91,17 +66,11 @@ class WordEncoder(torch.nn.Module):
         (checkpoint / "text_encoder").mkdir(parents=True, exist_ok=True)
         write_text_atomic(checkpoint / "tokenizer" / "vocab.json", json.dumps(self.tokenizer.vocabulary))
         config = {"model_type": MODEL_TYPE, "text_dim": self.words.embedding_dim,
-                  "max_length": self.tokenizer.max_length, "layers": self.layers}
+                  "max_length": self.tokenizer.max_length}
         write_text_atomic(checkpoint / "text_encoder" / "config.json", json.dumps(config, indent=2))
         with atomic_path(checkpoint / "text_encoder" / "model.safetensors") as tmp:
-            save_file({name: tensor.detach().float().cpu().contiguous() for name, tensor in self.tables().items()},
-                      str(tmp))
-
-    def tables(self) -> dict[str, torch.Tensor]:
-        """The file's tensors: `words`, `positions` and the context layers' `context.*` parameters."""
-        return {"words": self.words.weight, "positions": self.positions.weight,
-                **{f"context.{name}": tensor for name, tensor in
-                   (self.context.state_dict().items() if self.context is not None else ())}}
+            save_file({"words": self.words.weight.detach().float().cpu().contiguous(),
+                       "positions": self.positions.weight.detach().float().cpu().contiguous()}, str(tmp))
 
     @classmethod
     def load(cls, checkpoint: Path) -> WordEncoder:
@@ -109,9 +78,8 @@ class WordEncoder(torch.nn.Module):
             vocabulary = json.loads((checkpoint / "tokenizer" / "vocab.json").read_text())
             config = json.loads((checkpoint / "text_encoder" / "config.json").read_text())
             tables = load_file(str(checkpoint / "text_encoder" / "model.safetensors"))
-            encoder = cls(vocabulary, int(config["text_dim"]), int(config["max_length"]), int(config.get("layers", 0)))
-            encoder.load_state_dict({"words.weight": tables.pop("words"), "positions.weight": tables.pop("positions"),
-                                     **tables})
+            encoder = cls(vocabulary, int(config["text_dim"]), int(config["max_length"]))
+            encoder.load_state_dict({"words.weight": tables["words"], "positions.weight": tables["positions"]})
         except (OSError, json.JSONDecodeError, KeyError, SafetensorError, RuntimeError) as e:
             raise SaexportError(f"{checkpoint}: not a readable word-embedding text encoder ({e})") from None
         return encoder.eval()
