@@ -12,6 +12,7 @@ import torch
 
 from saexport.demo.objects import (
     MAX_WORDS,
+    PHRASE_STARTS,
     VOCABULARY,
     ObjectSpec,
     Scene,
@@ -19,7 +20,8 @@ from saexport.demo.objects import (
     render,
     scenes,
 )
-from saexport.demo.train import TrainingCall, TrainSettings, extended, lr_factor, train
+from saexport.demo.train import Trainer, TrainingCall, TrainSettings, extended, lr_factor, train
+from saexport.errors import SaexportError
 from saexport.models.checkpoint import load_model
 from saexport.models.presets import get_preset
 from saexport.models.text_encoder import encode_prompts
@@ -147,6 +149,62 @@ def test_a_finished_run_extends_past_its_plan_at_its_final_learning_rate(tmp_pat
     with pytest.raises(ValueError, match="extend_to continues a run"):
         train(planned, TrainingCall(tmp_path / "new", model="wan2.1-eval", resume_dir=tmp_path / "empty",
                                     extend_to=6))
+
+
+def test_phrase_context_binds_each_object_s_words_to_its_colour(tmp_path):
+    """With phrase context a word's vector is its table vector plus its position's plus the mean of its phrase's
+    table vectors: "red" knows its circle and motion, and nothing of the other objects' words."""
+    torch.manual_seed(0)
+    phrases = WordEncoder(list(VOCABULARY), 16, MAX_WORDS, PHRASE_STARTS)
+    tables = WordEncoder(list(VOCABULARY), 16, MAX_WORDS)
+    tables.load_state_dict(phrases.state_dict())  # the same weights: phrase context adds none
+    prompts = ["a red circle moving left and a blue square on green clouds",
+               "a red circle moving left and a blue ring on green clouds",
+               "a red square moving left and a blue circle on green clouds", ""]
+    embedded, plain = phrases.encode(prompts), tables.encode(prompts)
+    red, blue = 1, 7
+    assert embedded[0, red].equal(embedded[1, red])  # the same phrase: "and a blue ..." is another one
+    assert (embedded[0, blue] - embedded[1, blue]).abs().max() > 1e-3  # blue's shape changed
+    assert (embedded[0, red] - embedded[2, red]).abs().max() > 1e-3  # and red's
+    assert plain[0, red].equal(plain[2, red])  # the tables alone: a bag of words
+    ids = phrases.tokenizer(["a red circle moving left"])[0, :5]
+    phrase_mean = phrases.words.weight[ids].mean(0).detach()
+    assert torch.allclose(embedded[0, red] - plain[0, red], phrase_mean, atol=1e-6)
+    assert embedded[0, 12:].abs().max() == 0 and embedded[3].abs().max() == 0  # past the end; the empty prompt
+    phrases.save(tmp_path)
+    assert WordEncoder.load(tmp_path).phrase_starts == PHRASE_STARTS
+    assert torch.equal(WordEncoder.load(tmp_path).encode(prompts), embedded)
+    assert WordEncoder.load(WEIGHTS).phrase_starts == ()  # the shipped weights: tables alone
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        WordEncoder(list(VOCABULARY), 16, MAX_WORDS, ("with",))
+    config = json.loads((tmp_path / "text_encoder" / "config.json").read_text())
+    (tmp_path / "text_encoder" / "config.json").write_text(json.dumps({**config, "phrase_starts": ["with"]}))
+    with pytest.raises(SaexportError, match="not a readable word-embedding text encoder"):
+        WordEncoder.load(tmp_path)
+
+
+def test_a_warm_start_fine_tunes_with_phrase_context(tmp_path):
+    """--warm-start --phrase-context --extend-lr: the checkpoint's tables kept under phrase context, the learning
+    rate warming up again to --extend-lr; a resumed run keeps its encoder."""
+    planned = tiny_run(low_steps=1, steps=1)
+    train(planned, TrainingCall(tmp_path / "tables", model="wan2.1-eval", resume_dir=tmp_path / "state"))
+    tuned = train(TrainSettings(), TrainingCall(tmp_path / "tuned", model="wan2.1-eval",
+                                                warm_start=tmp_path / "tables", extend_to=4, phrase_context=True,
+                                                extend_lr=1e-3))
+    assert (tuned["status"], tuned["steps_run"]) == ("finished", 4)
+    settings = TrainSettings(**tuned["settings"])
+    assert (settings.phrase_context, settings.restart_step, settings.extend_lr) == (True, 2, 1e-3)
+    assert WordEncoder.load(tmp_path / "tuned").phrase_starts == PHRASE_STARTS
+    record = json.loads((tmp_path / "tables" / "training.json").read_text())
+    fresh = Trainer("wan2.1-eval", replace(settings, restart_step=0), "cpu")
+    fresh.warm_start(tmp_path / "tables", record)
+    assert fresh.ema_encoder.words.weight.equal(WordEncoder.load(tmp_path / "tables").words.weight)
+    # 10 planned steps, 10 more at extend_lr, warm-started at step 12 with a 2-step warm-up
+    fine_tune = TrainSettings(steps=10, warmup=2, extra_steps=10, extend_lr=1e-3, restart_step=12)
+    assert [lr_factor(step, fine_tune, 20) * fine_tune.lr for step in (13, 14, 20)] == pytest.approx([5e-4, 1e-3, 1e-3])
+    with pytest.raises(ValueError, match="a resumed run keeps its encoder"):
+        train(TrainSettings(), TrainingCall(tmp_path / "resumed", model="wan2.1-eval", resume_dir=tmp_path / "state",
+                                            extend_to=5, phrase_context=True))
 
 
 def test_past_plateau_records_the_plateau_and_trains_on_to_the_plan_end(tmp_path):

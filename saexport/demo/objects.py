@@ -31,7 +31,7 @@ import torch
 # One palette, one set of shapes and one held-out rule with the demo's videos: the same words mean the same.
 from saexport.demo.videos import COLOURS, DIRECTIONS, PANS, SHAPES, _shape_sdf, draw_scenes, is_held_out
 
-__all__ = ["PLAIN", "VOCABULARY", "MAX_WORDS", "Look", "ObjectSpec", "Scene",
+__all__ = ["PLAIN", "PHRASE_STARTS", "VOCABULARY", "MAX_WORDS", "Look", "ObjectSpec", "Scene",
            "is_held_out", "random_scene", "render", "scenes"]
 
 BACKGROUNDS = ("gradient", "clouds", "noise")
@@ -61,6 +61,9 @@ VOCABULARY = (
     ["a", "an", "and", "on", "camera", "panning", "moving", *PANS]
     + list(COLOURS) + list(SHAPES) + list(BACKGROUNDS)
 )
+# The words that open a caption's phrases (an object's, the background's, the pan's): the text encoder's phrase
+# context (word_encoder.py) binds each object's words to one another.
+PHRASE_STARTS = ("and", "on", "camera")
 # The longest caption: four moving objects ("a red circle moving left" and ...), background, camera pan.
 MAX_WORDS = MAX_OBJECTS * 5 + (MAX_OBJECTS - 1) + 3 + 3
 

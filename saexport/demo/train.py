@@ -29,7 +29,12 @@ several calls of a time-limited machine. Batch i is rendered from seed (seed, i)
 exactly. --warm-start DIR continues from a checkpoint folder this script wrote (EMA weights, step and curves;
 a fresh optimizer) where the resume state is lost. --extend-to STEP trains a resumed or warm-started run past its
 plan, to global step STEP, at the plan's final learning rate (the held-out plateau still ends it, unless
---past-plateau): training longer without changing what the first steps did.
+--past-plateau): training longer without changing what the first steps did. A warm start's fresh optimizer warms
+its learning rate up again. Fine-tuning: --phrase-context gives the text encoder phrase context (word_encoder.py;
+the videos module's PHRASE_STARTS) and --extend-lr the extension's learning rate:
+
+    python -m saexport.demo.train --model wan2.1-eval --out DIR --warm-start saexport/demo/eval_weights \\
+        --resume-dir out/eval_phrase --phrase-context --extend-lr 1e-4 --extend-to 12000 --call-minutes 9 --compile
 
 Held-out loss: every `eval_every` steps, the EMA model's loss on fixed held-out captions (never trained on),
 fixed render seeds, fixed noise and fixed noise levels spread over the training distribution, at the full size
@@ -87,6 +92,9 @@ class TrainSettings:
     flow_shift: float = 3.0  # the sampler's shift at these sizes (runtime.schedule.flow_shift_for)
     steps: int = 0  # steps at height x width; 0: fixed from --minutes after 50 timed steps
     extra_steps: int = 0  # full-size steps past the schedule's end (--extend-to), at its final learning rate
+    extend_lr: float = 0.0  # the learning rate of those steps (--extend-lr); 0: lr * final_lr_fraction
+    restart_step: int = 0  # where a warm start's fresh optimizer began: the learning rate warms up again there
+    phrase_context: bool = False  # each word's text vector carries its phrase's (word_encoder.py)
     # Progressive resolution: low_steps steps at low_height x low_width (batch low_batch) first; 0: none.
     low_height: int = 0
     low_width: int = 0
@@ -188,7 +196,9 @@ class Trainer:
         self.config = {k: (tuple(v) if k == "patch_size" else v) for k, v in self.preset.config.items()}
         self.model = WanTransformer3DModel(**self.config).to(device).train()
         vocabulary = list(importlib.import_module(self.videos).VOCABULARY)
-        self.encoder = WordEncoder(vocabulary, self.preset.config["text_dim"], self.preset.text_len).to(device).train()
+        phrase_starts = tuple(importlib.import_module(self.videos).PHRASE_STARTS) if settings.phrase_context else ()
+        self.encoder = WordEncoder(vocabulary, self.preset.config["text_dim"], self.preset.text_len,
+                                   phrase_starts).to(device).train()
         self.params = list(self.model.parameters()) + list(self.encoder.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, betas=(0.9, 0.99),
                                            weight_decay=settings.weight_decay, fused=device.startswith("cuda"))
@@ -333,7 +343,8 @@ class Trainer:
 
     def warm_start(self, checkpoint: Path, record: dict) -> None:
         """Model and EMA from a checkpoint folder this script wrote (its EMA weights) and its record
-        (training.json); the optimizer starts afresh, the noise generator from a seed of its own."""
+        (training.json); the optimizer starts afresh (its learning rate warms up again), the noise generator from
+        a seed of its own. The text encoder's phrase context is this run's (the tables are the checkpoint's)."""
         from saexport.models.checkpoint import load_model
 
         loaded = load_model(self.model_name, checkpoint)
@@ -344,6 +355,7 @@ class Trainer:
         self._load_record({**record, "step": record["steps_run"], "curve": record["loss_curve"],
                            "held_out": record["held_out_loss"]})
         self.gen.manual_seed(self.settings.seed + 1 + self.step)
+        self.settings.restart_step = self.step
         self.plan["warm_started_at"] = self.step
 
     def _load_record(self, state: dict) -> None:
@@ -370,15 +382,20 @@ def _synchronize(device: str) -> None:
 
 
 def lr_factor(step: int, settings: TrainSettings, planned: int) -> float:
-    """Linear warm-up, then cosine decay to `final_lr_fraction` at the planned last step (before an extension's
-    `extra_steps`, which hold it there)."""
-    if step < settings.warmup:
-        return step / settings.warmup
+    """The learning rate over `settings.lr`: linear warm-up, then cosine decay to `final_lr_fraction` at the planned
+    last step; an extension's `extra_steps` at `extend_lr` (default: the final rate). After a warm start (a fresh
+    optimizer at `restart_step`), the same warm-up again, to the rate of the schedule there."""
+    s = settings
+    if step < s.warmup:
+        return step / s.warmup
+    ramp = min(1.0, (step - s.restart_step) / s.warmup) if s.restart_step else 1.0
     if planned >= UNPLANNED:
-        return 1.0  # the step count is not fixed yet (still timing)
-    end = planned - settings.extra_steps
-    progress = min(1.0, (step - settings.warmup) / max(1, end - settings.warmup))
-    return settings.final_lr_fraction + (1 - settings.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+        return ramp  # the step count is not fixed yet (still timing)
+    end = planned - s.extra_steps
+    if step > end and s.extend_lr:
+        return ramp * s.extend_lr / s.lr
+    progress = min(1.0, (step - s.warmup) / max(1, end - s.warmup))
+    return ramp * (s.final_lr_fraction + (1 - s.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def fix_plan(trainer: Trainer, seconds_per_step: float, minutes: float) -> None:
@@ -406,7 +423,8 @@ class TrainingCall:
     (`call_minutes`, `call_steps`: it pauses, saving its state to `resume_dir`), data-loader workers, the model,
     `torch.compile` of the blocks, a checkpoint to start from (`warm_start`), the global step a resumed or
     warm-started run is extended to (`extend_to`), and whether a held-out plateau is recorded without ending the
-    run (`past_plateau`: to measure what training changes once the loss no longer does)."""
+    run (`past_plateau`: to measure what training changes once the loss no longer does). A warm start may give the
+    text encoder phrase context (`phrase_context`) and run its extension at `extend_lr` (a fine-tune)."""
 
     out: Path
     device: str = "cpu"
@@ -420,6 +438,8 @@ class TrainingCall:
     warm_start: Path | None = None
     extend_to: int | None = None
     past_plateau: bool = False
+    phrase_context: bool = False
+    extend_lr: float | None = None
 
 
 def extended(settings: TrainSettings, extend_to: int) -> TrainSettings:
@@ -446,6 +466,13 @@ def train(settings: TrainSettings, call: TrainingCall) -> dict:
         settings = TrainSettings(**(state or earlier)["settings"])  # the continued run's settings and plan win
         if call.extend_to is not None:
             settings = extended(settings, call.extend_to)
+        if call.extend_lr is not None:
+            settings.extend_lr = call.extend_lr
+        if call.phrase_context and not settings.phrase_context:
+            if state is not None:
+                raise ValueError("the resumed run's text encoder has no phrase context; a resumed run keeps its "
+                                 "encoder (warm-start from its weights to add it)")
+            settings.phrase_context = True
     elif call.extend_to is not None:
         raise ValueError("extend_to continues a run: it needs a saved resume state or a warm-start checkpoint")
     trainer = Trainer(model, settings, device)
@@ -577,6 +604,10 @@ def main() -> None:
                         "unless --past-plateau).")
     parser.add_argument("--past-plateau", action="store_true", help="Record a held-out plateau without stopping "
                         "(train on to the plan's end, e.g. to see what attention does once the loss is flat).")
+    parser.add_argument("--phrase-context", action="store_true", help="Each word's text vector carries its phrase's "
+                        "(word_encoder.py); with --warm-start, added to the checkpoint's tables.")
+    parser.add_argument("--extend-lr", type=float, help="The learning rate of the steps past the plan (default: "
+                        "the plan's final rate).")
     args = parser.parse_args()
     defaults = RECIPES[args.model]
     has_low = bool(defaults.low_height)
@@ -588,10 +619,11 @@ def main() -> None:
     if has_low and bool(args.steps) != bool(args.low_steps):
         parser.error(f"{args.model} trains in two stages: give both --low-steps and --steps, or --minutes")
     settings = replace(defaults, seed=args.seed, steps=args.steps, low_steps=args.low_steps,
-                       batch=args.batch or defaults.batch)
+                       batch=args.batch or defaults.batch, phrase_context=args.phrase_context)
     record = train(settings, TrainingCall(args.out, args.device, args.minutes, args.workers, args.model,
                                           args.resume_dir, args.call_minutes, args.call_steps, args.compile,
-                                          args.warm_start, args.extend_to, args.past_plateau))
+                                          args.warm_start, args.extend_to, args.past_plateau,
+                                          args.phrase_context, args.extend_lr))
     print(f"{record['status']}: {record['steps_run']} steps, {record['seconds']} s trained; wrote {args.out}")
 
 
