@@ -195,8 +195,9 @@ class Trainer:
         torch.manual_seed(settings.seed)
         self.config = {k: (tuple(v) if k == "patch_size" else v) for k, v in self.preset.config.items()}
         self.model = WanTransformer3DModel(**self.config).to(device).train()
-        vocabulary = list(importlib.import_module(self.videos).VOCABULARY)
-        phrase_starts = tuple(importlib.import_module(self.videos).PHRASE_STARTS) if settings.phrase_context else ()
+        captions = importlib.import_module(self.videos)
+        vocabulary = list(captions.VOCABULARY)
+        phrase_starts = tuple(captions.PHRASE_STARTS) if settings.phrase_context else ()
         self.encoder = WordEncoder(vocabulary, self.preset.config["text_dim"], self.preset.text_len,
                                    phrase_starts).to(device).train()
         self.params = list(self.model.parameters()) + list(self.encoder.parameters())
