@@ -4,12 +4,14 @@ and its shipped weights."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import replace
 
 import pytest
 import torch
 
+import saexport.demo.train as train_module
 from saexport.demo.objects import (
     MAX_WORDS,
     PHRASE_STARTS,
@@ -216,6 +218,18 @@ def test_past_plateau_records_the_plateau_and_trains_on_to_the_plan_end(tmp_path
     onward = train(flat, TrainingCall(tmp_path / "onward", model="wan2.1-demo", past_plateau=True))
     assert (onward["status"], onward["steps_run"], onward["plateaued"]) == ("finished", 4, True)
     assert [e["step"] for e in onward["held_out_loss"]] == [0, 1, 2, 3, 4]
+
+
+def test_slow_steps_print_a_line_each_and_fast_ones_every_100_steps(tmp_path, monkeypatch, capsys):
+    """Steps slower than PROGRESS_SECONDS (a CPU) get a progress line each; fast ones only every 100 steps."""
+    run = tiny_run(low_height=0, low_width=0, steps=3)
+    train(run, TrainingCall(tmp_path / "fast", model="wan2.1-demo"))
+    assert "(this step)" not in capsys.readouterr().out
+    monkeypatch.setattr(train_module, "PROGRESS_SECONDS", -1.0)
+    train(run, TrainingCall(tmp_path / "slow", model="wan2.1-demo"))
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if "(this step)" in line]
+    assert [line[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert all(math.isfinite(float(line[3])) for line in lines)
 
 
 def test_the_successor_candidate_sees_the_same_token_grid_in_4x4_pixel_tokens(tmp_path):

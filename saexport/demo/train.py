@@ -61,6 +61,7 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from saexport.atomic import atomic_path, write_text_atomic
 from saexport.demo import VIDEO_MODULES
@@ -71,6 +72,7 @@ from saexport.models.word_encoder import WordEncoder, WordTokenizer
 MODEL = "wan2.1-demo"
 UNPLANNED = 10_000_000  # a stage's length before the plan fixes it
 HELD_OUT_SEED = 424_242  # held-out captions, render seeds and noise of the held-out loss
+PROGRESS_SECONDS = 60.0  # slow steps (a CPU): a progress line at least this often, not only every 100 steps
 SHARD_BYTES = 14 * 2**20  # files come back from the GPU machine at <= 16 MiB each
 STATE_FILE = "state.pt"
 
@@ -294,8 +296,9 @@ class Trainer:
             self._held_out_sets[height, width] = HeldOut(self.videos, self.encoder.tokenizer, self.settings, height,
                                                          width)
         data, total = self._held_out_sets[height, width], 0.0
-        with torch.no_grad():
-            for i in range(0, len(data.sigma), self.settings.eval_batch):
+        starts = range(0, len(data.sigma), self.settings.eval_batch)
+        with torch.no_grad():  # a bar in a terminal only (disable=None): logs keep their step lines
+            for i in tqdm(starts, desc=f"held-out loss {height}x{width}", leave=False, disable=None):
                 part = slice(i, i + self.settings.eval_batch)
                 loss = flow_loss(self.ema_model, self.ema_encoder, data.x0[part].to(self.device),
                                  data.tokens[part].to(self.device), data.sigma[part].to(self.device),
@@ -490,10 +493,13 @@ def train(settings: TrainSettings, call: TrainingCall) -> dict:
     if not trainer.held_out:
         trainer.evaluate()
     status, running, timed_from = "paused", 0.0, None
-    trainer.call_start = time.perf_counter()
+    trainer.call_start = last_line = time.perf_counter()
 
     def planned() -> int:
         return stages_of(s)[-1].end
+
+    def step_of_plan(step: int) -> str:
+        return f"step {step}/{planned() if planned() < UNPLANNED else '?'}"
 
     def call_over() -> bool:
         # Leave time to evaluate, save the state and write the weights before the call's limit.
@@ -514,10 +520,13 @@ def train(settings: TrainSettings, call: TrainingCall) -> dict:
             running += loss.item() if step % 10 == 0 else 0.0  # one device sync in ten steps
             if step % 100 == 0:
                 trainer.curve.append((step, running / 10))
-                print(f"step {step}/{planned() if planned() < UNPLANNED else '?'} loss {running / 10:.4f} "
+                print(f"{step_of_plan(step)} loss {running / 10:.4f} "
                       f"lr {trainer.optimizer.param_groups[0]['lr']:.2e} "
                       f"{trainer.clock():.0f} s", flush=True)
-                running = 0.0
+                running, last_line = 0.0, time.perf_counter()
+            elif time.perf_counter() - last_line > PROGRESS_SECONDS:
+                print(f"{step_of_plan(step)} loss {loss.item():.4f} (this step) {trainer.clock():.0f} s", flush=True)
+                last_line = time.perf_counter()
             if minutes is not None and planned() >= UNPLANNED:  # time 50 steps, then fix the plan
                 if step == first_step + 20:
                     _synchronize(device)
