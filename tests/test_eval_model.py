@@ -232,6 +232,16 @@ def test_slow_steps_print_a_line_each_and_fast_ones_every_100_steps(tmp_path, mo
     assert all(math.isfinite(float(line[3])) for line in lines)
 
 
+def test_a_cpu_run_that_would_not_fit_in_memory_is_refused_before_it_starts(tmp_path, monkeypatch):
+    """The OOM killer ends a process without a word: a CPU run whose measured step exceeds the memory available
+    is refused with the numbers, before anything is written."""
+    monkeypatch.setattr(train_module, "available_memory", lambda: 2**20)  # 1 MiB: no step fits
+    with pytest.raises(ValueError, match=r"x 4 videos needs about .* GiB on the CPU .* 0\.0 GiB is available"):
+        train(tiny_run(low_height=0, low_width=0, steps=1, batch=4),
+              TrainingCall(tmp_path / "run", model="wan2.1-demo", resume_dir=tmp_path / "state"))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "state").exists()
+
+
 def test_the_successor_candidate_sees_the_same_token_grid_in_4x4_pixel_tokens(tmp_path):
     """wan2.1-eval2 cuts twice the pixels into the same 16x32x32 grid as wan2.1-eval; a run of it writes a checkpoint
     that loads with 4x4-pixel patches and predicts a whole video from it."""

@@ -55,6 +55,7 @@ import importlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -265,17 +266,58 @@ class Trainer:
             block.__dict__.pop("forward", None)
         self.compiled = False
 
-    def seconds_per_step(self, stage: Stage, reps: int = 5) -> float:
-        """Forward and backward at `stage`'s size on throwaway data, timed: the plan's full-size step time."""
+    def probe_step(self, stage: Stage, batch: int) -> Callable[[], None]:
+        """A forward and backward at `stage`'s size on `batch` throwaway videos (no optimizer step; its own
+        noise, so the run's random streams are untouched)."""
         module = importlib.import_module(self.videos)
-        scenes = module.scenes(stage.batch, HELD_OUT_SEED)
+        scenes = module.scenes(batch, HELD_OUT_SEED)
         x0 = module.render(scenes, self.settings.frames, stage.height, stage.width, 0).to(self.device)
         tokens = self.encoder.tokenizer([scene.caption() for scene in scenes]).to(self.device)
-        sigma = torch.full((stage.batch,), 0.5, device=self.device)
+        sigma = torch.full((batch,), 0.5, device=self.device)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(HELD_OUT_SEED)).to(self.device)
+
         def forward_backward() -> None:
-            flow_loss(self.model, self.encoder, x0, tokens, sigma, torch.randn_like(x0)).backward()
+            flow_loss(self.model, self.encoder, x0, tokens, sigma, noise).backward()
             self.optimizer.zero_grad(set_to_none=True)
 
+        return forward_backward
+
+    def check_cpu_memory(self, stages: list[Stage]) -> None:
+        """On the CPU, refuse a run whose steps would not fit in memory: the kernel's OOM killer would end it
+        without a word. Each stage's step is measured at half its batch (its peak growth, Linux's VmHWM reset
+        first) and doubled, plus the optimizer's moments, against the memory available now; memory grows less
+        than linearly with the batch (one video's growth times 32 overestimates 32 videos' by half), so one
+        video is measured first only to tell whether the half batch itself could run."""
+        if self.device != "cpu":
+            return
+        moments = 2 * sum(p.numel() * p.element_size() for p in self.params)  # AdamW's, made at the first step
+        for stage in stages:
+            try:
+                available, one, half = available_memory(), self.peak_growth(stage, 1), stage.batch // 2
+                if half > 1 and one * half <= available:  # the half batch can run: measure it
+                    growth = self.peak_growth(stage, half) * stage.batch / half
+                else:
+                    growth = one * stage.batch  # an upper bound
+            except OSError:  # not Linux: no measurement, no check
+                return
+            need = growth + moments
+            if need > available:
+                raise ValueError(
+                    f"a training step of {self.model_name} at {stage.height}x{stage.width} x {stage.batch} videos "
+                    f"needs about {need / 2**30:.1f} GiB on the CPU (measured on a smaller batch); "
+                    f"{available / 2**30:.1f} GiB is available: train on a GPU, or with fewer videos "
+                    "a step")
+
+    def peak_growth(self, stage: Stage, batch: int) -> int:
+        """Bytes the peak resident memory grows by in a probe step of `batch` videos (Linux /proc)."""
+        before = _proc_kib("/proc/self/status", "VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the RSS now
+        self.probe_step(stage, batch)()
+        return (_proc_kib("/proc/self/status", "VmHWM") - before) * 1024
+
+    def seconds_per_step(self, stage: Stage, reps: int = 5) -> float:
+        """Forward and backward at `stage`'s size on throwaway data, timed: the plan's full-size step time."""
+        forward_backward = self.probe_step(stage, stage.batch)
         timed = 0.0
         for rep in range(reps + 2):  # two warm-up passes (compilation)
             _synchronize(self.device)
@@ -378,6 +420,19 @@ class Trainer:
                 "device": torch.cuda.get_device_name() if self.device.startswith("cuda") else "cpu",
                 "torch": torch.__version__, "loss_curve": self.curve, "held_out_loss": self.held_out,
                 "calls": self.calls}
+
+
+def _proc_kib(path: str, field: str) -> int:
+    """A `Field:  N kB` line of a /proc file, in KiB."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{path} has no {field}")
+
+
+def available_memory() -> int:
+    """Bytes the system can give without swapping (Linux's MemAvailable)."""
+    return _proc_kib("/proc/meminfo", "MemAvailable") * 1024
 
 
 def _synchronize(device: str) -> None:
@@ -487,6 +542,7 @@ def train(settings: TrainSettings, call: TrainingCall) -> dict:
     elif earlier is not None:
         trainer.warm_start(warm_start, earlier)
         print(f"warm start from {warm_start} at step {trainer.step} (fresh optimizer)", flush=True)
+    trainer.check_cpu_memory([stage for stage in stages_of(trainer.settings) if trainer.step < stage.end])
     if call.compile_blocks:
         trainer.compile_blocks()
     s, first_step = trainer.settings, trainer.step
@@ -630,10 +686,13 @@ def main() -> None:
         parser.error(f"{args.model} trains in two stages: give both --low-steps and --steps, or --minutes")
     settings = replace(defaults, seed=args.seed, steps=args.steps, low_steps=args.low_steps,
                        batch=args.batch or defaults.batch, phrase_context=args.phrase_context)
-    record = train(settings, TrainingCall(args.out, args.device, args.minutes, args.workers, args.model,
-                                          args.resume_dir, args.call_minutes, args.call_steps, args.compile,
-                                          args.warm_start, args.extend_to, args.past_plateau,
-                                          args.phrase_context, args.extend_lr))
+    try:
+        record = train(settings, TrainingCall(args.out, args.device, args.minutes, args.workers, args.model,
+                                              args.resume_dir, args.call_minutes, args.call_steps, args.compile,
+                                              args.warm_start, args.extend_to, args.past_plateau,
+                                              args.phrase_context, args.extend_lr))
+    except ValueError as error:  # what the run refuses (its settings, its memory): one line, nothing written
+        parser.error(str(error))
     print(f"{record['status']}: {record['steps_run']} steps, {record['seconds']} s trained; wrote {args.out}")
 
 
