@@ -25,10 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from saexport.demo import video_module
 from saexport.demo.train import flow_loss
@@ -70,11 +72,14 @@ def edited_captions(scenes: list, module, seed: int) -> dict[str, list[str] | No
 
 
 def per_video_losses(model, encoder: WordEncoder, x0: torch.Tensor, tokens: torch.Tensor, sigma: float,
-                     noise: torch.Tensor) -> torch.Tensor:
+                     noise: torch.Tensor, bar: tqdm) -> torch.Tensor:
     """One loss per video (flow_loss averages its batch, so one video a call)."""
     sigmas = torch.full((1,), sigma, device=x0.device)
-    return torch.tensor([float(flow_loss(model, encoder, x0[i:i + 1], tokens[i:i + 1], sigmas, noise[i:i + 1]))
-                         for i in range(len(x0))], dtype=torch.float64)
+    losses = []
+    for i in range(len(x0)):
+        losses.append(float(flow_loss(model, encoder, x0[i:i + 1], tokens[i:i + 1], sigmas, noise[i:i + 1])))
+        bar.update()
+    return torch.tensor(losses, dtype=torch.float64)
 
 
 def main() -> None:
@@ -101,14 +106,18 @@ def main() -> None:
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(SEED)).to(args.device)
     variants = edited_captions(scenes, module, SEED)
     losses: dict[str, dict[float, torch.Tensor]] = {}
+    # A forward a video, caption and noise level: on a CPU, minutes between the lines below.
+    bar = tqdm(total=len(variants) * len(NOISE_LEVELS) * len(scenes), desc="forward passes", unit="pass",
+               disable=None)
     with torch.no_grad():
         for name, texts in variants.items():
             tokens = (encoder.tokenizer(texts) if texts is not None
                       else torch.zeros(len(scenes), encoder.tokenizer.max_length, dtype=torch.int64))
-            losses[name] = {sigma: per_video_losses(model, encoder, x0, tokens.to(args.device), sigma, noise)
+            losses[name] = {sigma: per_video_losses(model, encoder, x0, tokens.to(args.device), sigma, noise, bar)
                             for sigma in NOISE_LEVELS}
-            print(f"{name}: " + ", ".join(f"sigma {s}: {float(v.mean()):.4f}" for s, v in losses[name].items()),
-                  flush=True)
+            bar.write(f"{name}: " + ", ".join(f"sigma {s}: {float(v.mean()):.4f}" for s, v in losses[name].items()))
+            sys.stdout.flush()
+    bar.close()
 
     header = "| caption | " + " | ".join(f"loss, sigma {s}" for s in NOISE_LEVELS) + " |"
     lines = [f"{args.model} ({loaded.weights_id}), {len(scenes)} held-out videos of {width}x{height}, {args.device}",
