@@ -81,6 +81,16 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: Packe
     return n
 
 
+def kept_at_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: PackedMasks,
+                 step_index: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Validate the inputs and the step; return the number of blocks and the step's kept blocks `[heads, n, n]`."""
+    n = check_inputs(q, k, v, masks)
+    step = int(step_index.reshape(-1)[0])
+    if not 0 <= step < masks.budgets.shape[0]:
+        raise ValueError(f"step_index {step} is outside [0, {masks.budgets.shape[0]})")
+    return n, kept_blocks(unpack_levels(masks.topology), masks.budgets[step])
+
+
 MASKED_ABOVE = 0.45  # a head keeping more of its blocks is computed masked, not gathered (measured crossover)
 
 
@@ -92,12 +102,8 @@ def gathered_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.T
     attention call (gathering that much costs more than computing it), one that keeps every block plain attention.
     Same semantics as the reference. (On 2 cores at 4096 tokens, 2 x 4 heads: dense 298 ms; gathered 181 / 368 /
     619 ms at 15 / 40 / 70% of the blocks, masked 409 ms at any density.)"""
-    n = check_inputs(q, k, v, masks)
-    topology, budgets, block_size = masks
-    step = int(step_index.reshape(-1)[0])
-    if not 0 <= step < budgets.shape[0]:
-        raise ValueError(f"step_index {step} is outside [0, {budgets.shape[0]})")
-    keep = kept_blocks(unpack_levels(topology), budgets[step])  # [heads, n, n]
+    n, keep = kept_at_step(q, k, v, masks, step_index)
+    block_size = masks.block_size
     seq_len = q.shape[1]
     compute = torch.promote_types(q.dtype, torch.float32)
     qh, kh, vh = (t.to(compute).transpose(1, 2) for t in (q, k, v))  # [batch, heads, L, D]
@@ -127,13 +133,8 @@ def gathered_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.T
 def reference_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: PackedMasks,
                                      step_index: torch.Tensor, scale: float) -> torch.Tensor:
     """Exact block-sparse attention in at least float32, one query block at a time."""
-    n = check_inputs(q, k, v, masks)
-    topology, budgets, block_size = masks
-    step = int(step_index.reshape(-1)[0])
-    if not 0 <= step < budgets.shape[0]:
-        raise ValueError(f"step_index {step} is outside [0, {budgets.shape[0]})")
-    keep = kept_blocks(unpack_levels(topology), budgets[step])  # [heads, n, n]
-
+    n, keep = kept_at_step(q, k, v, masks, step_index)
+    block_size = masks.block_size
     seq_len = q.shape[1]
     compute = torch.promote_types(q.dtype, torch.float32)
     qh, kh, vh = (t.to(compute).transpose(1, 2) for t in (q, k, v))  # [batch, heads, L, D]
