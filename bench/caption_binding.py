@@ -5,7 +5,8 @@ region has the captioned shape and moves the captioned way: it passes only if th
 shape and motion. A model that reads the caption as a bag of words draws the right colours and some shapes and
 motions, but not on the right objects. This measures that directly, without sampling: on held-out captions and
 render seeds (never trained on) with fixed noise, the flow-matching loss of the model's prediction (train.py's
-objective, the EMA weights as shipped, bf16 autocast) given the true caption, and given edits of it:
+objective, the EMA weights as shipped, bf16 autocast on a GPU, fp32 on the CPU) given the true caption, and given
+edits of it:
 - *shapes swapped* / *motions swapped*: the caption's own shapes (motions) rotated among its objects, the same
   words in another binding (the test scenes are those whose objects' shapes and motions all differ, so that every
   object's changes);

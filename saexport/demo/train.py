@@ -12,7 +12,7 @@ is diffusers' `WanTransformer3DModel` with the preset's config; the text encoder
 Objective: the one Wan's sampler assumes (diffusers' flow-matching UniPC): x_t = (1 - s) x0 + s noise, timestep
 1000 s, target noise - x0; s is drawn through the sampler's flow shift, so training sees the noise levels
 sampling visits. One caption in ten is dropped (zero embeddings, the empty prompt) so that classifier-free
-guidance works. bf16 autocast; attention through PyTorch's SDPA (diffusers' default).
+guidance works. bf16 autocast on a GPU (fp32 on the CPU); attention through PyTorch's SDPA (diffusers' default).
 
 Progressive resolution (wan2.1-eval): most steps at low_height x low_width, then the rest at the full size, as
 real video DiTs train low-resolution first. A quarter of the tokens makes attention ~16x cheaper per video, and
@@ -179,11 +179,12 @@ class HeldOut:
 
 
 def flow_loss(model, encoder, x0, tokens, sigma, noise) -> torch.Tensor:
-    """Wan's flow-matching loss of noise prediction at noise levels `sigma` (per video)."""
+    """Wan's flow-matching loss of noise prediction at noise levels `sigma` (per video): bf16 autocast on a GPU,
+    fp32 on the CPU (a CPU without AVX512-BF16, like this project's CI, runs bf16 matmuls ~50x slower)."""
     text = encoder(tokens)
     s = sigma.view(-1, 1, 1, 1, 1)
     noisy = (1 - s) * x0 + s * noise
-    with torch.autocast(device_type=x0.device.type, dtype=torch.bfloat16):
+    with torch.autocast(device_type=x0.device.type, dtype=torch.bfloat16, enabled=x0.device.type == "cuda"):
         pred = model(noisy, sigma * 1000, text, return_dict=False)[0]
     return torch.nn.functional.mse_loss(pred.float(), noise - x0)
 
