@@ -28,6 +28,7 @@ from saexport.layout import parse_layout
 from saexport.models.checkpoint import load_model
 from saexport.models.text_encoder import synthetic_embeddings
 from saexport.models.video_shape import parse_video_shape
+from saexport.runtime.generation import model_identity
 from saexport.runtime.schedule import flow_shift_for
 from saexport.topology.calibration import CalibrationLoop, Calibrator
 from saexport.topology.prompts import CalibrationSet
@@ -82,7 +83,7 @@ def main() -> None:
             print(*rows[-1], f"(at {time.perf_counter() - started:.0f} s: compiling is in the first call)", flush=True)
         p = loaded.preset
         blocks = BlockedGrid(grid, 128, parse_layout("tile3d"))
-        topology = standin_topology(loaded.identity, p.num_layers, p.num_heads, blocks)
+        topology = standin_topology(model_identity(loaded), p.num_layers, p.num_heads, blocks)
         densities = [float(d) for d in args.densities.split(",")]
         sparse = build_sparse_dit(loaded, topology, standin_budgets(topology, steps=1, target_density=1.0),
                                   video).cuda()

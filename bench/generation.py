@@ -25,6 +25,7 @@ from saexport.models.dit import SparseWanDiT, WanDiT
 from saexport.models.text_encoder import synthetic_embeddings
 from saexport.models.video_shape import parse_video_shape
 from saexport.runtime.denoisers import TorchDenoiser
+from saexport.runtime.generation import model_identity
 from saexport.runtime.sampler import SamplerSettings, sample
 from saexport.runtime.schedule import flow_shift_for
 from saexport.runtime.video import decode_latents
@@ -57,7 +58,7 @@ def main() -> None:
     grid = video.token_grid(preset.patch_size)
     text = synthetic_embeddings(preset.text_len, preset.config["text_dim"], 2, 0)
     prompt, negative = text[:1], text[1:]
-    topology = standin_topology(loaded.identity, preset.num_layers, preset.num_heads,
+    topology = standin_topology(model_identity(loaded), preset.num_layers, preset.num_heads,
                                 BlockedGrid(grid, 128, parse_layout(preset.defaults.layout)))
     budgets = standin_budgets(topology, args.steps, args.density)
     print(f"GPU: {torch.cuda.get_device_name()}  {args.model} {video.describe()} grid {grid}, bf16, {args.steps} "

@@ -45,7 +45,7 @@ from saexport.levels import num_blocks
 from saexport.models.checkpoint import LoadedModel, ModelSource, load_model, parse_dtype
 from saexport.models.presets import ModelPreset, RunDefaults, get_preset
 from saexport.models.video_shape import VideoShape, parse_video_shape, video_of_grid
-from saexport.runtime.generation import generation_dtype
+from saexport.runtime.generation import generation_dtype, model_identity
 from saexport.runtime.parallel.launch import writes_outputs
 from saexport.runtime.parallel.spread import from_rank_zero, launched_ranks
 from saexport.runtime.sampler import DEFAULT_GUIDANCE, PASSES
@@ -270,7 +270,7 @@ def make_budgets(models: Models, topology_path: Path, calibration: Calibration, 
     source = models.source
     topology = Topology.load(topology_path)
     calibration_dtype = parse_dtype(generation_dtype(source.preset, calibration.device))
-    topology.check_matches(models.get(calibration_dtype).identity)
+    topology.check_matches(model_identity(models.get(calibration_dtype)))
     video = video_of_grid(topology.grid, source.preset.patch_size, source.preset.codec)
     check_fits_in_memory(source.preset, video, calibration.device)
     calibrator = calibration.calibrator(models, video, out.path, held_out=goal.psnr is not None)
@@ -360,7 +360,7 @@ def make_standins(models: Models, run: RunDefaults, density: float) -> tuple[Top
 
     loaded, preset = models.get(parse_dtype(run.dtype)), models.source.preset  # the export's precision: one load
     grid = video_of(models.source, run).token_grid(preset.patch_size)
-    topology = standin_topology(loaded.identity, preset.num_layers, preset.num_heads,
+    topology = standin_topology(model_identity(loaded), preset.num_layers, preset.num_heads,
                                 BlockedGrid(grid, run.block_size, parse_layout(run.layout)))
     return topology, standin_budgets(topology, run.steps, density)
 

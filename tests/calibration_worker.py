@@ -13,6 +13,7 @@ from saexport.artifacts import BlockedGrid
 from saexport.layout import parse_layout
 from saexport.models.checkpoint import load_model
 from saexport.models.text_encoder import synthetic_embeddings
+from saexport.runtime.generation import model_identity
 from saexport.runtime.parallel.spread import spread
 from saexport.topology.calibration import CalibrationLoop, Calibrator
 from saexport.topology.prompts import CalibrationSet
@@ -29,7 +30,7 @@ def quality_setup(seed: int):
     calibrator = Calibrator(tiny, CalibrationSet(embeddings[:2], embeddings[2:], "test"), LOOP,
                             progress=lambda items, **_: items)
     preset = tiny.preset
-    topology = standin_topology(tiny.identity, preset.num_layers, preset.num_heads,
+    topology = standin_topology(model_identity(tiny), preset.num_layers, preset.num_heads,
                                 BlockedGrid((3, 4, 4), 8, parse_layout("tile3d:1x2x4")))
     return calibrator, topology
 

@@ -11,6 +11,7 @@ from saexport.layout import parse_layout
 from saexport.levels import density
 from saexport.models.processors import RowProbe, block_masses, block_partials
 from saexport.models.text_encoder import synthetic_embeddings
+from saexport.runtime.generation import model_identity
 from saexport.runtime.sampler import sample
 from saexport.topology.allocation import allocate, fit_budgets_v2, level_densities, levels_at
 from saexport.topology.calibration import CalibrationLoop, Calibrator, HeadRows
@@ -292,7 +293,8 @@ def tiny_setup(tiny):
     embeddings = synthetic_embeddings(tiny.preset.text_len, 32, prompts=3, seed=int(torch.randint(0, 99, ())))
     prompts = CalibrationSet(embeddings[:2], embeddings[2:], "test")
     layers, heads = tiny.preset.num_layers, tiny.preset.num_heads
-    topology = standin_topology(tiny.identity, layers, heads, BlockedGrid((3, 4, 4), 8, parse_layout("tile3d:1x2x4")))
+    blocks = BlockedGrid((3, 4, 4), 8, parse_layout("tile3d:1x2x4"))
+    topology = standin_topology(model_identity(tiny), layers, heads, blocks)
     return tiny, prompts, topology
 
 

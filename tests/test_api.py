@@ -13,6 +13,7 @@ from saexport.layout import parse_layout
 from saexport.models.dit import SparseWanDiT
 from saexport.models.video_shape import parse_video_shape
 from saexport.runtime.denoisers import TorchDenoiser
+from saexport.runtime.generation import model_identity
 from saexport.runtime.sampler import SamplerSettings, sample
 from saexport.runtime.schedule import wan_scheduler
 from saexport.topology.standin import standin_budgets, standin_topology
@@ -23,7 +24,7 @@ VIDEO = parse_video_shape("64x64", 9)  # grid 3 x 4 x 4, blocks of 8: n = 6
 
 def test_apply_makes_diffusers_wan_pipeline_run_the_sparse_attention(tiny, tmp_path):
     p = tiny.preset
-    topology = standin_topology(tiny.identity, p.num_layers, p.num_heads,
+    topology = standin_topology(model_identity(tiny), p.num_layers, p.num_heads,
                                 BlockedGrid(VIDEO.token_grid(p.patch_size), 8, parse_layout("tile3d:1x2x4")), seed=5)
     budgets = standin_budgets(topology, steps=4, target_density=0.3)
     topology.save(tmp_path / "t.safetensors")

@@ -13,6 +13,7 @@ from saexport.layout import parse_layout
 from saexport.levels import unpack_levels
 from saexport.models.checkpoint import load_model
 from saexport.models.video_shape import parse_video_shape
+from saexport.runtime.generation import model_identity
 from saexport.runtime.ort_session import ort_session, run_dit
 from saexport.topology.standin import standin_budgets, standin_topology
 from tests.conftest import rel_err
@@ -21,7 +22,7 @@ from tests.conftest import rel_err
 def artifacts(loaded, video, block_size=16, layout="tile3d:1x4x4", steps=4, density=0.3):
     p = loaded.preset
     grid = video.token_grid(p.patch_size)
-    topology = standin_topology(loaded.identity, p.num_layers, p.num_heads,
+    topology = standin_topology(model_identity(loaded), p.num_layers, p.num_heads,
                                 BlockedGrid(grid, block_size, parse_layout(layout)),
                                 seed=int(torch.randint(0, 1000, ())))
     return topology, standin_budgets(topology, steps, density)

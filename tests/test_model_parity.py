@@ -7,6 +7,7 @@ from saexport.artifacts import BlockedGrid
 from saexport.layout import TokenLayout, parse_layout
 from saexport.levels import DENSE_LEVEL
 from saexport.models.dit import SparseWanDiT
+from saexport.runtime.generation import model_identity
 from saexport.topology.standin import standin_budgets, standin_topology
 from tests.conftest import rel_err
 
@@ -15,7 +16,7 @@ GRID = (3, 4, 6)  # latent 3 x 8 x 12 with patch (1, 2, 2)
 
 def make_sparse(loaded, layout: TokenLayout, block_size=8, dense=False):
     preset = loaded.preset
-    topology = standin_topology(loaded.identity, preset.num_layers, preset.num_heads,
+    topology = standin_topology(model_identity(loaded), preset.num_layers, preset.num_heads,
                                 BlockedGrid(GRID, block_size, layout), seed=int(torch.randint(0, 1000, ())))
     budgets = standin_budgets(topology, steps=4, target_density=0.3)
     levels = torch.full_like(budgets.levels, DENSE_LEVEL) if dense else budgets.levels

@@ -18,6 +18,7 @@ from saexport.errors import SaexportError
 from saexport.layout import parse_layout
 from saexport.levels import kept_blocks
 from saexport.models.checkpoint import load_model
+from saexport.runtime.generation import model_identity
 from saexport.runtime.parallel import balance
 from saexport.runtime.parallel.balance import (
     balance_heads,
@@ -178,7 +179,7 @@ def demo_artifacts(folder: Path) -> Path:
     """Stand-in topology and budgets of the demo model (bundled weights, pixels) at 16x16 x 2 frames: 128 tokens."""
     loaded = load_model("wan2.1-demo")
     preset = loaded.preset
-    topology = standin_topology(loaded.identity, preset.num_layers, preset.num_heads,
+    topology = standin_topology(model_identity(loaded), preset.num_layers, preset.num_heads,
                                 BlockedGrid((2, 8, 8), 16, parse_layout("tile3d:1x4x4")))
     artifacts = ArtifactFolder(folder)
     topology.save(artifacts.topology)

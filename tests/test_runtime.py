@@ -17,6 +17,7 @@ from saexport.exporter.onnx_export import build_sparse_dit, export_onnx
 from saexport.layout import parse_layout
 from saexport.models.video_shape import parse_video_shape
 from saexport.runtime.denoisers import OnnxRuntimeDenoiser, TorchDenoiser, check_engine_metadata, import_tensorrt
+from saexport.runtime.generation import model_identity
 from saexport.runtime.sampler import SamplerSettings, sample
 from saexport.topology.standin import standin_budgets, standin_topology
 from tests.conftest import rel_err
@@ -28,7 +29,7 @@ VIDEO = parse_video_shape("64x64", 9)  # grid 3 x 4 x 4
 def artifacts(tiny, tmp_path):
     p = tiny.preset
     grid = VIDEO.token_grid(p.patch_size)
-    topology = standin_topology(tiny.identity, p.num_layers, p.num_heads,
+    topology = standin_topology(model_identity(tiny), p.num_layers, p.num_heads,
                                 BlockedGrid(grid, 8, parse_layout("tile3d:1x2x4")), seed=int(torch.randint(0, 99, ())))
     budgets = standin_budgets(topology, steps=5, target_density=0.3)
     topology.save(tmp_path / "topology.safetensors")
@@ -140,7 +141,7 @@ def test_tensorrt_engine_matches_torch(tmp_path):
     loaded = load_model("wan2.1-small", random_weights=True, dtype=torch.bfloat16)
     video = parse_video_shape("256x256", 9)  # grid 3 x 16 x 16 = 768 tokens, 12 blocks of 64
     p = loaded.preset
-    topology = standin_topology(loaded.identity, p.num_layers, p.num_heads,
+    topology = standin_topology(model_identity(loaded), p.num_layers, p.num_heads,
                                 BlockedGrid(video.token_grid(p.patch_size), 64, parse_layout("tile3d:1x8x8")))
     budgets = standin_budgets(topology, steps=3)
     export_onnx(loaded, topology, budgets, video, tmp_path)

@@ -22,6 +22,7 @@ from saexport.models.checkpoint import LoadedModel, dtype_name
 from saexport.models.dit import SparseWanDiT
 from saexport.models.onnx_op import register_schema, translation_table
 from saexport.models.video_shape import VideoShape
+from saexport.runtime.generation import model_identity
 
 INPUT_NAMES = ["hidden_states", "timestep", "encoder_hidden_states", "step_index"]
 OUTPUT_NAMES = ["noise_pred"]
@@ -52,7 +53,7 @@ def example_inputs(loaded: LoadedModel, video: VideoShape, dtype: torch.dtype, b
 def build_sparse_dit(loaded: LoadedModel, topology: Topology, budgets: Budgets, video: VideoShape) -> SparseWanDiT:
     """The sparse DiT for `video`, after checking that topology and budgets were made for it."""
     grid = video.token_grid(loaded.preset.patch_size)
-    topology.check_matches(loaded.identity, grid)
+    topology.check_matches(model_identity(loaded), grid)
     shape, model = tuple(topology.levels.shape[:2]), (loaded.preset.num_layers, loaded.preset.num_heads)
     if shape != model:
         raise SaexportError(f"the topology covers {shape[0]} layers x {shape[1]} heads, {loaded.preset.name} has "

@@ -19,7 +19,6 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from safetensors import SafetensorError, safe_open
 
-from saexport.artifacts import ModelIdentity
 from saexport.errors import SaexportError
 from saexport.models.presets import ModelPreset, check_config_matches, get_preset
 from saexport.models.wan_keys import original_config_to_diffusers, original_to_diffusers_key
@@ -32,7 +31,8 @@ INDEX_NAME = WEIGHTS_NAME + ".index.json"
 
 @dataclass
 class LoadedModel:
-    """A DiT ready for export, with what the artifacts' metadata must record about it."""
+    """A DiT ready for export, with what the artifacts' metadata must record about it (the record itself,
+    `runtime.generation.model_identity`, is built a layer up: `models` and `artifacts` are siblings)."""
 
     preset: ModelPreset
     transformer: WanTransformer3DModel
@@ -43,10 +43,6 @@ class LoadedModel:
     @property
     def random_weights(self) -> bool:
         return self.weights_id.startswith("random:")
-
-    @property
-    def identity(self) -> ModelIdentity:
-        return ModelIdentity(self.preset.name, self.preset.config_hash(), self.weights_id)
 
     @property
     def dtype(self) -> torch.dtype:

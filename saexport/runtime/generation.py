@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saexport.artifacts import ArtifactFolder, Budgets, OnnxMetadata, Topology
+from saexport.artifacts import ArtifactFolder, Budgets, ModelIdentity, OnnxMetadata, Topology
 from saexport.errors import SaexportError
 from saexport.folders import Output, check_writable_file_target
-from saexport.models.checkpoint import ModelSource, load_model, parse_dtype
+from saexport.models.checkpoint import LoadedModel, ModelSource, load_model, parse_dtype
 from saexport.models.dit import SparseWanDiT
 from saexport.models.presets import ModelPreset, get_preset
 from saexport.models.text_encoder import (
@@ -126,6 +126,12 @@ class BackendOptions:
         return self.ulysses > 1 or self.cfg_parallel
 
 
+def model_identity(loaded: LoadedModel) -> ModelIdentity:
+    """The model and weights an artifact made from `loaded` records, and every check against one compares."""
+    # Here rather than on LoadedModel: `models` and `artifacts` are sibling layers and never import each other.
+    return ModelIdentity(loaded.preset.name, loaded.preset.config_hash(), loaded.weights_id)
+
+
 def open_denoiser(artifacts: Artifacts, backend: str, source: ModelSource,
                   options: BackendOptions = BackendOptions()) -> Denoiser:
     """The back end over the folder's artifacts; `torch` loads the checkpoint they were made from, on the GPU in the
@@ -142,7 +148,7 @@ def open_denoiser(artifacts: Artifacts, backend: str, source: ModelSource,
         dtype = options.dtype or generation_dtype(preset, device)
         loaded = load_model(preset.name, source.checkpoint, dtype=parse_dtype(dtype),
                             random_weights=source.random_weights, seed=source.weights_seed)
-        topo.check_matches(loaded.identity)
+        topo.check_matches(model_identity(loaded))
         model = SparseWanDiT(loaded.transformer, topo.grid, topo.layout, topo.levels, artifacts.budgets.levels,
                              topo.block_size).to(device)
         if not options.parallel:
