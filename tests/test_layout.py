@@ -4,10 +4,11 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "saexport"
-# Lower rank = lower in the pipeline; a module may import its own package and anything of lower rank.
+# Lower rank = lower in the pipeline; a module may import its own package and anything of lower rank. Equal ranks
+# are siblings that never import each other (artifacts and models: DESIGN.md's "artifacts, models" layer).
 RANK = {"errors": 0, "atomic": 1, "folders": 1, "layout": 1, "levels": 1, "kernels": 1, "artifacts": 2,
-        "models": 3, "runtime": 4, "demo": 4, "topology": 5, "exporter": 6, "engines": 7,
-        "triton": 8, "pipeline": 9, "cli": 10, "__main__": 11}
+        "models": 2, "runtime": 3, "demo": 3, "topology": 4, "exporter": 5, "engines": 6,
+        "triton": 7, "pipeline": 8, "cli": 9, "__main__": 10}
 
 
 def imports_of(path: Path) -> list[str]:
