@@ -2,7 +2,9 @@
 (`saexport.triton.serving`) checked in-process against the runtime it must equal; and a real `tritonserver`
 answering a prompt with the in-process runtime's frames, a bad request with an error, and the next one again."""
 
+import importlib.util
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from google.protobuf import text_format
 from saexport.artifacts import ArtifactFolder, Budgets, EngineMetadata, OnnxMetadata, Topology
 from saexport.errors import SaexportError
 from saexport.folders import Output
-from saexport.models.checkpoint import load_model, resolve_weights
+from saexport.models.checkpoint import resolve_weights
 from saexport.models.dit import SparseWanDiT
 from saexport.models.presets import PIXELS, get_preset
 from saexport.models.text_encoder import encode_prompts
@@ -28,7 +30,7 @@ model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", rea
 TINY = dict(resolution="64x64", frames=5, block_size=8, layout="identity", steps=3)  # latents 16 x 2 x 8 x 8
 DEMO = dict(resolution="16x16", frames=2, block_size=16, layout="tile3d:1x4x4", steps=2, dtype="fp32")
 PROMPT = "a red circle moving right on blue stripes"
-WORDS = ["<pad>", "</s>", "<unk>", "a", "red", "circle", "moving", "right", "on", "blue", "stripes"]
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 def export(source: ModelSource, out, **run) -> ArtifactFolder:
@@ -43,23 +45,12 @@ def export(source: ModelSource, out, **run) -> ArtifactFolder:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A wan2.1-tiny checkpoint in the diffusers layout with all its parts: transformer (random), UMT5 text encoder
-    with a word-level tokenizer, and Wan's VAE (AutoencoderKLWan), each at test size."""
-    from diffusers import AutoencoderKLWan
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    root = tmp_path_factory.mktemp("checkpoint")
-    load_model("wan2.1-tiny", random_weights=True, seed=11).transformer.save_pretrained(root / "transformer")
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(root / "tokenizer")
-    torch.manual_seed(0)
-    UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                relative_attention_num_buckets=8)).save_pretrained(root / "text_encoder")
-    AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1).save_pretrained(root / "vae")
-    return root
+    with a word-level tokenizer, and Wan's VAE (AutoencoderKLWan), each at test size: the one the GPU smoke test
+    (bench/triton_gpu_smoke.py) serves, built by its own function."""
+    spec = importlib.util.spec_from_file_location("triton_gpu_smoke", BENCH / "triton_gpu_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    return smoke.tiny_wan_checkpoint(tmp_path_factory.mktemp("checkpoint"))
 
 
 @pytest.fixture(scope="module")
