@@ -49,3 +49,24 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     got, want = got.double(), want.double()
     assert torch.isfinite(got).all(), "non-finite output"
     return float((got - want).norm() / want.norm())
+
+
+def denoise_held_out_video(model_name: str, frames: int, height: int, width: int, sigma: float = 0.5):
+    """The shipped weights of `model_name` on one held-out video of their own training data noised to `sigma`:
+    `(loaded, flow, estimate_error, noisy_error)`, the mean squared errors against the video of the one-step
+    estimate x_t - sigma * flow (x0 when the flow is right) and of the rescaled noisy video itself."""
+    from saexport.demo import video_module
+    from saexport.models.checkpoint import load_model
+    from saexport.models.text_encoder import encode_prompts
+
+    loaded = load_model(model_name)  # no weights path: the shipped ones
+    module = video_module(model_name)
+    scene = module.scenes(1, seed=11, held_out=True)
+    video = module.render(scene, frames, height, width, seed=5)
+    text = encode_prompts(loaded.path, [scene[0].caption()], max_length=loaded.preset.text_len)
+    noisy = (1 - sigma) * video + sigma * torch.randn(video.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        flow = loaded.transformer(noisy, torch.tensor([sigma * 1000]), text, return_dict=False)[0]
+    estimate_error = (noisy - sigma * flow - video).pow(2).mean()
+    noisy_error = (noisy / (1 - sigma) - video).pow(2).mean()
+    return loaded, flow, estimate_error, noisy_error

@@ -17,6 +17,7 @@ from saexport.models.presets import get_preset
 from saexport.models.text_encoder import encode_prompts
 from saexport.models.word_encoder import WordEncoder
 from saexport.topology.prompts import builtin_prompts
+from tests.conftest import denoise_held_out_video
 
 DEMO = get_preset("wan2.1-demo")
 WEIGHTS = DEMO.bundled_weights
@@ -70,17 +71,9 @@ def test_shipped_weights_are_small_and_recorded():
 
 def test_demo_model_denoises_a_held_out_video():
     """Trained weights turn a noised unseen video back towards it; random weights would not."""
-    loaded = load_model("wan2.1-demo")  # the shipped weights, no --weights needed
+    loaded, _, estimate_error, noisy_error = denoise_held_out_video("wan2.1-demo", frames=16, height=32, width=32)
     assert loaded.path == WEIGHTS
-    scene = scenes(1, seed=11, held_out=True)
-    video = render(scene, 16, 32, 32, seed=5)
-    text = encode_prompts(WEIGHTS, [scene[0].caption()], max_length=DEMO.text_len)
-    sigma = 0.5
-    noisy = (1 - sigma) * video + sigma * torch.randn(video.shape, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        flow = loaded.transformer(noisy, torch.tensor([sigma * 1000]), text, return_dict=False)[0]
-    estimate = noisy - sigma * flow  # x_t - sigma (noise - x0) = x0 when the flow is right
-    assert (estimate - video).pow(2).mean() < 0.25 * (noisy / (1 - sigma) - video).pow(2).mean()
+    assert estimate_error < 0.25 * noisy_error
 
 
 def test_training_writes_a_loadable_checkpoint(tmp_path):

@@ -26,9 +26,9 @@ from saexport.demo.train import Trainer, TrainingCall, TrainSettings, extended, 
 from saexport.errors import SaexportError
 from saexport.models.checkpoint import load_model
 from saexport.models.presets import get_preset
-from saexport.models.text_encoder import encode_prompts
 from saexport.models.video_shape import parse_video_shape
 from saexport.models.word_encoder import WordEncoder
+from tests.conftest import denoise_held_out_video
 
 EVAL = get_preset("wan2.1-eval")
 WEIGHTS = EVAL.bundled_weights
@@ -276,15 +276,7 @@ def test_shipped_weights_are_small_sharded_and_recorded():
 def test_shipped_weights_load_and_denoise_a_held_out_video_on_cpu():
     """The shipped weights give a finite prediction that turns a noised unseen video back towards it (on a
     smaller video than the model's 64x64x16: RoPE lets the grid change, and the CPU stays quick)."""
-    loaded = load_model("wan2.1-eval")  # the shipped weights, no --weights needed
+    loaded, flow, estimate_error, noisy_error = denoise_held_out_video("wan2.1-eval", frames=4, height=64, width=64)
     assert loaded.path == WEIGHTS
-    scene = scenes(1, seed=11, held_out=True)
-    video = render(scene, 4, 64, 64, seed=5)
-    text = encode_prompts(WEIGHTS, [scene[0].caption()], max_length=EVAL.text_len)
-    sigma = 0.5
-    noisy = (1 - sigma) * video + sigma * torch.randn(video.shape, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        flow = loaded.transformer(noisy, torch.tensor([sigma * 1000]), text, return_dict=False)[0]
-    assert flow.shape == video.shape and flow.isfinite().all()
-    estimate = noisy - sigma * flow  # x_t - sigma (noise - x0) = x0 when the flow is right
-    assert (estimate - video).pow(2).mean() < 0.25 * (noisy / (1 - sigma) - video).pow(2).mean()
+    assert flow.shape == (1, 3, 4, 64, 64) and flow.isfinite().all()
+    assert estimate_error < 0.25 * noisy_error
