@@ -42,3 +42,13 @@ def test_imports_only_go_down_the_pipeline():
             if me == "models" and target == "demo":  # beside runtime, but models never needs the demo
                 upward.append(f"{path.relative_to(PACKAGE)} imports {name}")
     assert not upward, "\n".join(upward)
+
+
+def test_runtime_parallel_sits_below_the_rest_of_runtime():
+    """runtime/parallel/ is below the rest of runtime (docs/ARCHITECTURE.md): generation opens its back ends on the
+    rank groups and heads' split parallel/ makes, and parallel/ never reaches back up into runtime."""
+    upward = [f"{path.relative_to(PACKAGE)} imports {name}"
+              for path in sorted((PACKAGE / "runtime" / "parallel").rglob("*.py"))
+              for name in imports_of(path)
+              if name.startswith("saexport.runtime.") and not name.startswith("saexport.runtime.parallel")]
+    assert not upward, "\n".join(upward)
