@@ -209,6 +209,32 @@ def test_a_warm_start_fine_tunes_with_phrase_context(tmp_path):
                                             extend_to=5, phrase_context=True))
 
 
+def test_the_edge_term_adds_the_squared_error_of_the_estimate_s_spatial_gradients(tmp_path):
+    """flow_loss's edge term, against the same sums written out per pixel pair on the same prediction; a warm start
+    with an edge weight records it, and its held-out loss leaves the term out."""
+    torch.manual_seed(3)
+    trainer = Trainer("wan2.1-eval", tiny_run(), "cpu")
+    x0, noise = torch.rand(2, 3, 2, 8, 8) * 2 - 1, torch.randn(2, 3, 2, 8, 8)
+    tokens, sigma = trainer.encoder.tokenizer(["a red circle moving left", "a blue ring"]), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        plain = train_module.flow_loss(trainer.model, trainer.encoder, x0, tokens, sigma, noise)
+        edged = train_module.flow_loss(trainer.model, trainer.encoder, x0, tokens, sigma, noise, edge_weight=0.5)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        pred = trainer.model((1 - s) * x0 + s * noise, sigma * 1000, trainer.encoder(tokens), return_dict=False)[0]
+    estimate_error = -s * (pred - (noise - x0))  # the clean-video estimate x_t - sigma * pred, minus x0
+    dx = (estimate_error[..., :, 1:] - estimate_error[..., :, :-1]) / s
+    dy = (estimate_error[..., 1:, :] - estimate_error[..., :-1, :]) / s
+    assert float(plain) == pytest.approx(float((pred - (noise - x0)).square().mean()), rel=1e-5)
+    assert float(edged - plain) == pytest.approx(0.5 * float(dx.square().mean() + dy.square().mean()), rel=1e-4)
+    assert float(edged - plain) > 0.1 * float(plain)  # a term that weighs: not rounding
+    train(tiny_run(low_steps=1, steps=1), TrainingCall(tmp_path / "plain", model="wan2.1-eval"))
+    tuned = train(TrainSettings(), TrainingCall(tmp_path / "edged", model="wan2.1-eval", warm_start=tmp_path / "plain",
+                                                extend_to=3, edge_weight=0.5))
+    assert TrainSettings(**tuned["settings"]).edge_weight == 0.5
+    held_out = [Trainer("wan2.1-eval", tiny_run(edge_weight=w), "cpu").held_out_loss(16, 16) for w in (0.0, 0.5)]
+    assert held_out[0] == held_out[1]  # the same initial weights (the run's seed): the edge term is not in it
+
+
 def test_past_plateau_records_the_plateau_and_trains_on_to_the_plan_end(tmp_path):
     """A tolerance no evaluation can beat makes the run plateau as soon as the rule can tell (step 2);
     --past-plateau records the plateau and trains on to the planned last step."""

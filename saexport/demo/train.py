@@ -36,11 +36,14 @@ the videos module's PHRASE_STARTS) and --extend-lr the extension's learning rate
     python -m saexport.demo.train --model wan2.1-eval --out DIR --warm-start saexport/demo/eval_weights \\
         --resume-dir out/eval_phrase --phrase-context --extend-lr 1e-4 --extend-to 12000 --call-minutes 9 --compile
 
-Held-out loss: every `eval_every` steps, the EMA model's loss on fixed held-out captions (never trained on),
-fixed render seeds, fixed noise and fixed noise levels spread over the training distribution, at the full size
-(and at the low size when there is one). Stop criterion (the plateau): in the full-size stage, the best of the
-last `plateau_evals` evaluations improved on the best before them by less than `plateau_tolerance`; training
-also stops at the planned last step.
+--edge-weight W adds W times an edge term to the training loss (flow_loss: the error of the clean-video
+estimate's spatial gradients), weighing an object's outline more without moving the loss's minimiser.
+
+Held-out loss: every `eval_every` steps, the EMA model's flow-matching loss (no edge term, so that runs with and
+without one compare) on fixed held-out captions (never trained on), fixed render seeds, fixed noise and fixed noise
+levels spread over the training distribution, at the full size (and at the low size when there is one). Stop
+criterion (the plateau): in the full-size stage, the best of the last `plateau_evals` evaluations improved on the
+best before them by less than `plateau_tolerance`; training also stops at the planned last step.
 
 Writes DIR as a diffusers-layout checkpoint: `transformer/` (EMA weights, fp16, sharded when over
 SHARD_BYTES), `text_encoder/`, `tokenizer/`, and `training.json` (every setting, the plan, the steps and
@@ -98,6 +101,7 @@ class TrainSettings:
     extend_lr: float = 0.0  # the learning rate of those steps (--extend-lr); 0: lr * final_lr_fraction
     restart_step: int = 0  # where a warm start's fresh optimizer began: the learning rate warms up again there
     phrase_context: bool = False  # each word's text vector carries its phrase's (word_encoder.py)
+    edge_weight: float = 0.0  # weight of the edge term of the training loss (flow_loss); 0: flow matching alone
     # Progressive resolution: low_steps steps at low_height x low_width (batch low_batch) first; 0: none.
     low_height: int = 0
     low_width: int = 0
@@ -178,15 +182,25 @@ class HeldOut:
         self.sigma = s.flow_shift * u / (1 + (s.flow_shift - 1) * u)
 
 
-def flow_loss(model, encoder, x0, tokens, sigma, noise) -> torch.Tensor:
+def flow_loss(model, encoder, x0, tokens, sigma, noise, edge_weight: float = 0.0) -> torch.Tensor:
     """Wan's flow-matching loss of noise prediction at noise levels `sigma` (per video): bf16 autocast on a GPU,
-    fp32 on the CPU (a CPU without AVX512-BF16, like this project's CI, runs bf16 matmuls ~50x slower)."""
+    fp32 on the CPU (a CPU without AVX512-BF16, like this project's CI, runs bf16 matmuls ~50x slower).
+
+    With `edge_weight`, plus that times the edge term: the squared error of the error's differences between
+    neighbouring pixels of a frame (x and y). The clean-video estimate's error is -sigma times the prediction's,
+    so this is the error of the estimate's spatial gradients, weighted over noise levels as the main term is.
+    Differences are linear, so the sum has the same minimiser (the conditional mean); it only makes an error at
+    an object's outline cost more than the same error spread over its inside."""
     text = encoder(tokens)
     s = sigma.view(-1, 1, 1, 1, 1)
     noisy = (1 - s) * x0 + s * noise
     with torch.autocast(device_type=x0.device.type, dtype=torch.bfloat16, enabled=x0.device.type == "cuda"):
         pred = model(noisy, sigma * 1000, text, return_dict=False)[0]
-    return torch.nn.functional.mse_loss(pred.float(), noise - x0)
+    error = pred.float() - (noise - x0)
+    loss = error.square().mean()
+    if edge_weight:
+        loss = loss + edge_weight * (error.diff(dim=-1).square().mean() + error.diff(dim=-2).square().mean())
+    return loss
 
 
 class Trainer:
@@ -229,7 +243,7 @@ class Trainer:
         u = torch.rand(x0.shape[0], device=self.device, generator=self.gen)
         sigma = s.flow_shift * u / (1 + (s.flow_shift - 1) * u)
         noise = torch.randn(x0.shape, device=self.device, generator=self.gen)
-        loss = flow_loss(self.model, self.encoder, x0, tokens * keep, sigma, noise)
+        loss = flow_loss(self.model, self.encoder, x0, tokens * keep, sigma, noise, s.edge_weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
@@ -484,7 +498,8 @@ class TrainingCall:
     `torch.compile` of the blocks, a checkpoint to start from (`warm_start`), the global step a resumed or
     warm-started run is extended to (`extend_to`), and whether a held-out plateau is recorded without ending the
     run (`past_plateau`: to measure what training changes once the loss no longer does). A warm start may give the
-    text encoder phrase context (`phrase_context`) and run its extension at `extend_lr` (a fine-tune)."""
+    text encoder phrase context (`phrase_context`) and run its extension at `extend_lr` (a fine-tune); a
+    continued run may change its loss's edge weight (`edge_weight`)."""
 
     out: Path
     device: str = "cpu"
@@ -500,6 +515,7 @@ class TrainingCall:
     past_plateau: bool = False
     phrase_context: bool = False
     extend_lr: float | None = None
+    edge_weight: float | None = None
 
 
 def extended(settings: TrainSettings, extend_to: int) -> TrainSettings:
@@ -528,6 +544,8 @@ def train(settings: TrainSettings, call: TrainingCall) -> dict:
             settings = extended(settings, call.extend_to)
         if call.extend_lr is not None:
             settings.extend_lr = call.extend_lr
+        if call.edge_weight is not None:
+            settings.edge_weight = call.edge_weight
         if call.phrase_context and not settings.phrase_context:
             if state is not None:
                 raise ValueError("the resumed run's text encoder has no phrase context; a resumed run keeps its "
@@ -675,6 +693,8 @@ def main() -> None:
                         "(word_encoder.py); with --warm-start, added to the checkpoint's tables.")
     parser.add_argument("--extend-lr", type=float, help="The learning rate of the steps past the plan (default: "
                         "the plan's final rate).")
+    parser.add_argument("--edge-weight", type=float, help="Add this times the squared error of the clean-video "
+                        "estimate's spatial gradients to the training loss (default: the run's, or 0).")
     args = parser.parse_args()
     defaults = RECIPES[args.model]
     has_low = bool(defaults.low_height)
@@ -686,12 +706,13 @@ def main() -> None:
     if has_low and bool(args.steps) != bool(args.low_steps):
         parser.error(f"{args.model} trains in two stages: give both --low-steps and --steps, or --minutes")
     settings = replace(defaults, seed=args.seed, steps=args.steps, low_steps=args.low_steps,
-                       batch=args.batch or defaults.batch, phrase_context=args.phrase_context)
+                       batch=args.batch or defaults.batch, phrase_context=args.phrase_context,
+                       edge_weight=args.edge_weight or 0.0)
     try:
         record = train(settings, TrainingCall(args.out, args.device, args.minutes, args.workers, args.model,
                                               args.resume_dir, args.call_minutes, args.call_steps, args.compile,
                                               args.warm_start, args.extend_to, args.past_plateau,
-                                              args.phrase_context, args.extend_lr))
+                                              args.phrase_context, args.extend_lr, args.edge_weight))
     except ValueError as error:  # what the run refuses (its settings, its memory): one line, nothing written
         parser.error(str(error))
     print(f"{record['status']}: {record['steps_run']} steps, {record['seconds']} s trained; wrote {args.out}")
