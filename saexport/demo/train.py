@@ -37,7 +37,8 @@ the videos module's PHRASE_STARTS) and --extend-lr the extension's learning rate
         --resume-dir out/eval_phrase --phrase-context --extend-lr 1e-4 --extend-to 12000 --call-minutes 9 --compile
 
 --edge-weight W adds W times an edge term to the training loss (flow_loss: the error of the clean-video
-estimate's spatial gradients), weighing an object's outline more without moving the loss's minimiser.
+estimate's spatial gradients), weighing an object's outline more without moving the loss's minimiser; the
+training loss curve includes the term.
 
 Held-out loss: every `eval_every` steps, the EMA model's flow-matching loss (no edge term, so that runs with and
 without one compare) on fixed held-out captions (never trained on), fixed render seeds, fixed noise and fixed noise
@@ -703,6 +704,8 @@ def main() -> None:
         parser.error("--extend-to continues a run: give its --resume-dir (with a saved state) or --warm-start")
     if not args.steps and args.minutes is None and not args.resume_dir and not args.warm_start:
         parser.error("give --steps (and --low-steps), --minutes, or a --resume-dir or --warm-start to continue")
+    if args.edge_weight is not None and not args.edge_weight >= 0:
+        parser.error(f"--edge-weight is a weight of the loss: 0 or more, not {args.edge_weight}")
     if has_low and bool(args.steps) != bool(args.low_steps):
         parser.error(f"{args.model} trains in two stages: give both --low-steps and --steps, or --minutes")
     settings = replace(defaults, seed=args.seed, steps=args.steps, low_steps=args.low_steps,
