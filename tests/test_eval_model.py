@@ -211,7 +211,8 @@ def test_a_warm_start_fine_tunes_with_phrase_context(tmp_path):
 
 def test_the_edge_term_adds_the_squared_error_of_the_estimate_s_spatial_gradients(tmp_path, monkeypatch, capsys):
     """flow_loss's edge term, against the same sums written out per pixel pair on the same prediction; a warm start
-    with an edge weight records it, its held-out loss leaves the term out, and a negative weight is refused."""
+    with an edge weight records it, its held-out loss leaves the term out, and a negative or non-finite weight is
+    refused."""
     torch.manual_seed(3)
     trainer = Trainer("wan2.1-eval", tiny_run(), "cpu")
     x0, noise = torch.rand(2, 3, 2, 8, 8) * 2 - 1, torch.randn(2, 3, 2, 8, 8)
@@ -233,12 +234,14 @@ def test_the_edge_term_adds_the_squared_error_of_the_estimate_s_spatial_gradient
     assert TrainSettings(**tuned["settings"]).edge_weight == 0.5
     held_out = [Trainer("wan2.1-eval", tiny_run(edge_weight=w), "cpu").held_out_loss(16, 16) for w in (0.0, 0.5)]
     assert held_out[0] == held_out[1]  # the same initial weights (the run's seed): the edge term is not in it
-    monkeypatch.setattr("sys.argv", ["train", "--model", "wan2.1-eval", "--out", str(tmp_path / "bad"),
-                                     "--warm-start", str(tmp_path / "plain"), "--edge-weight", "-1"])
-    with pytest.raises(SystemExit) as refused:
-        train_module.main()
-    assert refused.value.code == 2 and "--edge-weight is a weight of the loss: 0 or more" in capsys.readouterr().err
-    assert not (tmp_path / "bad").exists()
+    for bad in ("-1", "nan", "inf"):
+        monkeypatch.setattr("sys.argv", ["train", "--model", "wan2.1-eval", "--out", str(tmp_path / "bad"),
+                                         "--warm-start", str(tmp_path / "plain"), "--edge-weight", bad])
+        with pytest.raises(SystemExit) as refused:
+            train_module.main()
+        assert refused.value.code == 2
+        assert "--edge-weight is a weight of the loss: 0 or more, finite" in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
 
 
 def test_past_plateau_records_the_plateau_and_trains_on_to_the_plan_end(tmp_path):

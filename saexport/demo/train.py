@@ -704,8 +704,8 @@ def main() -> None:
         parser.error("--extend-to continues a run: give its --resume-dir (with a saved state) or --warm-start")
     if not args.steps and args.minutes is None and not args.resume_dir and not args.warm_start:
         parser.error("give --steps (and --low-steps), --minutes, or a --resume-dir or --warm-start to continue")
-    if args.edge_weight is not None and not args.edge_weight >= 0:
-        parser.error(f"--edge-weight is a weight of the loss: 0 or more, not {args.edge_weight}")
+    if args.edge_weight is not None and not (math.isfinite(args.edge_weight) and args.edge_weight >= 0):
+        parser.error(f"--edge-weight is a weight of the loss: 0 or more, finite, not {args.edge_weight}")
     if has_low and bool(args.steps) != bool(args.low_steps):
         parser.error(f"{args.model} trains in two stages: give both --low-steps and --steps, or --minutes")
     settings = replace(defaults, seed=args.seed, steps=args.steps, low_steps=args.low_steps,
