@@ -6,8 +6,9 @@ plus its position's embedding, so "a red circle on blue stripes" differs from "a
 With `phrase_starts` (words that open a phrase, e.g. "and", "on", "camera"), each word's vector also carries the
 mean of its phrase's word vectors, as UMT5's vectors carry their context: the DiT's cross-attention reads one text
 token at a time, and a table lookup leaves which shape and motion belong to which colour to be worked out from
-positions, which wan2.1-eval never learned (docs/BENCHMARKS.md, the caption check). A fixed, parameter-free
-context: the tables stay the model's only text weights, and an encoder given phrases reads trained tables as is.
+positions, which wan2.1-eval's tables alone never learned (docs/BENCHMARKS.md, the caption check; its shipped
+weights were trained on with phrases). A fixed, parameter-free context: the tables stay the model's only text
+weights, and an encoder given phrases reads trained tables as is.
 Stored in the diffusers layout's places: `tokenizer/vocab.json` and `text_encoder/{config.json,
 model.safetensors}` with `model_type` "saexport-word-embedding".
 """
