@@ -5,7 +5,7 @@ method in one page"):
   held-out calibration prompts, named by a fidelity preset (`high`, `medium`, `low`: 30 / 26 / 22 dB) or given in
   dB; or a mean density of the caller's choosing. The budgets file records its name;
 - `BudgetRule`: how the budgets are allocated — v1, the lowest level reaching a graded 1 - Hellinger target; v2 (the
-  default: docs/BENCHMARKS.md measured it 3.3-3.7 dB above v1 at every preset), per entry the level maximising
+  default: docs/BENCHMARKS.md measured it 4.1-5.0 dB above v1 at 20, 30 and 45% density), per entry the level maximising
   w * Q - lambda * density, with the quality proxy Q measured along the sampler loop on `rows_per_head` rows a head,
   the weights w measured end to end (`sensitivity`, over `buckets` step buckets and every layer or `layer_groups`,
   on the first `sensitivity_prompts` calibration prompts: 1 + buckets + layers whole generations each, on a loop
