@@ -771,7 +771,10 @@ class Bench:
         return rows + fp32[2:]
 
     def estimate(self, row: Row) -> float:
-        """Seconds a row will take, from the rows done so far (same precision; the oracle costs more)."""
+        """Seconds a row will take, from the rows done so far (same precision; the oracle costs more); nothing for a
+        warm-up row the warm-up alone spends (it only records "n/a")."""
+        if warm_split(self.steps, row.goal, row.warmup) is None:
+            return 0.0
         done = [json.loads(p.read_text()) for p in (self.work / "results").glob("*.json")]
         same = [d["seconds"] for d in done if d.get("available") and d["row"]["precision"] == row.precision
                 and d.get("seconds") and d["row"]["family"] == row.family]

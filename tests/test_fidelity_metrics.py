@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -107,6 +109,17 @@ def test_radial_and_local_masks_and_warmup_split():
     warm, rest = fidelity.warm_split(20, 0.3, True)
     assert warm == 4 and (warm + 16 * rest) / 20 == pytest.approx(0.3)
     assert fidelity.warm_split(20, 0.2, True) is None  # the warm-up alone spends a 20% goal
+
+
+def test_a_row_the_warm_up_spends_costs_no_budget(tmp_path):
+    """Such a row only records "n/a", so a device call that has run out of budget still reports it as n/a rather
+    than "not run"; a real row is estimated from the rows done (the oracle at 2.5 times)."""
+    (tmp_path / "results").mkdir()
+    bench = SimpleNamespace(steps=20, work=tmp_path, timings={"dense_s": 30.0})
+    estimate = partial(fidelity.Bench.estimate, bench)
+    assert estimate(fidelity.Row("FAST v2", 0.20, True, "bf16")) == 0.0
+    assert estimate(fidelity.Row("FAST v2", 0.30, True, "bf16")) == 30.0
+    assert estimate(fidelity.Row("oracle", 0.20, False, "bf16")) == 75.0
 
 
 def test_spearman_ranks_with_ties():
