@@ -1,9 +1,11 @@
-"""One rank of tests/test_parallel.py's multi-rank runs (launched by torchrun, gloo on the CPU).
+"""One rank of tests/test_parallel.py's and tests/test_parallel_gpu.py's multi-rank runs (launched by torchrun: gloo
+on the CPU; with `--cuda`, NCCL with each rank on its own GPU).
 
 Every rank builds the same tiny sparse DiT (seeded random weights, random per-head levels, uneven per-head
 budgets) and saves to `OUT/rank{R}.pt` a single-process result (the reference) and the same computed by all ranks:
 one DiT forward sequence-parallel over every rank (default), or with `--cfg` a whole guided sampling with its two
-passes on the two halves of the ranks (each half a Ulysses group when it has more than one rank).
+passes on the two halves of the ranks (each half a Ulysses group when it has more than one rank). `--kernel` makes
+the DiT one the CUDA kernel runs (bf16, 8 heads x 64, blocks of 64) instead of the fp32 reference op's tiny one.
 """
 
 from __future__ import annotations
@@ -23,26 +25,32 @@ from saexport.models.dit import SparseWanDiT
 from saexport.runtime.denoisers import TorchDenoiser
 from saexport.runtime.generation import GenerationRequest
 from saexport.runtime.parallel.cfg import CfgParallelDenoiser, cfg_pair_group
+from saexport.runtime.parallel.launch import join_ranks
 from saexport.runtime.parallel.ulysses import ulysses_dit
 from saexport.runtime.sampler import SamplerSettings, sample
 
-GRID = (3, 3, 4)  # 9 frames of 64x48 pixels: Wan's VAE (4x in time, 8x in space), then 1x2x2 patches
-BLOCK_SIZE = 4  # 36 tokens: 9 blocks
 STEPS = 3
 # heads 0 and 1 keep most of their blocks, 2 and 3 few: the split by index (0, 1 | 2, 3) is the worst there is
 HEAD_BUDGETS = (220, 250, 25, 60)
+# The tiny DiT: 9 frames of 64x48 pixels (Wan's VAE, 4x in time and 8x in space, then 1x2x2 patches), 36 tokens in
+# 9 blocks of 4. The kernel's: 4 x 8 x 16 pixels (no VAE, 1x2x2 patches), 512 tokens in 8 blocks of 64.
+TINY = ("wan2.1-tiny", (3, 3, 4), 4, "tile3d:1x3x2", torch.float32)
+KERNEL = ("wan2.1-eval", (4, 8, 16), 64, "tile3d:1x8x8", torch.bfloat16)
 
 
-def tiny_sparse_dit(seed: int) -> SparseWanDiT:
-    loaded = load_model("wan2.1-tiny", random_weights=True, seed=seed)
+def tiny_sparse_dit(seed: int, kind: tuple = TINY, device: torch.device | None = None) -> SparseWanDiT:
+    name, grid, block_size, layout, dtype = kind
+    loaded = load_model(name, random_weights=True, seed=seed, dtype=dtype)
     layers, heads = len(loaded.transformer.blocks), loaded.transformer.config.num_attention_heads
     gen = torch.Generator().manual_seed(seed)
-    n = -(-GRID[0] * GRID[1] * GRID[2] // BLOCK_SIZE)
+    n = -(-grid[0] * grid[1] * grid[2] // block_size)
     levels = torch.randint(1, DENSE_LEVEL, (layers, heads, n, n), generator=gen, dtype=torch.uint8)
     levels[..., torch.arange(n), torch.arange(n)] = 0
     jitter = torch.randint(-15, 16, (STEPS, layers, heads), generator=gen)
-    budgets = (torch.tensor(HEAD_BUDGETS) + jitter).clamp(0, DENSE_LEVEL).to(torch.uint8)
-    return SparseWanDiT(loaded.transformer, GRID, parse_layout("tile3d:1x3x2"), levels, budgets, BLOCK_SIZE).eval()
+    uneven = torch.tensor(HEAD_BUDGETS).repeat_interleave(heads // len(HEAD_BUDGETS))  # heavy heads first
+    budgets = (uneven + jitter).clamp(0, DENSE_LEVEL).to(torch.uint8)
+    dit = SparseWanDiT(loaded.transformer, grid, parse_layout(layout), levels, budgets, block_size)
+    return dit.to(device).eval()
 
 
 def inputs(seed: int, dit: SparseWanDiT, batch: int = 2) -> tuple[torch.Tensor, ...]:
@@ -51,11 +59,13 @@ def inputs(seed: int, dit: SparseWanDiT, batch: int = 2) -> tuple[torch.Tensor, 
     latents = torch.randn(batch, *dit.latent_shape(), generator=gen)
     timestep = torch.rand(batch, generator=gen) * 1000
     text = torch.randn(batch, 8, config.text_dim, generator=gen)
-    return latents, timestep, text, torch.tensor([1], dtype=torch.int32)
+    weight = dit.transformer.patch_embedding.weight
+    return (latents.to(weight), timestep.to(weight.device), text.to(weight),
+            torch.tensor([1], dtype=torch.int32, device=weight.device))
 
 
-def forward(seed: int, contiguous: bool) -> dict:
-    dit = tiny_sparse_dit(seed)
+def forward(seed: int, contiguous: bool, kind: tuple, device: torch.device) -> dict:
+    dit = tiny_sparse_dit(seed, kind, device)
     feed = inputs(seed, dit)
     reference = dit(*feed)
     order = None
@@ -63,7 +73,7 @@ def forward(seed: int, contiguous: bool) -> dict:
         heads = dit.transformer.config.num_attention_heads
         order = torch.arange(heads).expand(STEPS, len(dit.masks), heads).clone()
     parallel = ulysses_dit(dit, dist.get_world_size(), order)
-    return {"reference": reference, "output": parallel(*feed), "order": parallel.head_order}
+    return {"reference": reference.cpu(), "output": parallel(*feed).cpu(), "order": parallel.head_order.cpu()}
 
 
 def mismatched(seed: int) -> dict:
@@ -92,8 +102,8 @@ def quiet(items, **_):
     return items
 
 
-def guided_sampling(seed: int) -> dict:
-    dit = tiny_sparse_dit(seed)
+def guided_sampling(seed: int, kind: tuple, device: torch.device) -> dict:
+    dit = tiny_sparse_dit(seed, kind, device)
     gen = torch.Generator().manual_seed(seed + 2)
     text, negative = torch.randn(2, 1, 8, dit.transformer.config.text_dim, generator=gen)
     settings = SamplerSettings(dit.latent_shape(), STEPS, flow_shift=3.0, guidance=5.0)
@@ -113,16 +123,25 @@ def main() -> None:
     parser.add_argument("--mismatch", action="store_true", help="ranks with different budgets")
     parser.add_argument("--load", type=Path, help="an artifact folder to open with saexport.load")
     parser.add_argument("--ulysses", type=int, default=1, help="with --load: the Ulysses degree")
+    parser.add_argument("--cuda", action="store_true", help="NCCL, each rank on its GPU")
+    parser.add_argument("--kernel", action="store_true", help="with --cuda: the DiT the CUDA kernel runs")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    if args.cuda:
+        device = join_ranks()
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    kind = KERNEL if args.kernel else TINY
     with torch.no_grad():
         if args.load:
             result = loaded_pipeline(args.load, args.ulysses, args.cfg)
         elif args.mismatch:
             result = mismatched(args.seed)
+        elif args.cfg:
+            result = guided_sampling(args.seed, kind, device)
         else:
-            result = guided_sampling(args.seed) if args.cfg else forward(args.seed, args.contiguous)
+            result = forward(args.seed, args.contiguous, kind, device)
     torch.save(result, args.out / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
