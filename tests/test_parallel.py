@@ -22,6 +22,7 @@ from saexport.runtime.generation import model_identity
 from saexport.runtime.parallel import balance
 from saexport.runtime.parallel.balance import (
     balance_heads,
+    balance_summary,
     balanced_head_order,
     check_ranks,
     contiguous_head_order,
@@ -100,6 +101,20 @@ def test_balanced_order_beats_the_split_by_index():
         assert torch.equal(loads.sum(-1), work.sum(-1))  # every head's work counted once
         before, after = imbalance(work, naive.order, ranks), imbalance(work, balanced.order, ranks)
         assert (after <= before + 1e-12).all() and after.mean() < before.mean() - 0.05
+
+
+def test_the_summary_says_what_balancing_leaves_and_when_cfg_parallel_may_do_better():
+    # two entries of 4 heads on 2 ranks: (4, 4, 1, 1) splits evenly (5 | 5, by index 8 | 2); (3, 3, 3, 1) cannot
+    # (6 | 4 at best, by index too)
+    work = torch.tensor([[[4, 4, 1, 1]], [[3, 3, 3, 1]]])
+    order = balanced_head_order(work, 2).order
+    line = balance_summary(work, order, 2)
+    assert line == ("heads balanced over 2 ranks: the busiest rank's attention 10.0% above an even split on average, "
+                    "20.0% at worst (heads split by index: 40.0% and 60.0%); fewer Ulysses ranks with CFG parallel "
+                    "may use the GPUs better")
+    even = torch.tensor([[[4, 4, 1, 1]]])
+    assert balance_summary(even, balanced_head_order(even, 2).order, 2).endswith("(heads split by index: 60.0% and "
+                                                                                 "60.0%)")
 
 
 @pytest.mark.parametrize("heads,ranks,says", [(8, 16, "more than the model's 8 heads"), (12, 8, "does not divide"),

@@ -16,6 +16,7 @@ Launched in every rank after `torch.distributed.init_process_group` (`torchrun`)
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import warnings
 from types import ModuleType
@@ -27,7 +28,9 @@ from saexport.errors import SaexportError
 from saexport.levels import unpack_levels
 from saexport.models.dit import SparseWanDiT
 from saexport.models.processors import LayerMasks, StepContext, check_self_attention_call, project_output, project_qkv
-from saexport.runtime.parallel.balance import balanced_head_order, check_ranks, head_work
+from saexport.runtime.parallel.balance import balance_summary, balanced_head_order, check_ranks, head_work
+
+log = logging.getLogger("saexport")
 
 
 def import_yunchang() -> ModuleType:
@@ -169,7 +172,10 @@ def ulysses_dit(dit: SparseWanDiT, degree: int, head_order: torch.Tensor | None 
     if dist.get_world_size() % degree:
         raise SaexportError(f"`degree` {degree} does not divide the {dist.get_world_size()} ranks launched")
     if head_order is None:
-        head_order = balanced_head_order(dit_head_work(dit), degree).order
+        work = dit_head_work(dit)
+        head_order = balanced_head_order(work, degree).order
+        if dist.get_rank() == 0:
+            log.info("%s", balance_summary(work, head_order, degree))
     check_same_masks(dit, head_order)
     device = dit.rope_cos.device
     head_order = head_order.to(device, torch.int64)
