@@ -15,11 +15,12 @@ densities from one layer of the evaluation model at the same point of the schedu
 allocation's, not a jitter's).
 
     python bench/head_balance.py --artifacts out/wan2.1-eval --standin wan2.1 --standin wan2.1-14b
-    python bench/head_balance.py --fast-v2 /tmp/fw --goals 0.2,0.3,0.45 --resample wan2.1 --resample wan2.1-14b
+    python bench/head_balance.py --fast-v2 WORK --goals 0.2,0.3,0.45 --resample wan2.1 --resample wan2.1-14b
 
-`--exact-check N` also solves each row's N worst entries over 1.05 as an integer program (scipy's HiGHS, scipy
-needed for it only) and prints the largest gap between the assignment and that optimum: the check of the rows whose
-search is a heuristic (40 heads), not proven.
+`--exact-check N` also solves each row's N worst entries over 1.05 as an integer program (scipy's HiGHS, proven
+optimal; `pip install 'saexport[bench]'`) and prints the largest gap between the assignment and that optimum: the
+check of the rows whose search is a heuristic (40 heads), not proven. HiGHS gets a minute an entry, so on a busy
+machine an entry may stay unsolved.
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ from saexport.layout import parse_layout
 from saexport.levels import density
 from saexport.models.presets import ModelPreset, get_preset
 from saexport.models.video_shape import parse_video_shape
-from saexport.runtime.parallel.balance import balanced_head_order, contiguous_head_order, head_work, imbalance
+from saexport.runtime.parallel.balance import (
+    attention_overhead,
+    balanced_head_order,
+    contiguous_head_order,
+    head_work,
+    imbalance,
+)
 from saexport.topology.standin import standin_budgets, standin_topology
 
 TARGET = 1.05  # the issue's max / mean at every (step, layer)
@@ -145,7 +152,8 @@ def optimum(work: list[int], ranks: int) -> float | None:
     cost = np.zeros(variables)
     cost[-1] = 1
     with quiet_stdout():  # HiGHS may print from C to the table's stream
-            solved = milp(cost, integrality=np.r_[np.ones(variables - 1), 0], options={"time_limit": 60},
+        solved = milp(cost, integrality=np.r_[np.ones(variables - 1), 0],
+                      options={"time_limit": 60, "mip_rel_gap": 0},  # proven optimal, not within HiGHS's 1e-4
                       bounds=Bounds(0, np.r_[np.ones(variables - 1), np.inf]),
                       constraints=[LinearConstraint(assign, 1, 1), LinearConstraint(load, -np.inf, 0),
                                    LinearConstraint(count, heads // ranks, heads // ranks)])
@@ -170,19 +178,21 @@ def rows(label: str, work: torch.Tensor, ranks: list[int], exact_entries: int = 
     out = []
     for count in ranks:
         if heads % count or count > heads:
-            out.append(f"| {label} | {heads} | {count} | — | — | — | — | — | not divisible: {heads} heads |"
+            out.append(f"| {label} | {heads} | {count} | — | — | — | — | — | — | not divisible: {heads} heads |"
                        + (" — |" if exact_entries else ""))
             continue
         started = time.perf_counter()
         balanced = balanced_head_order(work, count)
         seconds = time.perf_counter() - started
-        before = imbalance(work, contiguous_head_order(work, count).order, count)
-        after = imbalance(work, balanced.order, count)
+        naive = contiguous_head_order(work, count).order
+        before, after = imbalance(work, naive, count), imbalance(work, balanced.order, count)
         met = int((after <= TARGET).sum())
+        longer = (f"+{attention_overhead(work, naive, count):.1%} → "
+                  f"+{attention_overhead(work, balanced.order, count):.1%}")
         checked = f" {exact_check(work, after, count, exact_entries)} |" if exact_entries else ""
         out.append(f"| {label} | {heads} | {count} | {before.max():.3f} | {before.mean():.3f} | {after.max():.3f} | "
-                   f"{after.mean():.3f} | {met} / {steps * layers} | {balanced.proven} / {steps * layers} proven, "
-                   f"{seconds:.1f} s |{checked}")
+                   f"{after.mean():.3f} | {longer} | {met} / {steps * layers} | {balanced.proven} / {steps * layers} "
+                   f"proven, {seconds:.1f} s |{checked}")
     return out
 
 
@@ -194,7 +204,8 @@ def main() -> None:
     parser.add_argument("--fast-v2", type=Path, help="the fidelity bench's --work folder (its FAST v2 calibration)")
     parser.add_argument("--goals", default="0.2,0.3,0.45", help="with --fast-v2: its density goals")
     parser.add_argument("--resample", action="append", default=[],
-                        help="a preset whose heads draw --fast-v2's densities at --density (repeatable)")
+                        help="a preset whose heads draw --fast-v2's densities at --resample-goal (repeatable)")
+    parser.add_argument("--resample-goal", type=float, default=0.3, help="the FAST v2 goal --resample draws from")
     parser.add_argument("--ranks", default="2,4,8")
     parser.add_argument("--exact-check", type=int, default=0, metavar="N",
                         help="solve each row's N worst entries exactly (scipy) and print the gap")
@@ -206,10 +217,11 @@ def main() -> None:
     if args.fast_v2:
         sources += [fast_v2_work(args.fast_v2, float(goal)) for goal in args.goals.split(",")]
     sources += [standin_work(name, args.density) for name in args.standin]
-    sources += [resampled_work(name, args.fast_v2, args.density) for name in args.resample]
+    sources += [resampled_work(name, args.fast_v2, args.resample_goal) for name in args.resample]
     print("| artifacts | heads | ranks | by index: worst | by index: mean | balanced: worst | balanced: mean | "
-          f"balanced ≤ {TARGET} | search |" + (" exact check |" if args.exact_check else ""))
-    print("| --- " * (10 if args.exact_check else 9) + "|")
+          f"attention time: by index → balanced | balanced ≤ {TARGET} | search |"
+          + (" exact check |" if args.exact_check else ""))
+    print("| --- " * (11 if args.exact_check else 10) + "|")
     for label, work in sources:
         print("\n".join(rows(label, work, ranks, args.exact_check)), flush=True)
 

@@ -21,6 +21,7 @@ from saexport.models.checkpoint import load_model
 from saexport.runtime.generation import model_identity
 from saexport.runtime.parallel import balance
 from saexport.runtime.parallel.balance import (
+    attention_overhead,
     balance_heads,
     balance_summary,
     balanced_head_order,
@@ -103,18 +104,16 @@ def test_balanced_order_beats_the_split_by_index():
         assert (after <= before + 1e-12).all() and after.mean() < before.mean() - 0.05
 
 
-def test_the_summary_says_what_balancing_leaves_and_when_cfg_parallel_may_do_better():
-    # two entries of 4 heads on 2 ranks: (4, 4, 1, 1) splits evenly (5 | 5, by index 8 | 2); (3, 3, 3, 1) cannot
-    # (6 | 4 at best, by index too)
-    work = torch.tensor([[[4, 4, 1, 1]], [[3, 3, 3, 1]]])
+def test_the_summary_says_how_much_longer_attention_takes_than_a_perfect_balance():
+    # two entries of 4 heads on 2 ranks: (4, 4, 1, 1) splits evenly (5 | 5; by index 8 | 2); (30, 30, 30, 10) cannot
+    # (60 | 40 at best, by index too). Time is work-weighted: (5 + 60) / (5 + 50) balanced, (8 + 60) / 55 by index.
+    work = torch.tensor([[[4, 4, 1, 1]], [[30, 30, 30, 10]]])
     order = balanced_head_order(work, 2).order
-    line = balance_summary(work, order, 2)
-    assert line == ("heads balanced over 2 ranks: the busiest rank's attention 10.0% above an even split on average, "
-                    "20.0% at worst (heads split by index: 40.0% and 60.0%); fewer Ulysses ranks with CFG parallel "
-                    "may use the GPUs better")
-    even = torch.tensor([[[4, 4, 1, 1]]])
-    assert balance_summary(even, balanced_head_order(even, 2).order, 2).endswith("(heads split by index: 60.0% and "
-                                                                                 "60.0%)")
+    assert attention_overhead(work, order, 2) == pytest.approx(65 / 55 - 1)
+    assert attention_overhead(work, contiguous_head_order(work, 2).order, 2) == pytest.approx(68 / 55 - 1)
+    assert balance_summary(work, order, 2) == (
+        "heads balanced over 2 ranks: attention 18.2% longer than a perfect balance, the worst layer and step 20.0% "
+        "(heads split by index: 23.6% and 60.0%)")
 
 
 @pytest.mark.parametrize("heads,ranks,says", [(8, 16, "more than the model's 8 heads"), (12, 8, "does not divide"),
@@ -215,7 +214,7 @@ def test_load_runs_a_video_on_ulysses_and_cfg_ranks_as_on_one(tmp_path):
 
 def test_generate_under_torchrun_writes_one_video_equal_to_the_single_process_one(tmp_path):
     """`torchrun --nproc-per-node 4 -m saexport generate --ulysses 2 --cfg-parallel`: every rank samples, rank 0
-    alone writes and says so; the latents equal `saexport generate` in one process."""
+    alone writes, reports and shows progress; the latents equal `saexport generate` in one process."""
     from safetensors.torch import load_file
 
     folder = demo_artifacts(tmp_path / "artifacts")
@@ -229,6 +228,9 @@ def test_generate_under_torchrun_writes_one_video_equal_to_the_single_process_on
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert done.stdout.count("wrote ") == 1
+    for said in ("[saexport] heads balanced over 2 ranks: ", "[saexport] note: SYNTHETIC prompt embeddings",
+                 "sampling (torch, CFG parallel):   0%"):  # a bar starts once
+        assert done.stderr.count(said) == 1, said
     one, four = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "four.safetensors")
     assert one.keys() == four.keys()
     for name in one:

@@ -24,14 +24,15 @@ def test_ulysses_on_nccl_equals_the_single_gpu_forward_fp32(tmp_path):
     reference = results[0]["reference"]
     assert reference.abs().mean() > 0.1
     for result in results:
+        assert torch.equal(result["reference"], reference)  # both GPUs built and ran the same model
         torch.testing.assert_close(result["output"], reference, rtol=0, atol=1e-5)
 
 
 @pytest.mark.skipif(kernels.load_library() is None, reason="the kernel library is not built")
 def test_ulysses_on_nccl_through_the_kernel_equals_the_single_gpu_forward_bf16(tmp_path):
     results = run_ranks(tmp_path, 2, "--cuda", "--kernel")
-    step_order = results[0]["order"][1]  # [layers, heads] at the step the forward runs
-    assert (step_order != torch.arange(8)).any(-1).all()  # the heavy heads 0-3 are spread over both ranks
+    step_order = results[0]["order"][1]  # [layers, heads] at the step the forward runs; rank 0 attends 0-3
+    assert ((step_order[:, :4] < 4).sum(-1) == 2).all()  # two of the heavy heads 0-3 on each rank
     for result in results:
         assert torch.isfinite(result["output"]).all()
         assert relative_error(result["output"], result["reference"]) < 1e-2  # bf16: GEMMs of L/2 rows, not L

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import click
@@ -46,7 +47,10 @@ class LazyGroup(click.Group):
 def main(verbose: int, quiet: bool) -> None:
     """Export Wan2.1 with ScalingAttention block-sparse attention to ONNX, TensorRT and Triton."""
     log = logging.getLogger("saexport")
-    log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO)
+    level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    if int(os.environ.get("RANK", 0)) > 0:  # under torchrun rank 0 reports and warns for all (every rank runs alike)
+        level = logging.ERROR
+    log.setLevel(level)
     if not any(isinstance(h, _StderrHandler) for h in log.handlers):
         log.addHandler(_StderrHandler())
     click.get_current_context().call_on_close(_leave_ranks)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from saexport.artifacts import ArtifactFolder, Budgets, ModelIdentity, OnnxMetadata, Topology
 from saexport.errors import SaexportError
@@ -34,7 +35,7 @@ from saexport.runtime.denoisers import Denoiser, OnnxRuntimeDenoiser, TensorRTDe
 from saexport.runtime.parallel.cfg import CfgParallelDenoiser, cfg_pair_group
 from saexport.runtime.parallel.launch import check_rank_count, join_ranks, writes_outputs
 from saexport.runtime.parallel.ulysses import ulysses_dit
-from saexport.runtime.sampler import DEFAULT_GUIDANCE, SamplerSettings, sample
+from saexport.runtime.sampler import DEFAULT_GUIDANCE, SamplerSettings, no_progress, sample
 from saexport.runtime.schedule import flow_shift_for
 from saexport.runtime.video import (
     OUTPUT_SUFFIXES,
@@ -267,7 +268,8 @@ class SparsePipeline:
         text, negative = prompt_embeddings(self.artifacts.preset, self.text_encoder(), request)
         video = self.artifacts.video
         settings = SamplerSettings(video.latent_shape(), self.steps, flow_shift_for(video.height), request.guidance)
-        return sample(self.denoiser, settings, text, negative, request.seed)
+        bar = tqdm if writes_outputs() else no_progress  # the other ranks of a launch walk the same steps silently
+        return sample(self.denoiser, settings, text, negative, request.seed, bar)
 
     def __call__(self, prompt: str, seed: int = 0, negative_prompt: str = "",
                  guidance: float = DEFAULT_GUIDANCE) -> np.ndarray:

@@ -20,6 +20,11 @@ DEFAULT_GUIDANCE = 5.0
 PASSES = ("cond", "uncond")  # the passes of a guided step, in the order they run
 
 
+def no_progress(steps, **_):
+    """A `progress` that shows nothing (another rank's, a server's, calibration's inner loops)."""
+    return steps
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     """What a sampler loop is fixed by: the latents' shape `[channels, frames, height, width]`, the step count the

@@ -42,7 +42,7 @@ from saexport.models.processors import BlockInputs, ProbedRowsSelfAttnProcessor
 from saexport.runtime.denoisers import TorchDenoiser
 from saexport.runtime.parallel.launch import writes_outputs
 from saexport.runtime.parallel.spread import launched_ranks, spread
-from saexport.runtime.sampler import DEFAULT_GUIDANCE, PASSES, SamplerSettings, sampling_loop
+from saexport.runtime.sampler import DEFAULT_GUIDANCE, PASSES, SamplerSettings, no_progress, sampling_loop
 from saexport.topology.prompts import CalibrationSet
 
 log = logging.getLogger("saexport")
@@ -314,7 +314,7 @@ class Calibrator:
             prompt, seed = trajectory
             measuring = accumulator.empty()
             events = sampling_loop(denoiser, sampler, prompts.embeddings[prompt:prompt + 1], prompts.negative,
-                                   seed, progress=lambda it, **_: it)
+                                   seed, progress=no_progress)
             for step, pass_name in events:  # each event comes before its forward pass, which runs on the next
                 next(passes, None)
                 current = Run(prompt, seed, step, pass_name)

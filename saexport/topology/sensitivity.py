@@ -39,7 +39,7 @@ from saexport.levels import DENSE_LEVEL
 from saexport.models.dit import SparseWanDiT, latent_shape
 from saexport.runtime.denoisers import TorchDenoiser
 from saexport.runtime.parallel.spread import spread
-from saexport.runtime.sampler import sample
+from saexport.runtime.sampler import no_progress, sample
 from saexport.topology.allocation import level_densities
 from saexport.topology.calibration import CalibrationCheckpoint, Calibrator, calibration_key
 
@@ -82,7 +82,7 @@ def final_latents_of_tables(calibrator: Calibrator, topology: Topology,
         denoiser = TorchDenoiser(model, loop.steps)
         text = prompts.embeddings[[prompt for _, prompt, _ in batch]]
         return sample(denoiser, loop.sampler(model.latent_shape()), text, prompts.negative,
-                      [seed for _, _, seed in batch], progress=lambda it, **_: it).cpu()
+                      [seed for _, _, seed in batch], progress=no_progress).cpu()
 
     latents = torch.cat([latents for _, latents in spread(batches, generate)])
     return list(latents.split(len(pairs)))

@@ -331,14 +331,14 @@ class Pipeline:
 
     def __call__(self, arrays: dict[str, np.ndarray | None]) -> np.ndarray:
         """The response's one output (`self.output.name`): uint8 frames, or fp32 latents."""
-        from saexport.runtime.sampler import SamplerSettings, sample
+        from saexport.runtime.sampler import SamplerSettings, no_progress, sample
 
         request = self.parse(arrays)
         embeddings = self.encode(request.text) if self.encode is not None else request.text
         text, negative = embeddings[:1], embeddings[1:2]
         settings = SamplerSettings(tuple(self.config["latent_shape"]), self.steps, float(self.config["flow_shift"]),
                                    request.guidance_scale)
-        latents = sample(self.denoiser, settings, text, negative, request.seed, progress=lambda steps, **_: steps)
+        latents = sample(self.denoiser, settings, text, negative, request.seed, progress=no_progress)
         if self.decode is None:
             return latents.float().numpy()
         return self.decode(latents)

@@ -179,14 +179,18 @@ def imbalance(work: torch.Tensor, order: torch.Tensor, ranks: int) -> torch.Tens
     return torch.where(mean > 0, loads.amax(-1) / mean.clamp(min=1e-12), torch.ones_like(mean))
 
 
+def attention_overhead(work: torch.Tensor, order: torch.Tensor, ranks: int) -> float:
+    """How much longer attention takes under `order` than under a perfect balance, over all (step, layer) entries:
+    each layer waits for its busiest rank, so the time is the summed max rank work against the summed mean."""
+    loads = rank_work(work, order, ranks).to(torch.float64)
+    mean = loads.mean(-1).sum()
+    return float(loads.amax(-1).sum() / mean) - 1.0 if mean > 0 else 0.0
+
+
 def balance_summary(work: torch.Tensor, order: torch.Tensor, ranks: int) -> str:
-    """One line for the user: how far `order` leaves the ranks' attention above an even split (the average and the
-    worst (step, layer) of max / mean rank work), against the split by head index."""
-    after = imbalance(work, order, ranks)
-    before = imbalance(work, contiguous_head_order(work, ranks).order, ranks)
-    line = (f"heads balanced over {ranks} ranks: the busiest rank's attention {after.mean() - 1:.1%} above an even "
-            f"split on average, {after.max() - 1:.1%} at worst (heads split by index: {before.mean() - 1:.1%} and "
-            f"{before.max() - 1:.1%})")
-    if after.mean() > 1.05:  # few heads a rank: CFG parallel's two passes need no balancing
-        line += "; fewer Ulysses ranks with CFG parallel may use the GPUs better"
-    return line
+    """One line for the user: how much longer attention takes under `order` than under a perfect balance, and the
+    worst (step, layer), against the split by head index."""
+    naive = contiguous_head_order(work, ranks).order
+    return (f"heads balanced over {ranks} ranks: attention {attention_overhead(work, order, ranks):.1%} longer than a "
+            f"perfect balance, the worst layer and step {imbalance(work, order, ranks).max() - 1:.1%} (heads split by "
+            f"index: {attention_overhead(work, naive, ranks):.1%} and {imbalance(work, naive, ranks).max() - 1:.1%})")
