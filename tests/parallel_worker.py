@@ -38,7 +38,8 @@ TINY = ("wan2.1-tiny", (3, 3, 4), 4, "tile3d:1x3x2", torch.float32)
 KERNEL = ("wan2.1-eval", (4, 8, 16), 64, "tile3d:1x8x8", torch.bfloat16)
 
 
-def tiny_sparse_dit(seed: int, kind: tuple = TINY, device: torch.device | None = None) -> SparseWanDiT:
+def small_sparse_dit(seed: int, kind: tuple = TINY, device: torch.device | None = None) -> SparseWanDiT:
+    """`kind`'s sparse DiT (TINY or KERNEL): seeded random weights, random per-head levels, uneven budgets."""
     name, grid, block_size, layout, dtype = kind
     loaded = load_model(name, random_weights=True, seed=seed, dtype=dtype)
     layers, heads = len(loaded.transformer.blocks), loaded.transformer.config.num_attention_heads
@@ -65,7 +66,7 @@ def inputs(seed: int, dit: SparseWanDiT, batch: int = 2) -> tuple[torch.Tensor, 
 
 
 def forward(seed: int, contiguous: bool, kind: tuple, device: torch.device) -> dict:
-    dit = tiny_sparse_dit(seed, kind, device)
+    dit = small_sparse_dit(seed, kind, device)
     feed = inputs(seed, dit)
     reference = dit(*feed)
     order = None
@@ -78,7 +79,7 @@ def forward(seed: int, contiguous: bool, kind: tuple, device: torch.device) -> d
 
 def mismatched(seed: int) -> dict:
     """Rank 1 holds other budgets than rank 0: every rank must refuse."""
-    dit = tiny_sparse_dit(seed)
+    dit = small_sparse_dit(seed)
     if dist.get_rank() == 1:
         dit.masks[0].budgets[0, 0] += 1
     try:
@@ -98,7 +99,7 @@ def loaded_pipeline(folder: Path, ulysses: int, cfg_parallel: bool) -> dict:
 
 
 def guided_sampling(seed: int, kind: tuple, device: torch.device) -> dict:
-    dit = tiny_sparse_dit(seed, kind, device)
+    dit = small_sparse_dit(seed, kind, device)
     gen = torch.Generator().manual_seed(seed + 2)
     text, negative = torch.randn(2, 1, 8, dit.transformer.config.text_dim, generator=gen)
     settings = SamplerSettings(dit.latent_shape(), STEPS, flow_shift=3.0, guidance=5.0)

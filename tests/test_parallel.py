@@ -33,7 +33,7 @@ from saexport.runtime.parallel.balance import (
 )
 from saexport.runtime.parallel.ulysses import ulysses_dit
 from saexport.topology.standin import standin_budgets, standin_topology
-from tests.parallel_worker import tiny_sparse_dit
+from tests.parallel_worker import small_sparse_dit
 
 WORKER = Path(__file__).parent / "parallel_worker.py"
 
@@ -165,7 +165,7 @@ def test_ranks_holding_different_artifacts_all_refuse(tmp_path):
 
 
 def test_ulysses_refuses_bad_setups_in_one_line(monkeypatch):
-    dit = tiny_sparse_dit(seed=5)
+    dit = small_sparse_dit(seed=5)
     with pytest.raises(SaexportError, match="`degree` 3 does not divide the model's 4 heads"):
         ulysses_dit(dit, 3)
     with pytest.raises(SaexportError, match="torch.distributed initialised"):
