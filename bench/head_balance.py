@@ -4,7 +4,8 @@ stand-ins.
 
 A head's work at a step is its kept block pairs; a rank's is its heads' sum. Prints one markdown row per source and
 rank count: worst and mean max/mean over every (step, layer), before (heads split by index) and after (balanced),
-the entries at or under the issue's 1.05 after balancing, and the entries whose assignment is proven optimal.
+how much longer attention takes than under a perfect balance (before and after), the entries at or under the
+issue's 1.05 after balancing, and the entries whose assignment is proven optimal.
 CPU only (no model runs).
 
 Sources: a build folder (`--artifacts`); FAST v2's budgets at density goals from the fidelity bench's calibration
@@ -84,20 +85,19 @@ def artifact_work(folder: Path) -> tuple[str, torch.Tensor]:
     return label, head_work(topology.levels, budgets.levels)
 
 
-def fast_v2_densities(work_folder: Path, goal: float) -> tuple[str, Topology, torch.Tensor]:
+def fast_v2_allocation(work_folder: Path, goal: float) -> tuple[Topology, torch.Tensor]:
     """FAST v2's budgets `[steps, layers, heads]` at a density goal, from the fidelity bench's calibration in
     `work_folder` (no warm-up: the bench's "cold" rows), with the WEST map they index."""
     topology = Topology.load(work_folder / "west.safetensors")
     quality = load_file(str(work_folder / "calibration_fast_v2_quality.safetensors"))["quality"].double()
     weights = load_file(str(work_folder / "calibration_fast_v2_sensitivity.safetensors"))["weights"].double()
-    budgets = fast_v2_budgets(topology, quality, weights, goal, warm=0)
-    label = (f"{topology.model} FAST v2 at {goal:.2f} (fidelity bench's calibration, weights "
-             f"{topology.weights_id[:8]}; {topology.blocks.num_blocks} blocks, {budgets.shape[0]} steps)")
-    return label, topology, budgets
+    return topology, fast_v2_budgets(topology, quality, weights, goal, warm=0)
 
 
 def fast_v2_work(work_folder: Path, goal: float) -> tuple[str, torch.Tensor]:
-    label, topology, budgets = fast_v2_densities(work_folder, goal)
+    topology, budgets = fast_v2_allocation(work_folder, goal)
+    label = (f"{topology.model} FAST v2 at {goal:.2f} (fidelity bench's calibration, weights "
+             f"{topology.weights_id[:8]}; {topology.blocks.num_blocks} blocks, {budgets.shape[0]} steps)")
     return label, head_work(topology.levels, budgets)
 
 
@@ -105,7 +105,7 @@ def resampled_work(preset_name: str, work_folder: Path, goal: float) -> tuple[st
     """The preset's heads at its default video and steps, each (step, layer) drawing its heads' densities (with
     replacement) from one random layer of FAST v2's allocation at the same fraction of the schedule."""
     preset, blocks = preset_blocks(preset_name)
-    source, topology, budgets = fast_v2_densities(work_folder, goal)
+    topology, budgets = fast_v2_allocation(work_folder, goal)
     densities = density(topology.levels, budgets)  # [source steps, source layers, source heads]
     source_steps, source_layers, source_heads = densities.shape
     steps, layers, heads = preset.defaults.steps, preset.num_layers, preset.num_heads
@@ -115,8 +115,8 @@ def resampled_work(preset_name: str, work_folder: Path, goal: float) -> tuple[st
     head = torch.randint(source_heads, (steps, layers, heads), generator=gen)
     pairs = blocks.num_blocks**2
     work = (densities[step, layer, head] * pairs).round().to(torch.int64)
-    label = (f"{preset.name}, heads resampled from {source.split(' (')[0]} ({blocks.num_blocks} blocks, {steps} "
-             f"steps, density {float(work.sum()) / (work.numel() * pairs):.2f})")
+    label = (f"{preset.name}, heads resampled from {topology.model} FAST v2 at {goal:.2f} ({blocks.num_blocks} "
+             f"blocks, {steps} steps, density {float(work.sum()) / (work.numel() * pairs):.2f})")
     return label, work
 
 

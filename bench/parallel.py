@@ -46,6 +46,7 @@ from saexport.runtime.parallel.launch import join_ranks
 from saexport.runtime.parallel.ulysses import ulysses_dit
 from saexport.runtime.sampler import SamplerSettings, no_progress, sample
 from saexport.runtime.schedule import flow_shift_for
+from saexport.topology.sensitivity import relative_error
 from saexport.topology.standin import standin_budgets, standin_topology
 
 WEIGHTS_SEED = 0  # every rank draws the same random weights (same seed, same kind of GPU)
@@ -75,11 +76,6 @@ def nccl_shares(fn: Callable[[], object], forward_ms: float) -> dict[str, float]
                    else "other")
             shares[key] += kernel.self_device_time_total / 1e3 / forward_ms
     return shares
-
-
-def relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.float().cpu(), want.float().cpu()
-    return float((got - want).norm() / want.norm())
 
 
 def rank_run(args: argparse.Namespace) -> None:
@@ -121,7 +117,7 @@ def rank_run(args: argparse.Namespace) -> None:
             if world == 1:
                 torch.save(output.cpu(), args.reference)
             elif args.reference.exists():
-                result["difference_to_one_gpu"] = relative_difference(output, torch.load(args.reference))
+                result["difference_to_one_gpu"] = relative_error(output, torch.load(args.reference))
     if rank == 0:
         args.result.write_text(json.dumps(result))
     dist.destroy_process_group()
